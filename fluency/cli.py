@@ -1,0 +1,214 @@
+"""The ``fluency`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from fluency import __version__
+from fluency.core.devices import DEVICES
+from fluency.core.errors import FluencyError
+from fluency.core.plugins import PluginManager, get_plugin_manager
+from fluency.core.specs import KINDS
+
+err = Console(stderr=True)
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    """Accept repeated flags and comma-separated lists alike."""
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def _emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str, allow_nan=False))
+
+
+def _jsonable(df: Any) -> list[dict[str, Any]]:
+    return json.loads(df.to_json(orient="records"))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fluency")
+def cli() -> None:
+    """fluency: measure how fluently a brain-like VAE processes images, and test it against beauty ratings.
+
+    Plugins: FLUENCY_DISABLE_PLUGIN_AUTOLOAD=1 skips third-party plugins, FLUENCY_BLOCK_PLUGINS=pkg,...
+    skips some, FLUENCY_STRICT_PLUGINS=1 makes a broken plugin an error.
+    """
+
+
+@cli.command()
+@click.option("--images", type=click.Path(path_type=Path), help="Folder of images (searched recursively).")
+@click.option("--ratings", type=click.Path(path_type=Path), help="Ratings table (CSV or Parquet), one row per image.")
+@click.option("--id-column", default="image_id", show_default=True, help="Column of image ids in the ratings table.")
+@click.option("--rating-column", default="rating", show_default=True, help="Column of ratings.")
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(path_type=Path),
+              help="Model checkpoint (repeatable); default: the embedded default model.")
+@click.option("--metric", "metrics", multiple=True, required=True, help="Metric plugin (repeatable or comma-separated).")
+@click.option("--analysis", "analyses", multiple=True,
+              help="Analysis plugin (repeatable); default with --ratings: those in registry.toml.")
+@click.option("--layers", multiple=True, help="Layers the metrics read (repeatable or comma-separated).")
+@click.option("--out", type=click.Path(path_type=Path), help="Run folder; default: a new folder under runs/.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--option", "options", multiple=True, metavar="[KIND.]PLUGIN.KEY=VALUE",
+              help="Set a plugin option, e.g. -o sam.rho=0.1 (repeatable).")
+@click.option("--config", type=click.Path(path_type=Path), help="TOML file with one [PLUGIN] table of options each.")
+@click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Precision of the stored activations (metrics always use float32).")
+@click.option("--no-store", is_flag=True, help="Do not write the activation store.")
+@click.option("--strict", is_flag=True, help="Stop on any mismatch between images and ratings.")
+@click.option("--overwrite", is_flag=True, help="Reuse an existing --out run folder.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Relations shown in the summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+def run(images: Path | None, ratings: Path | None, id_column: str, rating_column: str, checkpoints: tuple[Path, ...],
+        metrics: tuple[str, ...], analyses: tuple[str, ...], layers: tuple[str, ...], out: Path | None, device: str,
+        batch_size: int, seed: int, options: tuple[str, ...], config: Path | None, store_dtype: str, no_store: bool,
+        strict: bool, overwrite: bool, top: int, as_json: bool) -> None:
+    """Compute per-image fluency metrics and relate them to ratings.
+
+    With no --images and no --checkpoint, runs on the embedded default (generated, rated stimuli and a
+    small shipped model). Example: fluency run --metric gini --metric sam
+    """
+    from fluency.core.runner import run as run_pipeline
+    from fluency.core.summary import print_matching, relations_table
+
+    result = run_pipeline(
+        metrics=_split(metrics), images=images, ratings=ratings, id_column=id_column, rating_column=rating_column,
+        checkpoints=checkpoints, analyses=_split(analyses) or None, layers=_split(layers) or None, out=out,
+        device=device, batch_size=batch_size, seed=seed, options=options, config=config, store=not no_store,
+        store_dtype=store_dtype, strict=strict, overwrite=overwrite, console=err,
+    )
+    strongest = result.strongest(top)
+    if as_json:
+        _emit_json({"run": str(result.path), "status": result.manifest["status"],
+                    "n_images": int(result.metrics["image_id"].nunique()), "metric_rows": len(result.metrics),
+                    "strongest": _jsonable(strongest) if len(strongest) else [],
+                    "matching": result.manifest.get("matching"), "timings": result.manifest["timings"]})
+        return
+    out_console = Console()
+    print_matching(err, result.report)
+    n_images = result.metrics["image_id"].nunique()
+    out_console.print(f"[bold]{len(result.metrics)}[/bold] metric values for [bold]{n_images}[/bold] images "
+                      f"in {result.manifest['timings']['total']:.1f} s.")
+    if len(strongest):
+        out_console.print(relations_table(strongest, result.manifest["metric_columns"]))
+    else:
+        out_console.print("No analyses ran (pass --ratings to relate the metrics to ratings).")
+    out_console.print(f"Results in [bold]{result.path}[/bold]: metrics.parquet, analyses/, activations/, manifest.json")
+
+
+@cli.command()
+@click.option("--arch", "architecture", default="vae-small", show_default=True, help="Architecture plugin.")
+@click.option("--images", type=click.Path(path_type=Path), required=True, help="Folder of training images.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for final.pt.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--image-size", type=click.IntRange(min=8), default=64, show_default=True)
+@click.option("--optimizer", default="adam", show_default=True, help="Optimizer plugin.")
+@click.option("--loss", "reconstruction", type=click.Choice(["mse", "l1"]), default="mse", show_default=True,
+              help="Reconstruction loss (summed over pixels) added to beta × KL.")
+@click.option("--beta", type=float, default=1.0, show_default=True, help="Weight of the KL term.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--option", "options", multiple=True, metavar="[KIND.]PLUGIN.KEY=VALUE",
+              help="Set a plugin option, e.g. -o adam.lr=1e-4 (repeatable).")
+@click.option("--config", type=click.Path(path_type=Path), help="TOML file with one [PLUGIN] table of options each.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+def train(architecture: str, images: Path, out: Path, epochs: int, batch_size: int, image_size: int, optimizer: str,
+          reconstruction: str, beta: float, device: str, seed: int, options: tuple[str, ...], config: Path | None,
+          as_json: bool) -> None:
+    """Train a VAE on a folder of images and write OUT/final.pt."""
+    from fluency.core.training import train as train_model
+
+    result = train_model(images=images, out=out, architecture=architecture, optimizer=optimizer, epochs=epochs,
+                         batch_size=batch_size, image_size=image_size, reconstruction=reconstruction, beta=beta,
+                         seed=seed, device=device, options=options, config=config, console=err)
+    if as_json:
+        _emit_json({"checkpoint": str(result.checkpoint), "history": result.history, "seconds": result.seconds})
+    else:
+        last = result.history[-1]
+        Console().print(f"Trained {epochs} epochs in {result.seconds:.1f} s; final loss {last['loss']:.2f} "
+                        f"(recon {last['recon']:.2f}, KL {last['kl']:.2f}); checkpoint: {result.checkpoint}")
+
+
+@cli.command()
+@click.argument("pattern", default="*")
+@click.option("--kind", type=click.Choice(KINDS), help="Only plugins of this kind.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable list, with each plugin's options.")
+def plugins(pattern: str, kind: str | None, as_json: bool) -> None:
+    """List plugins (optionally matching a glob PATTERN such as 'g*'): kind, name, package, status."""
+    manager = get_plugin_manager()
+    rows = manager.list(pattern, kind)  # type: ignore[arg-type]
+    if as_json:
+        _emit_json([r.as_dict() for r in rows])
+        return
+    table = Table(title="fluency plugins")
+    for col in ("kind", "name", "package", "version", "status", "description"):
+        table.add_column(col)
+    colours = {"ok": "green", "broken": "red", "blocked": "yellow"}
+    for r in rows:
+        text = r.description if r.status == "ok" else (r.error or r.description)
+        table.add_row(r.kind or "?", r.name, r.package, r.version, f"[{colours[r.status]}]{r.status}[/]", text)
+    Console().print(table)
+
+
+@cli.command()
+@click.argument("target", required=False)
+def schema(target: str | None) -> None:
+    """Print the options of every plugin (or of KIND.NAME) as JSON: type, default, help, choices."""
+    manager: PluginManager = get_plugin_manager()
+    records = [r for r in manager.list() if r.spec is not None and r.status == "ok"]
+    if target:
+        kind, _, name = target.rpartition(".")
+        records = [r for r in records if r.name == name and (not kind or r.kind == kind)]
+        if not records:
+            raise FluencyError(f"schema: no plugin {target!r}; see `fluency plugins`")
+    _emit_json({f"{r.kind}.{r.name}": r.as_dict()["options"] for r in records})
+
+
+@cli.group()
+def demo() -> None:
+    """The embedded default stimuli (generated, rated images)."""
+
+
+@demo.command("export")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--n", "n", type=click.IntRange(min=1), default=None, help="Number of images (default: as embedded).")
+@click.option("--seed", type=int, default=None, help="Generator seed (default: as embedded).")
+def demo_export(folder: Path, n: int | None, seed: int | None) -> None:
+    """Write the embedded stimuli to FOLDER/images/*.png and FOLDER/ratings.csv."""
+    from fluency.core import demo as demo_module
+
+    demo_module.export(folder, n or demo_module.DEFAULT_N, demo_module.DEFAULT_SIZE,
+                       demo_module.DEFAULT_SEED if seed is None else seed)
+    Console().print(f"Wrote {folder}/images/ and {folder}/ratings.csv")
+
+
+def main() -> None:
+    """Entry point: user errors become one red line and exit status 2; bugs keep their traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("[red]aborted[/red]")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except FluencyError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]: finished results are kept in the run folder (see manifest.json)")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

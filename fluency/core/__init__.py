@@ -1,0 +1,1 @@
+"""The core of fluency: plugin system, data exchange and the run/train pipelines."""

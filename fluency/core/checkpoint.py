@@ -1,0 +1,126 @@
+"""Checkpoints: one self-describing file, read without unpickling arbitrary objects.
+
+A checkpoint is a plain dict of strings, numbers, lists and tensors saved with
+``torch.save`` and read with ``torch.load(weights_only=True)``::
+
+    {"format": "fluency-checkpoint", "format_version": 1,
+     "architecture": {"name": "vae-small", "options": {...}},
+     "loss": {"reconstruction": "mse", "beta": 1.0},
+     "optimizer": {"name": "adam", "options": {...}},
+     "epoch": 30, "history": [{"epoch": 1, "loss": ...}, ...],
+     "provenance": {...}, "state_dict": {...}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fluency.core.architecture import FluencyVAE
+from fluency.core.atomic import atomic_write_bytes
+from fluency.core.errors import CheckpointError, PluginError
+from fluency.core.plugins import PluginManager
+
+FORMAT = "fluency-checkpoint"
+FORMAT_VERSION = 1
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "data" / "default.pt"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (streamed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain str/int/float/bool/None/list/dict, the types ``weights_only=True`` accepts."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return plain(value.item())
+    return str(value)
+
+
+def save_checkpoint(path: str | Path, model: FluencyVAE, architecture: str, **info: Any) -> None:
+    """Write a checkpoint atomically; ``info`` holds loss, optimizer, epoch, history, provenance, ...
+
+    Everything but the weights is converted to plain Python types so that the file loads
+    with ``weights_only=True``.
+    """
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION,
+               **plain({"architecture": {"name": architecture, "options": dict(model.options)}, **info}),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict, loaded with ``weights_only=True``; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot be read safely ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not a fluency checkpoint (no format marker {FORMAT!r})")
+    if int(payload.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: format version {payload['format_version']} is newer than "
+                              f"this fluency understands ({FORMAT_VERSION}); upgrade fluency")
+    return payload
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model rebuilt from a checkpoint, with the checkpoint's description."""
+
+    path: Path
+    label: str
+    sha256: str
+    model: FluencyVAE
+    info: dict[str, Any]
+
+    @property
+    def architecture(self) -> str:
+        return str(self.info["architecture"]["name"])
+
+
+def load_checkpoint(path: str | Path, manager: PluginManager, label: str | None = None) -> LoadedCheckpoint:
+    """Rebuild the model of a checkpoint through its Architecture plugin and load its weights."""
+    path = Path(path)
+    payload = read_checkpoint(path)
+    arch = payload["architecture"]
+    try:
+        spec = manager.get("architecture", arch["name"])
+    except PluginError as exc:
+        raise CheckpointError(f"checkpoint {path} needs the architecture plugin {arch['name']!r}: {exc}") from None
+    options = spec.resolve(arch.get("options", {}))
+    model = spec.load()(**options)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit architecture {arch['name']!r}: "
+                              f"{str(exc).splitlines()[0]}") from None
+    info = {k: v for k, v in payload.items() if k != "state_dict"}
+    return LoadedCheckpoint(path, label or path.stem, file_sha256(path), model, info)

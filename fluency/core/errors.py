@@ -1,0 +1,35 @@
+"""Exceptions that carry a message meant for the user.
+
+Everything the CLI reports as a one-line error derives from :class:`FluencyError`;
+any other exception is a bug and is shown with a traceback.
+"""
+
+from __future__ import annotations
+
+
+class FluencyError(Exception):
+    """An error with a message that tells the user what went wrong and how to fix it."""
+
+
+class OptionError(FluencyError):
+    """An unknown, ambiguous or mistyped plugin option."""
+
+
+class PluginError(FluencyError):
+    """A plugin that is unknown, broken, blocked or clashing with another one."""
+
+
+class InputError(FluencyError):
+    """Bad user input: an unreadable image, a malformed ratings table, a missing file."""
+
+
+class CheckpointError(FluencyError):
+    """A checkpoint that cannot be read or names an unavailable architecture."""
+
+
+class StoreError(FluencyError):
+    """An activation store that is incomplete, corrupt or of an unknown format."""
+
+
+class TrainingError(FluencyError):
+    """Training that cannot go on (e.g. a NaN or infinite loss)."""

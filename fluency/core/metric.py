@@ -1,0 +1,77 @@
+"""The contract of a FluencyMetric plugin.
+
+A metric turns one batch of images into one value per image, per layer where it
+is per-layer. It is called batch by batch and must not keep a whole dataset's
+activations; a metric that needs a pass over everything first (a reference
+distribution, say) collects a small state in :meth:`FluencyMetric.compute` and
+returns its values from :meth:`FluencyMetric.finish`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from fluency.core.architecture import FluencyVAE, VAEOutput
+
+
+@dataclass
+class MetricBatch:
+    """Everything a metric may read about one batch.
+
+    ``activations`` maps layer names to float32 tensors ``B×…`` (detached). Metrics
+    whose spec ``needs="model"`` also get the model (in eval mode) and ``loss``, the
+    checkpoint's training loss per image, ``loss(output, images) -> B``; call the model
+    with ``sample=False`` (z = mu) so that the loss is deterministic.
+    """
+
+    image_ids: Sequence[str]
+    images: torch.Tensor
+    activations: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    model: FluencyVAE | None = None
+    loss: Callable[[VAEOutput, torch.Tensor], torch.Tensor] | None = None
+    seed: int = 0
+
+
+@dataclass
+class MetricValues:
+    """One value per image of a batch for one (metric, layer); ``layer=None`` for whole-model values."""
+
+    metric: str
+    values: np.ndarray | torch.Tensor
+    layer: str | None = None
+
+    def as_numpy(self) -> np.ndarray:
+        v = self.values.detach().cpu().double().numpy() if isinstance(self.values, torch.Tensor) else self.values
+        return np.asarray(v, dtype=np.float64).reshape(-1)
+
+
+class FluencyMetric:
+    """Base class of metrics. Subclasses take their validated options as keyword arguments.
+
+    ``layers`` (a list of layer names or None) is conventional: None means the
+    model's ``default_metric_layers``.
+    """
+
+    #: True when a larger value means the image is processed more fluently
+    higher_is_more_fluent: ClassVar[bool | None] = None
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def layers(self, model: FluencyVAE) -> list[str]:
+        """Names of the layers whose activations :meth:`compute` reads (empty: none)."""
+        chosen = self.options.get("layers")
+        return list(chosen) if chosen else list(model.default_metric_layers)
+
+    def compute(self, batch: MetricBatch) -> list[MetricValues]:
+        """Values for the images of ``batch``."""
+        raise NotImplementedError
+
+    def finish(self) -> list[tuple[Sequence[str], MetricValues]]:
+        """Values that could only be computed after the last batch, as ``(image_ids, values)`` pairs."""
+        return []

@@ -1,0 +1,319 @@
+"""``fluency run``: checkpoints × stimuli → activation store → metric table → analyses.
+
+The same function serves the CLI and notebooks::
+
+    import fluency
+    result = fluency.run(metrics=["gini", "sam"])          # embedded default
+    result = fluency.run(images="faces/", ratings="ratings.csv", rating_column="attractiveness",
+                         metrics=["gini", "lepsilon"], options=["lepsilon.epsilon=0.1"])
+    result.metrics            # long table: image_id, checkpoint, metric, layer, value
+    result.analyses["pearson"]
+    result.strongest(10)      # the strongest relations, FDR-corrected
+    result.path               # the run folder
+
+Everything a run writes goes into one folder: ``activations/<checkpoint>/`` (the
+Parquet activation store), ``metrics.parquet``, ``analyses/<name>.parquet``,
+``ratings.parquet`` (the ratings the analyses used) and ``manifest.json`` (inputs,
+options, versions, timings, the id-matching report and the run's status).
+"""
+
+from __future__ import annotations
+
+import platform
+import secrets
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+
+from fluency import __version__
+from fluency.core.analysis import AnalysisData
+from fluency.core.atomic import atomic_path, atomic_write_json
+from fluency.core.capture import capture_activations
+from fluency.core.checkpoint import DEFAULT_CHECKPOINT, LoadedCheckpoint, load_checkpoint
+from fluency.core.config import read_config, resolve_plugin_options
+from fluency.core.devices import resolve_device
+from fluency.core.errors import FluencyError
+from fluency.core.images import Preprocessing, iter_batches
+from fluency.core.losses import loss_from_config
+from fluency.core.metric import FluencyMetric, MetricBatch
+from fluency.core.plugins import PluginManager, get_plugin_manager, read_registry
+from fluency.core.progress import progress_bar
+from fluency.core.ratings import MatchReport
+from fluency.core.stats import fdr_bh
+from fluency.core.stimuli import Stimuli, embedded, from_folder
+from fluency.core.store import ActivationStoreWriter, MetricTableWriter, read_metric_table
+
+
+@dataclass
+class RunResult:
+    """What a run produced: its folder, the metric table and one table per analysis."""
+
+    path: Path
+    metrics: pd.DataFrame
+    analyses: dict[str, pd.DataFrame] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    report: MatchReport | None = None
+
+    def strongest(self, top: int | None = 10) -> pd.DataFrame:
+        """Analysis rows, strongest first (smallest FDR-corrected p, then largest |estimate|).
+
+        With ``top``, the ``top`` strongest rows plus the strongest row of every metric not among them,
+        so that no metric disappears from the summary.
+        """
+        if not self.analyses:
+            return pd.DataFrame()
+        table = pd.concat(self.analyses.values(), ignore_index=True)
+        table = table.assign(_abs=table["estimate"].abs()).sort_values(["p_fdr", "_abs"], ascending=[True, False],
+                                                                       na_position="last")
+        table = table.drop(columns="_abs").reset_index(drop=True)
+        if top is None:
+            return table
+        keep = set(table.index[:top]) | set(table.drop_duplicates("metric").index)
+        return table.loc[sorted(keep)].reset_index(drop=True)
+
+
+def _new_run_dir() -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{secrets.token_hex(3)}"
+
+
+def _prepare_out(out: str | Path | None, overwrite: bool) -> Path:
+    path = Path(out) if out is not None else _new_run_dir()
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise FluencyError(f"--out {path}: the folder exists and is not empty; choose another or pass --overwrite")
+        if not (path / "manifest.json").exists():
+            raise FluencyError(f"--out {path}: refusing to overwrite a folder that is not a fluency run")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    labels: list[str] = []
+    for path in paths:
+        label = "default" if path == DEFAULT_CHECKPOINT else path.stem
+        if path.stem == "final" and path != DEFAULT_CHECKPOINT:
+            label = path.parent.name or label
+        base, k = label, 2
+        while label in labels:
+            label, k = f"{base}-{k}", k + 1
+        labels.append(label)
+    return labels
+
+
+def _check_finite(acts: dict[str, torch.Tensor], ids: Sequence[str], label: str) -> None:
+    for layer, tensor in acts.items():
+        finite = torch.isfinite(tensor.flatten(1)).all(dim=1)
+        if not bool(finite.all()):
+            bad = [i for i, ok in zip(ids, finite.tolist()) if not ok]
+            raise FluencyError(f"checkpoint {label}: NaN/Inf activations in layer {layer!r} for images {bad[:10]}"
+                               f"{' and more' if len(bad) > 10 else ''}")
+
+
+def run(
+    metrics: Sequence[str],
+    images: str | Path | None = None,
+    ratings: str | Path | None = None,
+    id_column: str = "image_id",
+    rating_column: str = "rating",
+    checkpoints: Sequence[str | Path] = (),
+    analyses: Sequence[str] | None = None,
+    layers: Sequence[str] | None = None,
+    out: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    seed: int = 0,
+    options: Sequence[str] = (),
+    config: str | Path | None = None,
+    store: bool = True,
+    store_dtype: str = "float16",
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    manager: PluginManager | None = None,
+    console: Console | None = None,
+) -> RunResult:
+    """Compute ``metrics`` for every image and checkpoint, then run ``analyses`` against the ratings.
+
+    With neither ``images`` nor ``checkpoints`` it uses the embedded default. ``options``
+    are ``[KIND.]PLUGIN.KEY=VALUE`` strings as for ``-o``. Returns a :class:`RunResult`.
+    """
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    manager = manager or get_plugin_manager()
+    console = console or Console(stderr=True, quiet=not progress)
+    metric_names = list(dict.fromkeys(metrics))
+    if not metric_names:
+        raise FluencyError(f"name at least one --metric (available: {', '.join(manager.names('metric'))})")
+    metric_specs = {name: manager.get("metric", name) for name in metric_names}
+
+    if images is None and ratings is not None:
+        raise FluencyError("--ratings needs --images (the folder of the rated images)")
+    stimuli: Stimuli = embedded() if images is None else from_folder(images, ratings, id_column, rating_column, strict)
+    if stimuli.ratings is None and analyses:
+        raise FluencyError("--analysis needs ratings: pass --ratings TABLE (and --rating-column)")
+    analysis_names = list(dict.fromkeys(read_registry()["run"]["default_analyses"] if analyses is None else analyses))
+    if stimuli.ratings is None:
+        analysis_names = []
+    analysis_specs = {name: manager.get("analysis", name) for name in analysis_names}
+    used = [("metric", n) for n in metric_names] + [("analysis", n) for n in analysis_names]
+    resolved = resolve_plugin_options(manager, used, options, read_config(config))
+
+    ckpt_paths = [Path(c) for c in checkpoints] or [DEFAULT_CHECKPOINT]
+    if not DEFAULT_CHECKPOINT.exists() and not checkpoints:
+        raise FluencyError(f"the embedded default checkpoint {DEFAULT_CHECKPOINT} is missing; reinstall fluency "
+                           "or pass --checkpoint")
+    dev = resolve_device(device)
+    out_dir = _prepare_out(out, overwrite)
+    run_id = out_dir.name
+    manifest: dict[str, Any] = {
+        "run_id": run_id, "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": sys.argv if Path(sys.argv[0]).name == "fluency" else None,
+        "inputs": {"stimuli": stimuli.description, "checkpoints": []},
+        "metrics": metric_names, "analyses": analysis_names, "metric_columns": {},
+        "options": {f"{k}.{n}": v for (k, n), v in resolved.items()},
+        "settings": {"layers": list(layers) if layers else None, "device": str(dev), "batch_size": batch_size,
+                     "seed": seed, "store": store, "store_dtype": store_dtype, "strict": strict},
+        "versions": _versions(manager, used),
+        "matching": stimuli.report.as_dict() if stimuli.report is not None else None,
+        "timings": timings,
+    }
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    try:
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        labels = _labels(ckpt_paths)
+        with MetricTableWriter(out_dir / "metrics.parquet", run_id) as table, progress_bar(console) as bars:
+            for path, label in zip(ckpt_paths, labels):
+                t0 = time.perf_counter()
+                loaded = load_checkpoint(path, manager, label)
+                manifest["inputs"]["checkpoints"].append(
+                    {"label": label, "path": str(path.resolve()), "sha256": loaded.sha256,
+                     "architecture": loaded.info["architecture"], "epoch": loaded.info.get("epoch")})
+                _measure(loaded, stimuli, metric_specs, resolved, layers, table, out_dir, dev, batch_size, seed,
+                         store, store_dtype, manager, bars, manifest["metric_columns"])
+                timings[f"metrics[{label}]"] = round(time.perf_counter() - t0, 3)
+        metric_table = read_metric_table(out_dir / "metrics.parquet")
+
+        t0 = time.perf_counter()
+        results = _analyse(metric_table, stimuli, analysis_specs, resolved, out_dir)
+        timings["analyses"] = round(time.perf_counter() - t0, 3)
+        timings["total"] = round(time.perf_counter() - started, 3)
+        manifest.update(status="complete", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        outputs=sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()))
+        atomic_write_json(out_dir / "manifest.json", manifest)
+        return RunResult(out_dir, metric_table, results, manifest, stimuli.report)
+    except BaseException as exc:
+        manifest.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                        error="".join(traceback.format_exception_only(type(exc), exc)).strip())
+        timings["total"] = round(time.perf_counter() - started, 3)
+        atomic_write_json(out_dir / "manifest.json", manifest)
+        raise
+
+
+def _measure(loaded: LoadedCheckpoint, stimuli: Stimuli, specs: dict[str, Any], resolved: dict[Any, dict[str, Any]],
+             layers: Sequence[str] | None, table: MetricTableWriter, out_dir: Path, dev: torch.device,
+             batch_size: int, seed: int, store: bool, store_dtype: str, manager: PluginManager, bars: Any,
+             directions: dict[str, Any]) -> None:
+    """Stream the stimuli through one checkpoint, feeding the store and every metric batch by batch.
+
+    ``directions`` collects, per metric name in the table, its plugin and whether higher is more fluent.
+    """
+    model = loaded.model.to(dev).eval()
+    instances: dict[str, FluencyMetric] = {}
+    for name, spec in specs.items():
+        opts = dict(resolved[("metric", name)])
+        if layers and "layers" in spec.options and not opts.get("layers"):
+            opts["layers"] = list(layers)
+        instances[name] = spec.load()(**opts)
+    capture = list(dict.fromkeys(layer for name, m in instances.items() for layer in m.layers(model)))
+    needs_model = {name for name, spec in specs.items() if spec.needs == "model"}
+    channels, size, _ = model.input_shape
+    source = stimuli.make_source(Preprocessing(size, channels))
+    loss = loss_from_config(loaded.info.get("loss", {}))
+    provenance = {"fluency_version": __version__, "checkpoint": loaded.label, "checkpoint_sha256": loaded.sha256,
+                  "stimulus_fingerprint": source.fingerprint(), "preprocessing": source.describe(),
+                  "seed": seed, "plugin_versions": {name: manager_version(manager, "metric", name) for name in specs}}
+    writer = ActivationStoreWriter(out_dir / "activations" / loaded.label, dtype=store_dtype, provenance=provenance,
+                                   overwrite=True) if store and capture else None
+    task = bars.add_task(f"metrics [{loaded.label}]", total=len(source), status="")
+    try:
+        for ids, x in iter_batches(source, batch_size):
+            x = x.to(dev)
+            with torch.no_grad(), capture_activations(model, capture) as acts:
+                model(x, sample=False)
+            acts = {k: v.float() for k, v in acts.items()}
+            _check_finite(acts, ids, loaded.label)
+            if writer is not None:
+                for layer in capture:
+                    writer.write(layer, ids, acts[layer])
+            for name, metric in instances.items():
+                bars.update(task, status=name)
+                batch = MetricBatch(ids, x, acts, model, loss if name in needs_model else None, seed)
+                for values in metric.compute(batch):
+                    directions.setdefault(values.metric, {"plugin": name, "higher_is_more_fluent":
+                                                          specs[name].higher_is_more_fluent})
+                    table.write(loaded.label, values.metric, values.layer, ids, values.as_numpy())
+            bars.update(task, advance=len(ids), status="")
+        for name, metric in instances.items():
+            for ids, values in metric.finish():
+                directions.setdefault(values.metric, {"plugin": name, "higher_is_more_fluent":
+                                                      specs[name].higher_is_more_fluent})
+                table.write(loaded.label, values.metric, values.layer, ids, values.as_numpy())
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.close()
+
+
+def _analyse(metric_table: pd.DataFrame, stimuli: Stimuli, specs: dict[str, Any],
+             resolved: dict[Any, dict[str, Any]], out_dir: Path) -> dict[str, pd.DataFrame]:
+    """Run every analysis on the rated images, add run-wide BH-corrected p-values, write one table each."""
+    if stimuli.ratings is None or not specs:
+        return {}
+    ratings = stimuli.ratings
+    with atomic_path(out_dir / "ratings.parquet") as tmp:
+        ratings.to_parquet(tmp, index=False)
+    data = AnalysisData(metric_table[metric_table["image_id"].isin(set(ratings["image_id"]))], ratings,
+                        stimuli.rating_column)
+    results = {name: spec.load()(**resolved[("analysis", name)]).run(data) for name, spec in specs.items()}
+    sizes = [len(r) for r in results.values()]
+    p_fdr = fdr_bh(np.concatenate([r["p"].to_numpy(float) for r in results.values()])) if sum(sizes) else []
+    (out_dir / "analyses").mkdir(exist_ok=True)
+    start = 0
+    for (name, result), size in zip(results.items(), sizes):
+        result["p_fdr"] = p_fdr[start:start + size]
+        start += size
+        with atomic_path(out_dir / "analyses" / f"{name}.parquet") as tmp:
+            result.to_parquet(tmp, index=False)
+    return results
+
+
+def manager_version(manager: PluginManager, kind: str, name: str) -> str:
+    """``package version`` of the plugin that provides ``kind`` ``name``."""
+    for record in manager.records:
+        if record.kind == kind and record.name == name:
+            return f"{record.package} {record.version}"
+    return "?"
+
+
+def _versions(manager: PluginManager, used: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    import pyarrow
+    import scipy
+
+    return {"fluency": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "pandas": pd.__version__, "pyarrow": pyarrow.__version__,
+            "scipy": scipy.__version__, "platform": platform.platform(),
+            "plugins": {f"{k}.{n}": manager_version(manager, k, n) for k, n in used}}

@@ -1,0 +1,58 @@
+"""Readable terminal output: the strongest relations of a run and the id-matching report."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from fluency.core.ratings import MatchReport
+
+
+def _fmt_p(p: float) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "–"
+    return f"{p:.0e}" if p < 1e-3 else f"{p:.3f}"
+
+
+def supports_fluency(estimate: float, higher_is_more_fluent: bool | None) -> str:
+    """Whether a relation goes the way fluency theory predicts (more fluent ↔ higher rating)."""
+    if higher_is_more_fluent is None or not math.isfinite(estimate) or estimate == 0:
+        return "–"
+    return "yes" if (estimate > 0) == higher_is_more_fluent else "no"
+
+
+def relations_table(strongest: pd.DataFrame, directions: dict[str, Any], alpha: float = 0.05) -> Table:
+    """A compact rich table of analysis rows (already sorted), with FDR significance and the fluency direction.
+
+    The checkpoint column appears only when the rows come from several checkpoints.
+    """
+    several = strongest["checkpoint"].nunique() > 1
+    table = Table(title="Strongest relations with the rating", caption="p_fdr: Benjamini–Hochberg across all "
+                  f"tests of the run; * < {alpha}. fluent?: the direction processing-fluency theory predicts.")
+    columns = ["test", *(["checkpoint"] if several else []), "metric", "layer", "n", "estimate", "p", "p_fdr",
+               "fluent?"]
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("n", "estimate", "p", "p_fdr") else "left")
+    for row in strongest.itertuples(index=False):
+        direction = directions.get(row.metric, {}).get("higher_is_more_fluent")
+        sig = isinstance(row.p_fdr, float) and row.p_fdr < alpha
+        cells = [row.analysis, *([row.checkpoint] if several else []), row.metric,
+                 "(model)" if pd.isna(row.layer) else row.layer, str(row.n),
+                 f"{row.estimate:+.3f}" if math.isfinite(row.estimate) else "–", _fmt_p(row.p),
+                 _fmt_p(row.p_fdr) + ("*" if sig else ""), supports_fluency(row.estimate, direction)]
+        table.add_row(*cells, style="bold" if sig else None)
+    return table
+
+
+def print_matching(console: Console, report: MatchReport | None) -> None:
+    """Print the id-matching report when anything did not match."""
+    if report is None or report.ok:
+        return
+    console.print(f"[yellow]Ratings ↔ images ({report.mode} ids):[/yellow]")
+    for line in report.summary_lines():
+        console.print(f"  [yellow]•[/yellow] {line}")
+    console.print("  Unmatched images and unusable rows are left out of the analyses (use --strict to stop instead).")

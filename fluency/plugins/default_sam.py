@@ -1,0 +1,151 @@
+"""Metric ``sam``: per-image SAM sharpness (Foret et al. 2021), the report's robustness measure.
+
+For image i with loss L_i (the checkpoint's training loss, z = mu, model in eval
+mode so the loss is deterministic)::
+
+    g_i = ∇_W L_i(W)
+    ε̂_i = ρ · g_i / (‖g_i‖₂ + 1e-12)                      (SAM)
+    ε̂_i = ρ · W² ⊙ g_i / (‖ |W| ⊙ g_i ‖₂ + 1e-12)         (adaptive SAM, ASAM)
+    s_i = L_i(W + ε̂_i) − L_i(W)
+
+using *the image's own gradient* (a batch gradient gives other numbers). A large
+s_i means the loss of that image is sharp around the trained weights: the model's
+understanding of it is fragile, so lower is more fluent. At small ρ, s_i ≈ ρ·‖g_i‖.
+
+Two exact implementations: ``loop`` (one image at a time) and ``vmap``
+(``torch.func`` per-sample gradients, ``chunk_size`` images at once); ``auto``
+takes ``vmap`` on a GPU and the loop on a CPU, where batching gave no speed-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
+from fluency.core.errors import FluencyError
+
+EPS = 1e-12
+
+
+def sam_perturbation(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], rho: float,
+                     adaptive: bool = False) -> list[torch.Tensor]:
+    """ε̂ for one gradient: ρ·g/‖g‖ (one L2 norm over all tensors), or the ASAM form when ``adaptive``."""
+    if adaptive:
+        scaled = [p.abs() * g for p, g in zip(params, grads)]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled]))
+        return [rho * p.pow(2) * g / (norm + EPS) for p, g in zip(params, grads)]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return [rho * g / (norm + EPS) for g in grads]
+
+
+def sharpness(loss: Callable[[], torch.Tensor], params: Sequence[torch.nn.Parameter], rho: float,
+              adaptive: bool = False) -> tuple[float, float]:
+    """``(L(W + ε̂) − L(W), ‖∇L‖)`` for a scalar loss closure over ``params``; the weights are restored exactly."""
+    base = loss()
+    grads = torch.autograd.grad(base, params)
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, sam_perturbation([p.detach() for p in params], grads, rho, adaptive)):
+            p.add_(e)
+        try:
+            perturbed = loss()
+        finally:
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return float(perturbed - base.detach()), float(gnorm)
+
+
+class SAMSharpness(FluencyMetric):
+    """Per-image SAM sharpness; options ``rho``, ``adaptive``, ``parameters``, ``method``, ``chunk_size``."""
+
+    higher_is_more_fluent: ClassVar[bool | None] = False
+
+    def layers(self, model: Any) -> list[str]:
+        return []
+
+    def _params(self, model: Any) -> dict[str, torch.nn.Parameter]:
+        if self.options.get("parameters", "all") == "encoder":
+            named = model.encoder_parameters()
+        else:
+            named = {n: p for n, p in model.named_parameters()}
+        if not named:
+            raise FluencyError("sam: the model has no parameters to perturb for parameters="
+                               f"{self.options.get('parameters')!r}")
+        return named
+
+    def compute(self, batch: MetricBatch) -> list[MetricValues]:
+        if batch.model is None or batch.loss is None:
+            raise FluencyError("sam needs the model and its loss (MetricSpec needs='model')")
+        method = self.options.get("method", "auto")
+        if method == "auto":
+            method = "vmap" if batch.images.device.type == "cuda" else "loop"
+        fn = self._vmap if method == "vmap" else self._loop
+        sharp = fn(batch)
+        if not torch.isfinite(sharp).all():
+            bad = [i for i, ok in zip(batch.image_ids, torch.isfinite(sharp).tolist()) if not ok]
+            raise FluencyError(f"sam: non-finite sharpness for images {bad[:10]}")
+        return [MetricValues("sam", sharp)]
+
+    def _loop(self, batch: MetricBatch) -> torch.Tensor:
+        model, loss_fn = batch.model, batch.loss
+        assert model is not None and loss_fn is not None
+        params = list(self._params(model).values())
+        rho, adaptive = float(self.options["rho"]), bool(self.options.get("adaptive", False))
+        values = []
+        for i in range(len(batch.image_ids)):
+            x = batch.images[i:i + 1]
+            s, _ = sharpness(lambda: loss_fn(model(x, sample=False), x).sum(), params, rho, adaptive)
+            values.append(s)
+        return torch.tensor(values, dtype=torch.float64)
+
+    def _vmap(self, batch: MetricBatch) -> torch.Tensor:
+        model, loss_fn = batch.model, batch.loss
+        assert model is not None and loss_fn is not None
+        chosen = {n: p.detach() for n, p in self._params(model).items()}
+        frozen = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
+        frozen.update({n: b.detach() for n, b in model.named_buffers()})
+        rho, adaptive = float(self.options["rho"]), bool(self.options.get("adaptive", False))
+        names = list(chosen)
+
+        def one_loss(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            x = x.unsqueeze(0)
+            out = functional_call(model, {**frozen, **p}, (x,), {"sample": False})
+            return loss_fn(out, x).sum()
+
+        def one(x: torch.Tensor) -> torch.Tensor:
+            base = one_loss(chosen, x)
+            g = grad(one_loss)(chosen, x)
+            eps = sam_perturbation([chosen[n] for n in names], [g[n] for n in names], rho, adaptive)
+            moved = {n: chosen[n] + e for n, e in zip(names, eps)}
+            return one_loss(moved, x) - base
+
+        chunk = int(self.options.get("chunk_size", 16))
+        with torch.no_grad():
+            return vmap(one, chunk_size=chunk)(batch.images).double().cpu()
+
+
+@hookimpl
+def fluency_register_metrics() -> list[MetricSpec]:
+    return [
+        MetricSpec(
+            name="sam",
+            factory=SAMSharpness,
+            description="Per-image SAM sharpness L_i(W+ε̂_i) − L_i(W) with the image's own gradient (Foret et al. 2021).",
+            needs="model",
+            higher_is_more_fluent=False,
+            options={
+                "rho": Option("float", 0.05, "radius ρ of the weight perturbation", minimum=0.0),
+                "adaptive": Option("bool", False, "adaptive SAM (ASAM, Kwon et al. 2021; use a ~10x larger rho)"),
+                "parameters": Option("str", "all", "which weights to perturb", choices=("all", "encoder")),
+                "method": Option("str", "auto", "loop (exact, one image at a time), vmap (torch.func "
+                                 "per-sample gradients) or auto (vmap on GPU, loop on CPU)",
+                                 choices=("auto", "loop", "vmap")),
+                "chunk_size": Option("int", 16, "images per vmap chunk (bounds memory)", minimum=1),
+            },
+        )
+    ]

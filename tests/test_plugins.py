@@ -1,0 +1,219 @@
+"""Plugin discovery with real third-party packages installed by pip into a throw-away folder.
+
+Packages: one good (a working metric), three broken (import error, exception in a
+hook, a hook signature pluggy rejects) and one that registers the metric name
+``gini`` again (a clash with the built-in).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fluency import MetricSpec, hookimpl
+from fluency.core.errors import PluginError
+from fluency.core.plugins import PluginManager
+from fluency.core.specs import KINDS
+
+PACKAGES = {
+    "fluency-good": ("1.2.3", "fluency_good", """
+        from fluency import FluencyMetric, MetricSpec, MetricValues, Option, hookimpl
+
+        class MeanActivation(FluencyMetric):
+            higher_is_more_fluent = None
+            def compute(self, batch):
+                return [MetricValues("mean-activation", a.flatten(1).mean(1) * self.options["scale"], layer)
+                        for layer, a in batch.activations.items() if layer in self.layers(batch.model)]
+
+        @hookimpl
+        def fluency_register_metrics():
+            return [MetricSpec(name="mean-activation", factory="fluency_good:MeanActivation",
+                               description="Mean activation per layer (a test plugin).",
+                               options={"layers": Option("list[str]"), "scale": Option("float", 1.0)})]
+    """),
+    "fluency-broken-import": ("0.3", "fluency_broken_import", """
+        import a_module_that_does_not_exist  # noqa
+    """),
+    "fluency-broken-hook": ("0.4", "fluency_broken_hook", """
+        from fluency import hookimpl
+
+        @hookimpl
+        def fluency_register_metrics():
+            raise RuntimeError("registration exploded")
+    """),
+    "fluency-bad-signature": ("0.5", "fluency_bad_signature", """
+        from fluency import hookimpl
+
+        @hookimpl
+        def fluency_register_metrics(config):
+            return []
+    """),
+    "fluency-clash": ("0.1", "fluency_clash", """
+        from fluency import MetricSpec, hookimpl
+
+        @hookimpl
+        def fluency_register_metrics():
+            return [MetricSpec(name="gini", factory="fluency_clash:nothing", description="Another gini.")]
+    """),
+}
+EP_NAMES = {"fluency-good": "good", "fluency-broken-import": "broken-import", "fluency-broken-hook": "broken-hook",
+            "fluency-bad-signature": "bad-signature", "fluency-clash": "clash"}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pip-install the five packages into a folder used as PYTHONPATH by the subprocesses."""
+    src = tmp_path_factory.mktemp("src")
+    target = tmp_path_factory.mktemp("site")
+    dirs = []
+    for dist, (version, module, code) in PACKAGES.items():
+        pkg = src / dist
+        pkg.mkdir()
+        (pkg / f"{module}.py").write_text(textwrap.dedent(code))
+        (pkg / "pyproject.toml").write_text(textwrap.dedent(f"""
+            [build-system]
+            requires = ["setuptools>=64"]
+            build-backend = "setuptools.build_meta"
+            [project]
+            name = "{dist}"
+            version = "{version}"
+            [project.entry-points.fluency]
+            {EP_NAMES[dist]} = "{module}"
+            [tool.setuptools]
+            py-modules = ["{module}"]
+        """))
+        dirs.append(str(pkg))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), *dirs], check=True)
+    return target
+
+
+def fluency(site: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {**os.environ, "PYTHONPATH": str(site), "COLUMNS": "200", **(env or {})}
+    for var in ("FLUENCY_DISABLE_PLUGIN_AUTOLOAD", "FLUENCY_BLOCK_PLUGINS", "FLUENCY_STRICT_PLUGINS"):
+        if var not in (env or {}):
+            environ.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "fluency.cli", *args], capture_output=True, text=True, env=environ,
+                          timeout=300)
+
+
+def rows(site: Path, env: dict[str, str] | None = None) -> list[dict]:
+    proc = fluency(site, "plugins", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def find(listing: list[dict], **match: str) -> list[dict]:
+    return [r for r in listing if all(r[k] == v for k, v in match.items())]
+
+
+def test_good_plugin_is_listed_with_package_and_version(site: Path) -> None:
+    (row,) = find(rows(site), name="mean-activation")
+    assert (row["kind"], row["package"], row["version"], row["status"]) == ("metric", "fluency-good", "1.2.3", "ok")
+    assert row["options"]["scale"]["type"] == "float"
+
+
+def test_broken_plugins_are_recorded_and_the_cli_still_works(site: Path) -> None:
+    listing = rows(site)
+    for ep, package, fragment in [("broken-import", "fluency-broken-import", "a_module_that_does_not_exist"),
+                                  ("broken-hook", "fluency-broken-hook", "registration exploded"),
+                                  ("bad-signature", "fluency-bad-signature", "config")]:
+        (row,) = find(listing, name=ep)
+        assert row["status"] == "broken" and row["package"] == package and fragment in row["error"], row
+    assert find(listing, name="sam", kind="metric")[0]["status"] == "ok"
+    table = fluency(site, "plugins")
+    assert table.returncode == 0 and "broken" in table.stdout
+
+
+def test_asking_for_a_broken_plugin_is_one_line_naming_package_version_error(site: Path) -> None:
+    proc = fluency(site, "run", "--metric", "broken-import", "--no-store")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "fluency-broken-import 0.3" in lines[0] and "a_module_that_does_not_exist" in lines[0]
+
+
+def test_clashing_names_are_an_error_naming_both_packages(site: Path) -> None:
+    clash = find(rows(site), name="gini", kind="metric")
+    assert len(clash) == 2 and all(r["status"] == "broken" for r in clash)
+    assert "fluency 0.1.0" in clash[0]["error"] and "fluency-clash 0.1" in clash[0]["error"]
+    proc = fluency(site, "run", "--metric", "gini", "--no-store")
+    assert proc.returncode == 2 and "registered by both" in proc.stderr
+
+
+def test_blocking_and_disabling_autoload(site: Path) -> None:
+    listing = rows(site, {"FLUENCY_BLOCK_PLUGINS": "fluency-clash"})
+    assert find(listing, name="clash")[0]["status"] == "blocked"
+    assert find(listing, name="gini", kind="metric")[0]["status"] == "ok"
+    listing = rows(site, {"FLUENCY_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert {r["package"] for r in listing} == {"fluency"}
+
+
+def test_strict_mode_fails_on_a_broken_plugin(site: Path) -> None:
+    proc = fluency(site, "plugins", env={"FLUENCY_STRICT_PLUGINS": "1"})
+    assert proc.returncode == 2 and "failed to load" in proc.stderr
+
+
+def test_third_party_metric_runs_end_to_end(site: Path, tmp_path: Path) -> None:
+    proc = fluency(site, "run", "--metric", "mean-activation", "-o", "mean-activation.scale=2", "--layers", "enc1",
+                   "--out", str(tmp_path / "run"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    import pandas as pd
+
+    table = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
+    assert set(table["metric"]) == {"mean-activation"} and set(table["layer"]) == {"enc1"}
+    assert (table["value"] >= 0).all() and len(table) == 240
+
+
+def test_in_process_registration_and_lookup_errors() -> None:
+    class Plugin:
+        @hookimpl
+        def fluency_register_metrics(self):
+            return [MetricSpec(name="answer", factory=dict, description="Forty-two.\nMore text.")]
+
+    pm = PluginManager(autoload=False)
+    pm.register(Plugin(), "answer-plugin", "answer-pkg", "4.2")
+    assert pm.get("metric", "answer").summary == "Forty-two."
+    assert "answer" in pm.names("metric") and "answer" not in pm.names("analysis")
+    with pytest.raises(PluginError, match=r"unknown metric 'nope' \(available: .*gini"):
+        pm.get("metric", "nope")
+    assert [r.name for r in pm.list("g*", "metric")] == ["gini"]
+
+
+def test_malformed_specs_and_unknown_hooks_mark_the_plugin_broken() -> None:
+    class BadName:
+        @hookimpl
+        def fluency_register_metrics(self):
+            return [MetricSpec(name="Bad Name", factory=dict)]
+
+    class WrongType:
+        @hookimpl
+        def fluency_register_metrics(self):
+            return ["not a spec"]
+
+    class Typo:
+        def fluency_register_metric(self):  # missing 's'
+            return []
+
+    pm = PluginManager(autoload=False)
+    for i, plugin in enumerate((BadName(), WrongType(), Typo())):
+        pm.register(plugin, f"bad{i}", f"pkg{i}", "1")
+    errors = {r.name: r.error for r in pm.list() if r.status == "broken"}
+    assert "invalid metric name" in errors["bad0"]
+    assert "expected MetricSpec" in errors["bad1"]
+    assert "unknown hook" in errors["bad2"]
+
+
+def test_every_builtin_kind_has_a_plugin_and_every_builtin_option_default_validates(manager) -> None:
+    kinds_with_plugins = {r.kind for r in manager.list() if r.status == "ok"}
+    assert {"architecture", "optimizer", "metric", "analysis"} <= kinds_with_plugins
+    assert all(r.status == "ok" for r in manager.list()), [r for r in manager.list() if r.status != "ok"]
+    for record in manager.list():
+        assert record.kind in KINDS
+        record.spec.resolve(manager.option_defaults(record.kind, record.name))

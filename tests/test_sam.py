@@ -1,0 +1,124 @@
+"""SAM sharpness: the quadratic known answer, ASAM's formula, and an independent per-image loop on vae-small."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fluency.core.losses import kl_divergence, loss_from_config
+from fluency.core.metric import MetricBatch
+from fluency.plugins.default_sam import SAMSharpness, sam_perturbation, sharpness
+from fluency.plugins.default_vae_small import VAESmall
+
+A = torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64)
+W0 = [1.0, -1.0, 0.5]
+
+
+def quadratic(w: torch.Tensor, scale: float = 1.0):
+    return lambda: scale * 0.5 * (A * w * w).sum()
+
+
+def test_quadratic_known_answer() -> None:
+    w = torch.nn.Parameter(torch.tensor(W0, dtype=torch.float64))
+    s, gnorm = sharpness(quadratic(w), [w], rho=0.05)
+    assert s == pytest.approx(0.3134608703, abs=1e-9)
+    assert gnorm == pytest.approx(math.sqrt(1 + 16 + 4.5**2))
+    assert w.tolist() == W0  # weights restored exactly
+
+
+def test_scaling_the_loss_scales_sharpness() -> None:
+    w = torch.nn.Parameter(torch.tensor(W0, dtype=torch.float64))
+    s1, _ = sharpness(quadratic(w), [w], rho=0.05)
+    s3, _ = sharpness(quadratic(w, 3.0), [w], rho=0.05)
+    assert s3 == pytest.approx(3 * s1, rel=1e-12)
+
+
+def test_small_rho_sharpness_is_rho_times_gradient_norm() -> None:
+    w = torch.nn.Parameter(torch.tensor(W0, dtype=torch.float64))
+    s, gnorm = sharpness(quadratic(w), [w], rho=1e-6)
+    assert s == pytest.approx(1e-6 * gnorm, rel=1e-4)
+
+
+def test_perturbation_formulas() -> None:
+    w = torch.tensor(W0, dtype=torch.float64)
+    g = A * w
+    (eps,) = sam_perturbation([w], [g], rho=0.05)
+    assert torch.allclose(eps, 0.05 * g / g.norm())
+    (eps,) = sam_perturbation([w], [g], rho=0.5, adaptive=True)
+    assert torch.allclose(eps, 0.5 * w**2 * g / (w.abs() * g).norm())
+
+
+def test_kl_known_answer() -> None:
+    """REFERENCE.md prints 1.5518085957; summing its formula by hand gives 1.5518085558
+    (−½[(1+0−0.25−1) + (1+1−1−e) + (1−2−0−e⁻²)]), so the printed 8th digit is a typo."""
+    mu = torch.tensor([[0.5, -1.0, 0.0]], dtype=torch.float64)
+    lv = torch.tensor([[0.0, 1.0, -2.0]], dtype=torch.float64)
+    by_hand = -0.5 * ((1 + 0 - 0.25 - 1) + (1 + 1 - 1 - math.e) + (1 - 2 - 0 - math.exp(-2)))
+    assert float(kl_divergence(mu, lv)) == pytest.approx(by_hand, abs=1e-12)
+    assert float(kl_divergence(mu, lv)) == pytest.approx(1.5518085957, abs=1e-7)
+
+
+@pytest.fixture(scope="module")
+def model_and_batch():
+    torch.manual_seed(0)
+    model = VAESmall(image_size=32, latent_dim=8).double().eval()
+    images = torch.rand(5, 3, 32, 32, dtype=torch.float64)
+    return model, MetricBatch([f"i{k}" for k in range(5)], images, model=model, loss=loss_from_config({"beta": 1.0}))
+
+
+def independent_loop(model, images, rho):
+    """Per-image sharpness written out plainly, sharing no code with the plugin."""
+    out = []
+    params = list(model.parameters())
+    for i in range(images.shape[0]):
+        x = images[i:i + 1]
+
+        def loss():
+            o = model(x, sample=False)
+            recon = ((o.recon - x) ** 2).sum()
+            kl = -0.5 * (1 + o.logvar - o.mu**2 - o.logvar.exp()).sum()
+            return recon + kl
+
+        model.zero_grad()
+        base = loss()
+        base.backward()
+        grads = [p.grad.clone() for p in params]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        with torch.no_grad():
+            old = [p.clone() for p in params]
+            for p, g in zip(params, grads):
+                p += rho * g / (norm + 1e-12)
+            moved = loss()
+            for p, o in zip(params, old):
+                p.copy_(o)
+        out.append(float(moved - base.detach()))
+    model.zero_grad()
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", ["loop", "vmap"])
+def test_metric_matches_an_independent_loop_on_vae_small(model_and_batch, method) -> None:
+    model, batch = model_and_batch
+    expected = independent_loop(model, batch.images, 0.05)
+    (values,) = SAMSharpness(rho=0.05, method=method, chunk_size=2).compute(batch)
+    assert values.metric == "sam" and values.layer is None
+    torch.testing.assert_close(torch.as_tensor(values.values), expected, rtol=1e-7, atol=1e-9)
+
+
+def test_metric_leaves_the_model_unchanged_and_is_deterministic(model_and_batch) -> None:
+    model, batch = model_and_batch
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = SAMSharpness(rho=0.05).compute(batch)[0].as_numpy()
+    second = SAMSharpness(rho=0.05).compute(batch)[0].as_numpy()
+    assert (first == second).all()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_encoder_only_perturbs_fewer_weights(model_and_batch) -> None:
+    model, batch = model_and_batch
+    full = SAMSharpness(rho=0.05).compute(batch)[0].as_numpy()
+    enc = SAMSharpness(rho=0.05, parameters="encoder").compute(batch)[0].as_numpy()
+    assert (enc > 0).all() and not (enc == full).all()
