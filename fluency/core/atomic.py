@@ -1,4 +1,8 @@
-"""Atomic file writes: write a temporary file beside the target, fsync, rename."""
+"""Atomic file writes: write a temporary file beside the target, fsync, rename.
+
+A reader (or a crash) never sees a half-written file: the target either keeps its
+old content or has the complete new one.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,25 @@ from pathlib import Path
 from typing import Any
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Persist the entries (renames) of folder ``path``; a no-op where folders cannot be fsynced."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
+    """Yield a temporary path beside ``path`` for the caller to write.
+
+    On success the file is fsynced and renamed onto ``path``; on an exception it is
+    removed and ``path`` is left untouched.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     try:
@@ -24,24 +44,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Replace ``path`` with ``obj`` as indented JSON atomically (unknown types via ``str``)."""
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

@@ -168,6 +168,10 @@ def run(
     analysis_specs = {name: manager.get("analysis", name) for name in analysis_names}
     used = [("metric", n) for n in metric_names] + [("analysis", n) for n in analysis_names]
     resolved = resolve_plugin_options(manager, used, options, read_config(config))
+    if layers:  # --layers: the layers of every metric that has a `layers` option and was given none
+        for name, spec in metric_specs.items():
+            if "layers" in spec.options and not resolved[("metric", name)].get("layers"):
+                resolved[("metric", name)]["layers"] = list(layers)
 
     ckpt_paths = [Path(c) for c in checkpoints] or [DEFAULT_CHECKPOINT]
     if not DEFAULT_CHECKPOINT.exists() and not checkpoints:
@@ -200,7 +204,7 @@ def run(
                 manifest["inputs"]["checkpoints"].append(
                     {"label": label, "path": str(path.resolve()), "sha256": loaded.sha256,
                      "architecture": loaded.info["architecture"], "epoch": loaded.info.get("epoch")})
-                _measure(loaded, stimuli, metric_specs, resolved, layers, table, out_dir, dev, batch_size, seed,
+                _measure(loaded, stimuli, metric_specs, resolved, table, out_dir, dev, batch_size, seed,
                          store, store_dtype, manager, bars, manifest["metric_columns"])
                 timings[f"metrics[{label}]"] = round(time.perf_counter() - t0, 3)
         metric_table = read_metric_table(out_dir / "metrics.parquet")
@@ -222,7 +226,7 @@ def run(
 
 
 def _measure(loaded: LoadedCheckpoint, stimuli: Stimuli, specs: dict[str, Any], resolved: dict[Any, dict[str, Any]],
-             layers: Sequence[str] | None, table: MetricTableWriter, out_dir: Path, dev: torch.device,
+             table: MetricTableWriter, out_dir: Path, dev: torch.device,
              batch_size: int, seed: int, store: bool, store_dtype: str, manager: PluginManager, bars: Any,
              directions: dict[str, Any]) -> None:
     """Stream the stimuli through one checkpoint, feeding the store and every metric batch by batch.
@@ -232,10 +236,7 @@ def _measure(loaded: LoadedCheckpoint, stimuli: Stimuli, specs: dict[str, Any], 
     model = loaded.model.to(dev).eval()
     instances: dict[str, FluencyMetric] = {}
     for name, spec in specs.items():
-        opts = dict(resolved[("metric", name)])
-        if layers and "layers" in spec.options and not opts.get("layers"):
-            opts["layers"] = list(layers)
-        instances[name] = spec.load()(**opts)
+        instances[name] = spec.load()(**resolved[("metric", name)])
     capture = list(dict.fromkeys(layer for name, m in instances.items() for layer in m.layers(model)))
     needs_model = {name for name, spec in specs.items() if spec.needs == "model"}
     channels, size, _ = model.input_shape

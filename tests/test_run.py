@@ -1,0 +1,305 @@
+"""`fluency run` end to end: the embedded default, real faces, the Python API and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import fluency
+from fluency.core.errors import FluencyError, InputError, OptionError, PluginError, StoreError
+from fluency.core.store import ActivationStore
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200", "FLUENCY_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    return subprocess.run([sys.executable, "-m", "fluency.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The README's main job, through the real command line."""
+    out = tmp_path_factory.mktemp("runs") / "default"
+    proc = cli("run", "--metric", "gini", "--metric", "sam", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    return out, json.loads(proc.stdout)
+
+
+def test_default_run_writes_every_output(default_run) -> None:
+    out, summary = default_run
+    assert summary["status"] == "complete" and summary["n_images"] == 240
+    for name in ("metrics.parquet", "manifest.json", "ratings.parquet", "analyses/pearson.parquet",
+                 "analyses/spearman.parquet", "activations/default/_COMPLETE.json"):
+        assert (out / name).exists(), name
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    assert {"image_id", "checkpoint", "metric", "layer", "value"} <= set(metrics.columns)
+    assert set(metrics["metric"]) == {"gini", "sam"}
+    assert metrics.loc[metrics.metric == "sam", "layer"].isna().all()
+    assert set(metrics.loc[metrics.metric == "gini", "layer"]) == {"enc1", "enc2", "enc3", "enc4", "enc5", "all"}
+    assert metrics.groupby(["metric", "layer"], dropna=False).size().eq(240).all()
+    assert metrics["value"].between(0, 1).all() or (metrics.loc[metrics.metric == "gini", "value"].between(0, 1).all())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["inputs"]["checkpoints"][0]["sha256"]
+    assert manifest["options"]["metric.sam"]["rho"] == 0.05 and "total" in manifest["timings"]
+
+
+def test_default_run_recovers_the_generators_relation(default_run) -> None:
+    """Clutter lowers the rating and makes the model's loss sharper: SAM sharpness falls with the rating."""
+    out, _ = default_run
+    pearson = pd.read_parquet(out / "analyses" / "pearson.parquet")
+    sam = pearson[pearson.metric == "sam"].iloc[0]
+    assert sam["estimate"] < -0.2 and sam["p_fdr"] < 0.05
+    both = pd.concat([pearson, pd.read_parquet(out / "analyses" / "spearman.parquet")])
+    assert (both["p_fdr"] >= both["p"] - 1e-15).all() and len(both) == 14
+
+
+def test_activation_store_of_a_run_has_provenance_and_matches_the_metric(default_run) -> None:
+    out, _ = default_run
+    store = ActivationStore(out / "activations" / "default")
+    prov = store.provenance
+    assert prov["checkpoint_sha256"] and prov["stimulus_fingerprint"] and prov["seed"] == 0
+    assert prov["fluency_version"] == fluency.__version__ and "metric.gini" not in prov  # versions per plugin
+    assert set(store.layers) == {"enc1", "enc2", "enc3", "enc4", "enc5"}
+    assert store.num_rows("enc1") == 240 and store.shape("enc1") == (16, 64, 64)
+    from fluency.plugins.default_gini import gini
+
+    ids, acts = store.read_layer("enc2")
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    want = metrics[(metrics.metric == "gini") & (metrics.layer == "enc2")].set_index("image_id").loc[ids, "value"]
+    # the store holds float16: Gini from it agrees with the float32 metric to float16 precision
+    assert np.allclose(gini(acts.reshape(len(ids), -1).astype(np.float32)), want.to_numpy(), atol=2e-3)
+
+
+def test_default_run_prints_a_readable_summary(tmp_path: Path) -> None:
+    proc = cli("run", "--metric", "gini", "--out", str(tmp_path / "r"), "--no-store")
+    assert proc.returncode == 0, proc.stderr
+    assert "Strongest relations" in proc.stdout and "gini" in proc.stdout and "p_fdr" in proc.stdout
+    assert not (tmp_path / "r" / "activations").exists()
+
+
+def test_python_api_same_as_cli(tmp_path: Path) -> None:
+    result = fluency.run(metrics=["lepsilon"], options=["lepsilon.mode=relative", "lepsilon.epsilon=0.1"],
+                         layers=["enc1", "enc2"], out=tmp_path / "api", progress=False, store=False)
+    assert result.path == tmp_path / "api"
+    assert set(result.metrics["metric"]) == {"lepsilon", "lepsilon-fraction"}
+    assert set(result.metrics["layer"]) == {"enc1", "enc2"}
+    assert set(result.analyses) == {"pearson", "spearman"} and "p_fdr" in result.analyses["pearson"]
+    assert result.manifest["options"]["metric.lepsilon"] == {"epsilon": 0.1, "mode": "relative",
+                                                            "layers": ["enc1", "enc2"]}
+    assert len(result.strongest(3)) >= 3
+
+
+def test_same_seed_same_numbers(tmp_path: Path) -> None:
+    a = fluency.run(metrics=["sam"], out=tmp_path / "a", progress=False, store=False).metrics
+    b = fluency.run(metrics=["sam"], out=tmp_path / "b", progress=False, store=False).metrics
+    assert np.array_equal(a["value"].to_numpy(), b["value"].to_numpy())
+
+
+def test_forward_hooks_are_removed_even_when_a_metric_fails(tmp_path: Path, monkeypatch) -> None:
+    from fluency.core import runner
+    from fluency.plugins.default_gini import Gini
+
+    seen = []
+    original = runner.load_checkpoint
+
+    def spy(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        seen.append(loaded.model)
+        return loaded
+
+    def explode(self, batch):
+        raise RuntimeError("metric exploded")
+
+    monkeypatch.setattr(runner, "load_checkpoint", spy)
+    monkeypatch.setattr(Gini, "compute", explode)
+    with pytest.raises(RuntimeError, match="exploded"):
+        fluency.run(metrics=["gini"], out=tmp_path / "boom", progress=False)
+    (model,) = seen
+    assert all(not m._forward_hooks for m in model.modules())
+    manifest = json.loads((tmp_path / "boom" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "exploded" in manifest["error"]
+    with pytest.raises(StoreError, match="incomplete"):
+        ActivationStore(tmp_path / "boom" / "activations" / "default")
+    assert not (tmp_path / "boom" / "metrics.parquet").exists()
+    assert (tmp_path / "boom" / "metrics.parquet.partial").exists()
+
+
+def test_out_folder_is_not_silently_reused(tmp_path: Path) -> None:
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "thesis.tex").write_text("precious")
+    with pytest.raises(FluencyError, match="not empty"):
+        fluency.run(metrics=["gini"], out=tmp_path / "busy", progress=False)
+    with pytest.raises(FluencyError, match="not a fluency run"):
+        fluency.run(metrics=["gini"], out=tmp_path / "busy", overwrite=True, progress=False)
+    assert (tmp_path / "busy" / "thesis.tex").read_text() == "precious"
+
+
+# -- real data --------------------------------------------------------------
+
+
+def test_london_faces_end_to_end(london_faces: Path, tmp_path: Path) -> None:
+    out = tmp_path / "faces"
+    proc = cli("run", "--images", str(london_faces / "images"), "--ratings", str(london_faces / "ratings.csv"),
+               "--rating-column", "attractiveness", "--metric", "gini,lepsilon", "--metric", "sam",
+               "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["n_images"] == 102 and summary["matching"]["mode"] == "stem"
+    pearson = pd.read_parquet(out / "analyses" / "pearson.parquet")
+    assert (pearson["n"] == 102).all() and pearson["p_fdr"].notna().all()
+    ratings = pd.read_parquet(out / "ratings.parquet")
+    assert len(ratings) == 102 and {"face_sex", "face_eth"} <= set(ratings.columns)
+
+
+# -- bad inputs ---------------------------------------------------------------
+
+
+@pytest.fixture
+def small_set(tmp_path: Path) -> Path:
+    """Six images in two folders and a ratings table keyed by stem."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "set"
+    for i, sub in enumerate(["a", "a", "a", "b", "b", "b"]):
+        (root / "images" / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "images" / sub / f"{i + 1}.png")
+    pd.DataFrame({"id": [str(i) for i in range(1, 7)], "beauty": [3.0, 4, 2, 5, 1, 6]}).to_csv(root / "r.csv",
+                                                                                            index=False)
+    return root
+
+
+def run_small(root: Path, tmp_path: Path, ratings: str = "r.csv", **kwargs):
+    return fluency.run(metrics=["gini"], images=root / "images", ratings=root / ratings, id_column="id",
+                       rating_column="beauty", out=tmp_path / "out", progress=False, store=False, **kwargs)
+
+
+def test_numeric_ids_match_files_and_analyses_run(small_set: Path, tmp_path: Path) -> None:
+    result = run_small(small_set, tmp_path)
+    assert sorted(result.metrics["image_id"].unique()) == [str(i) for i in range(1, 7)]
+    assert result.report is not None and result.report.ok and result.report.mode == "stem"
+    assert (result.analyses["pearson"]["n"] == 6).all()
+
+
+def test_mismatches_are_reported_not_silently_dropped(small_set: Path, tmp_path: Path) -> None:
+    table = pd.read_csv(small_set / "r.csv", dtype=str)
+    table.loc[len(table)] = ["99", "4"]            # rated, no image
+    table = table[table["id"] != "6"]              # image 6 unrated
+    table.to_csv(small_set / "r2.csv", index=False)
+    result = run_small(small_set, tmp_path, "r2.csv")
+    assert result.report.missing_images == ["99"] and result.report.unrated_images == ["b/6.png"]
+    assert "6" in set(result.metrics["image_id"])          # measured ...
+    assert (result.analyses["pearson"]["n"] == 5).all()    # ... but not analysed
+    assert result.manifest["matching"]["missing_images"] == ["99"]
+    with pytest.raises(InputError, match="99"):
+        run_small(small_set, tmp_path / "strict", "r2.csv", strict=True)
+
+
+def test_duplicate_ids_and_non_numeric_ratings_are_errors_naming_rows(small_set: Path, tmp_path: Path) -> None:
+    table = pd.read_csv(small_set / "r.csv", dtype=str)
+    pd.concat([table, table.iloc[[2]]]).to_csv(small_set / "dup.csv", index=False)
+    with pytest.raises(InputError, match=r"(?s)duplicate.*3.*rows? 4.*8"):
+        run_small(small_set, tmp_path, "dup.csv")
+    table.loc[1, "beauty"] = "pretty"
+    table.to_csv(small_set / "nan.csv", index=False)
+    with pytest.raises(InputError, match=r"(?s)row 3.*pretty"):
+        run_small(small_set, tmp_path, "nan.csv")
+
+
+def test_missing_rating_column_lists_the_columns(small_set: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="beauty"):
+        fluency.run(metrics=["gini"], images=small_set / "images", ratings=small_set / "r.csv", id_column="id",
+                    rating_column="beuty", out=tmp_path / "o", progress=False)
+
+
+def test_corrupt_image_is_named(small_set: Path, tmp_path: Path) -> None:
+    (small_set / "images" / "a" / "2.png").write_bytes(b"not a png at all")
+    with pytest.raises(InputError, match=r"2\.png"):
+        run_small(small_set, tmp_path)
+
+
+def test_analysis_without_ratings_is_an_error(small_set: Path, tmp_path: Path) -> None:
+    with pytest.raises(FluencyError, match="--analysis needs ratings"):
+        fluency.run(metrics=["gini"], images=small_set / "images", analyses=["pearson"], out=tmp_path / "o",
+                    progress=False)
+    result = fluency.run(metrics=["gini"], images=small_set / "images", out=tmp_path / "p", progress=False)
+    assert result.analyses == {} and len(result.metrics["image_id"].unique()) == 6
+
+
+def test_ratings_as_parquet(small_set: Path, tmp_path: Path) -> None:
+    pd.read_csv(small_set / "r.csv", dtype={"id": str}).to_parquet(small_set / "r.parquet")
+    assert (run_small(small_set, tmp_path, "r.parquet").analyses["spearman"]["n"] == 6).all()
+
+
+def test_relative_path_ids_and_shared_stems(small_set: Path, tmp_path: Path) -> None:
+    shutil.copy(small_set / "images" / "a" / "1.png", small_set / "images" / "b" / "1.png")
+    stems = run_small(small_set, tmp_path / "s")
+    assert "1" in stems.report.ambiguous and "1" not in set(stems.analyses["pearson"].get("image_id", []))
+    assert (stems.analyses["pearson"]["n"] == 5).all()
+    pd.DataFrame({"id": ["a/1", "b/1", "a/2"], "beauty": [1.0, 2, 3]}).to_csv(small_set / "rel.csv", index=False)
+    rel = run_small(small_set, tmp_path / "r", "rel.csv")
+    assert rel.report.mode == "relpath-noext" and set(rel.report.matched) == {"a/1", "b/1", "a/2"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metric", "nosuch"], "unknown metric 'nosuch'"),
+    (["--metric", "sam", "-o", "sam.rh=0.1"], "did you mean 'rho'"),
+    (["--metric", "sam", "-o", "sam.rho=big"], "expected float"),
+    (["--metric", "gini", "--checkpoint", "missing.pt"], "no such file"),
+    (["--metric", "gini", "--layers", "enc9"], "unknown layer"),
+    (["--metric", "gini", "--ratings", "x.csv"], "--ratings needs --images"),
+])
+def test_bad_command_lines_are_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
+    proc = cli("run", *args, "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_checkpoint_safety(tmp_path: Path, manager) -> None:
+    from fluency.core.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, read_checkpoint
+    from fluency.core.errors import CheckpointError
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": "fluency-checkpoint", "evil": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="cannot be read safely"):
+        read_checkpoint(tmp_path / "evil.pt")
+    payload = read_checkpoint(DEFAULT_CHECKPOINT)
+    payload["architecture"]["name"] = "vae-huge"
+    torch.save(payload, tmp_path / "unknown.pt")
+    with pytest.raises(CheckpointError, match="needs the architecture plugin 'vae-huge'"):
+        load_checkpoint(tmp_path / "unknown.pt", manager)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a fluency checkpoint"):
+        read_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_nan_activations_stop_the_run_naming_layer_and_images(tmp_path: Path, manager) -> None:
+    from fluency.core.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
+
+    loaded = load_checkpoint(DEFAULT_CHECKPOINT, manager)
+    with torch.no_grad():
+        loaded.model.encoder[3].weight[0, 0, 0, 0] = float("nan")
+    save_checkpoint(tmp_path / "nan.pt", loaded.model, "vae-small", **{k: v for k, v in loaded.info.items()
+                                                                      if k not in ("format", "format_version",
+                                                                                   "architecture")})
+    with pytest.raises(FluencyError, match=r"NaN/Inf activations in layer 'enc2' for images \['stim-000'"):
+        fluency.run(metrics=["gini"], checkpoints=[tmp_path / "nan.pt"], out=tmp_path / "o", progress=False)
+
+
+def test_unknown_option_in_config_file(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text("[sam]\nrhoo = 0.1\n")
+    with pytest.raises(OptionError, match="unknown option 'rhoo'"):
+        fluency.run(metrics=["sam"], config=tmp_path / "c.toml", out=tmp_path / "o", progress=False)
+    with pytest.raises(PluginError):
+        fluency.run(metrics=["gini"], analyses=["nope"], images=None, out=tmp_path / "o2", progress=False)
