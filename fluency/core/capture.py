@@ -22,11 +22,13 @@ def check_layers(model: FluencyVAE, layers: Sequence[str]) -> None:
 
 
 @contextmanager
-def capture_activations(model: FluencyVAE, layers: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the block, every forward pass stores each named layer's output (detached) in the yielded dict.
+def capture_activations(model: FluencyVAE, layers: Sequence[str],
+                        detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, every forward pass stores each named layer's output in the yielded dict.
 
-    The hooks are removed when the block ends, also on error, so a model is never
-    left with stale hooks.
+    Outputs are detached unless ``detach=False`` (training constraints need their
+    gradients). The hooks are removed when the block ends, also on error, so a model
+    is never left with stale hooks.
     """
     check_layers(model, layers)
     modules = model.hookable_layers()
@@ -35,7 +37,7 @@ def capture_activations(model: FluencyVAE, layers: Sequence[str]) -> Iterator[di
 
     def hook_for(name: str) -> Any:
         def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-            captured[name] = output.detach()
+            captured[name] = output.detach() if detach else output
 
         return hook
 

@@ -174,6 +174,9 @@ def run(
                 resolved[("metric", name)]["layers"] = list(layers)
 
     ckpt_paths = [Path(c) for c in checkpoints] or [DEFAULT_CHECKPOINT]
+    if images is not None and not checkpoints:
+        console.print("[yellow]note:[/yellow] no --checkpoint: using the embedded default model, trained on "
+                      "generated shapes at 64×64; train one on images like yours with `fluency train`.")
     if not DEFAULT_CHECKPOINT.exists() and not checkpoints:
         raise FluencyError(f"the embedded default checkpoint {DEFAULT_CHECKPOINT} is missing; reinstall fluency "
                            "or pass --checkpoint")
