@@ -106,37 +106,102 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
 
 
 @cli.command()
-@click.option("--arch", "architecture", default="vae-small", show_default=True, help="Architecture plugin.")
-@click.option("--images", type=click.Path(path_type=Path), required=True, help="Folder of training images.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for final.pt.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--image-size", type=click.IntRange(min=8), default=64, show_default=True)
-@click.option("--optimizer", default="adam", show_default=True, help="Optimizer plugin.")
-@click.option("--loss", "reconstruction", type=click.Choice(["mse", "l1"]), default="mse", show_default=True,
-              help="Reconstruction loss (summed over pixels) added to beta × KL.")
-@click.option("--beta", type=float, default=1.0, show_default=True, help="Weight of the KL term.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--arch", "architecture", help="Architecture plugin (default vae-small).")
+@click.option("--images", type=click.Path(path_type=Path), help="Folder of training images (recursive).")
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for the checkpoints (final.pt), history, figures.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Number of epochs (default 10).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per step (default 32).")
+@click.option("--image-size", type=click.IntRange(min=8), help="Input height and width (default 64).")
+@click.option("--resize", type=click.Choice(["shorter-side+center-crop", "stretch"]),
+              help="Keep the aspect ratio and crop the centre (default), or stretch.")
+@click.option("--optimizer", help="Optimizer plugin (default adam).")
+@click.option("--lr", type=float, help="Learning rate (sets the optimizer's lr option).")
+@click.option("--schedule", type=click.Choice(["none", "cosine", "step", "linear-warmup-cosine"]),
+              help="Learning-rate schedule (default none).")
+@click.option("--loss", "losses", multiple=True, metavar="NAME[:WEIGHT]",
+              help="Reconstruction loss term: l2, l1, ssim, lpips, dfc (repeatable; default l2).")
+@click.option("--constraint", "constraints", multiple=True, help="Constraint plugin added to the loss (repeatable).")
+@click.option("--beta", type=float, help="Weight of the KL term (default 1).")
+@click.option("--beta-warmup", type=click.IntRange(min=0), help="Epochs over which beta rises linearly from 0.")
+@click.option("--val-fraction", type=float, help="Seeded validation split (default 0.1).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), help="Also keep epoch-NNN.pt every N epochs.")
+@click.option("--device", type=click.Choice(DEVICES))
+@click.option("--seed", type=int)
+@click.option("--no-figures", is_flag=True, default=None, help="Skip the training curves and reconstruction grids.")
 @click.option("-o", "--option", "options", multiple=True, metavar="[KIND.]PLUGIN.KEY=VALUE",
-              help="Set a plugin option, e.g. -o adam.lr=1e-4 (repeatable).")
-@click.option("--config", type=click.Path(path_type=Path), help="TOML file with one [PLUGIN] table of options each.")
+              help="Set a plugin or loss option, e.g. -o adam.beta1=0.5 -o lpips.net=vgg (repeatable).")
+@click.option("--config", type=click.Path(path_type=Path),
+              help="TOML file: a [train] table of these settings and one table per plugin or loss.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out exactly where it stopped.")
+@click.option("--ratings", type=click.Path(path_type=Path), help="With --by: the table that defines subgroups.")
+@click.option("--id-column", default="image_id", show_default=True, help="Id column of --ratings.")
+@click.option("--by", help="Train one model per subgroup of these --ratings columns (e.g. face_sex,face_eth).")
+@click.option("--min-group-size", type=click.IntRange(min=2), default=16, show_default=True,
+              help="Subgroups with fewer images are refused.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
-def train(architecture: str, images: Path, out: Path, epochs: int, batch_size: int, image_size: int, optimizer: str,
-          reconstruction: str, beta: float, device: str, seed: int, options: tuple[str, ...], config: Path | None,
-          as_json: bool) -> None:
-    """Train a VAE on a folder of images and write OUT/final.pt."""
-    from fluency.core.training import train as train_model
+def train(options: tuple[str, ...], config: Path | None, resume: bool, ratings: Path | None, id_column: str,
+          by: str | None, min_group_size: int, as_json: bool, losses: tuple[str, ...],
+          constraints: tuple[str, ...], no_figures: bool | None, **flags: Any) -> None:
+    """Train a VAE on a folder of images; the final checkpoint is OUT/final.pt."""
+    from fluency.core.config import read_config
+    from fluency.core.training import TrainConfig, train as train_model, train_by_group
 
-    result = train_model(images=images, out=out, architecture=architecture, optimizer=optimizer, epochs=epochs,
-                         batch_size=batch_size, image_size=image_size, reconstruction=reconstruction, beta=beta,
-                         seed=seed, device=device, options=options, config=config, console=err)
+    file = read_config(config)
+    settings = dict(file.get("train", {}))
+    settings.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
+    if losses:
+        settings["losses"] = list(losses)
+    if constraints:
+        settings["constraints"] = list(constraints)
+    if no_figures:
+        settings["figures"] = False
+    settings["options"] = [*settings.get("options", []), *options]
+    cfg = TrainConfig.from_mapping(settings, f"--config {config}" if config else "train")
+    plugin_tables = {k: v for k, v in file.items() if k != "train"}
+    if by:
+        if ratings is None:
+            raise FluencyError("--by needs --ratings (the table with the grouping columns)")
+        sets = train_by_group(cfg, ratings, id_column, [c.strip() for c in by.split(",") if c.strip()],
+                              min_group_size, console=err, plugin_config=plugin_tables)
+        if as_json:
+            _emit_json(sets)
+        else:
+            for row in sets["groups"]:
+                note = row.get("checkpoint") or f"refused: {row['refused']}"
+                Console().print(f"{row['label']}: {row['n_images']} images → {note}")
+        return
+    result = train_model(cfg, console=err, resume=resume, plugin_config=plugin_tables)
     if as_json:
         _emit_json({"checkpoint": str(result.checkpoint), "history": result.history, "seconds": result.seconds})
     else:
-        last = result.history[-1]
-        Console().print(f"Trained {epochs} epochs in {result.seconds:.1f} s; final loss {last['loss']:.2f} "
-                        f"(recon {last['recon']:.2f}, KL {last['kl']:.2f}); checkpoint: {result.checkpoint}")
+        last = result.history[-1] if result.history else {}
+        terms = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("epoch", "beta", "lr", "seconds"))
+        Console().print(f"Trained to epoch {last.get('epoch')} in {result.seconds:.1f} s ({terms}); "
+                        f"checkpoint: {result.checkpoint}")
+
+
+@cli.group()
+def checkpoints() -> None:
+    """Look into checkpoint files."""
+
+
+@checkpoints.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def checkpoints_inspect(path: Path, as_json: bool) -> None:
+    """Describe a checkpoint: architecture and options, loss, optimizer, data, epochs, final losses."""
+    from fluency.core.checkpoint import describe_checkpoint
+
+    info = describe_checkpoint(path)
+    if as_json:
+        _emit_json(info)
+        return
+    table = Table(title=str(path), show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    for key, value in info.items():
+        table.add_row(key, value if isinstance(value, str) else json.dumps(value, default=str))
+    Console().print(table)
 
 
 @cli.command()

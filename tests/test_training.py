@@ -1,4 +1,4 @@
-"""The minimal `fluency train`: checkpoints that load safely, seeds, the NaN guard."""
+"""`fluency train`: checkpoints, history, figures, exact resume, the NaN guard, losses, subgroup models."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 from fluency.core import demo, training
 from fluency.core.checkpoint import load_checkpoint, read_checkpoint
-from fluency.core.errors import TrainingError
+from fluency.core.errors import FluencyError, InputError, TrainingError
+from fluency.core.training import TrainConfig
+
+SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 
 
 @pytest.fixture(scope="module")
@@ -21,47 +25,145 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo.export(tmp_path_factory.mktemp("demo"), n=24, size=32, seed=3) / "images"
 
 
-def test_cli_train_writes_a_self_describing_checkpoint(images: Path, tmp_path: Path, manager) -> None:
+def config(images: Path, out: Path, **kw) -> TrainConfig:
+    return TrainConfig(**{"images": str(images), "out": str(out), "epochs": 2, "batch_size": 8, "image_size": 32,
+                          "figures": False, **kw})
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FLUENCY_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    proc = subprocess.run([sys.executable, "-m", "fluency.cli", "train", "--arch", "vae-small", "--images",
-                           str(images), "--epochs", "2", "--batch-size", "8", "--image-size", "32", "--out",
-                           str(tmp_path / "m"), "-o", "adam.lr=0.002", "-o", "vae-small.latent_dim=4", "--json"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "fluency.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_cli_train_writes_checkpoint_history_config_and_figures(images: Path, tmp_path: Path, manager) -> None:
+    out = tmp_path / "m"
+    proc = cli("train", "--arch", "vae-small", "--images", str(images), "--epochs", "2", "--batch-size", "8",
+               "--image-size", "32", "--out", str(out), "--lr", "0.002", "-o", "vae-small.latent_dim=4", "--json")
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout)
-    assert [h["epoch"] for h in summary["history"]] == [1, 2]
-    payload = read_checkpoint(tmp_path / "m" / "final.pt")  # weights_only=True
-    assert payload["architecture"] == {"name": "vae-small", "options": {
-        "image_size": 32, "in_channels": 3, "latent_dim": 4, "channels": [16, 32, 64, 64, 128],
-        "decoder_channels": [64, 64, 32, 16, 8]}}
+    assert [h["epoch"] for h in json.loads(proc.stdout)["history"]] == [1, 2]
+    payload = read_checkpoint(out / "final.pt")  # weights_only=True
+    assert payload["architecture"]["name"] == "vae-small" and payload["architecture"]["options"]["latent_dim"] == 4
     assert payload["optimizer"]["options"]["lr"] == 0.002 and payload["epoch"] == 2
-    assert payload["provenance"]["n_images"] == 24 and payload["provenance"]["stimulus_fingerprint"]
-    loaded = load_checkpoint(tmp_path / "m" / "final.pt", manager)
-    assert loaded.model.input_shape == (3, 32, 32)
+    assert payload["data"]["n_images"] == 24 and payload["data"]["n_val"] == 2 and payload["data"]["fingerprint"]
+    assert payload["loss"]["terms"] == [{"name": "l2", "weight": 1.0, "options": {}}]
+    history = pd.read_parquet(out / "history.parquet")
+    assert list(history["epoch"]) == [1, 2] and {"loss", "recon", "kl", "val_loss", "lr"} <= set(history.columns)
+    assert (out / "figures" / "curves.png").stat().st_size > 0 and (out / "figures" / "recon-epoch-002.png").exists()
+    assert load_checkpoint(out / "final.pt", manager).model.input_shape == (3, 32, 32)
+    inspect = cli("checkpoints", "inspect", str(out / "final.pt"), "--json")
+    assert inspect.returncode == 0 and json.loads(inspect.stdout)["epoch"] == 2
+    # the saved config repeats the run
+    again = cli("train", "--config", str(out / "config.toml"), "--out", str(tmp_path / "again"), "--no-figures")
+    assert again.returncode == 0, again.stderr
+    a, b = read_checkpoint(out / "final.pt")["state_dict"], read_checkpoint(tmp_path / "again" / "final.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unknown_settings_and_losses_are_errors(images: Path, tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text("[train]\nepochz = 3\n")
+    proc = cli("train", "--config", str(tmp_path / "c.toml"), "--images", str(images), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "epochz" in proc.stderr
+    proc = cli("train", "--images", str(images), "--out", str(tmp_path / "o"), "--loss", "l3")
+    assert proc.returncode == 2 and "unknown loss" in proc.stderr
 
 
 def test_training_lowers_the_loss_and_is_reproducible(images: Path, tmp_path: Path, manager) -> None:
-    a = training.train(images, tmp_path / "a", epochs=4, batch_size=8, image_size=32, seed=7, manager=manager)
-    b = training.train(images, tmp_path / "b", epochs=4, batch_size=8, image_size=32, seed=7, manager=manager)
+    a = training.train(config(images, tmp_path / "a", epochs=4, seed=7), manager=manager)
+    b = training.train(config(images, tmp_path / "b", epochs=4, seed=7), manager=manager)
     assert a.history[-1]["loss"] < a.history[0]["loss"]
-    sa = read_checkpoint(a.checkpoint)["state_dict"]
-    sb = read_checkpoint(b.checkpoint)["state_dict"]
+    sa, sb = read_checkpoint(a.checkpoint)["state_dict"], read_checkpoint(b.checkpoint)["state_dict"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_is_exact(images: Path, tmp_path: Path, manager) -> None:
+    """1 epoch, then --resume to 2 epochs, gives the same weights as 2 epochs straight."""
+    straight = training.train(config(images, tmp_path / "straight", epochs=2, beta_warmup=2), manager=manager)
+    training.train(config(images, tmp_path / "resumed", epochs=1, beta_warmup=2), manager=manager)
+    resumed = training.train(config(images, tmp_path / "resumed", epochs=2, beta_warmup=2), manager=manager,
+                             resume=True)
+    sa, sb = read_checkpoint(straight.checkpoint)["state_dict"], read_checkpoint(resumed.checkpoint)["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    with pytest.raises(FluencyError, match="use --resume"):
+        training.train(config(images, tmp_path / "resumed"), manager=manager)
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(images: Path, tmp_path: Path, manager,
                                                                      monkeypatch) -> None:
-    real = training.vae_loss_terms
+    real = training.kl_divergence
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):
+    def poisoned(mu, logvar):
         calls["n"] += 1
-        terms = real(*args, **kwargs)
-        if calls["n"] > 3:  # 24 images / batch 8 = 3 steps: epoch 2 goes bad
-            terms["loss"] = terms["loss"] * float("nan")
-        return terms
+        kl = real(mu, logvar)
+        return kl * float("nan") if calls["n"] > 4 else kl  # epoch 1: 3 steps + 1 validation batch
 
-    monkeypatch.setattr(training, "vae_loss_terms", poisoned)
-    with pytest.raises(TrainingError, match=r"epoch 2: the loss became nan.*last good checkpoint"):
-        training.train(images, tmp_path / "n", epochs=3, batch_size=8, image_size=32, manager=manager)
-    assert read_checkpoint(tmp_path / "n" / "final.pt")["epoch"] == 1
+    monkeypatch.setattr(training, "kl_divergence", poisoned)
+    with pytest.raises(TrainingError, match=r"epoch 2: the loss became non-finite .*last.pt keeps epoch 1"):
+        training.train(config(images, tmp_path / "n", epochs=3), manager=manager)
+    assert read_checkpoint(tmp_path / "n" / "last.pt")["epoch"] == 1
+    assert not (tmp_path / "n" / "final.pt").exists()
+
+
+def test_corrupt_image_is_named(images: Path, tmp_path: Path, manager) -> None:
+    import shutil
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(images, folder)
+    (folder / "stim-005.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(InputError, match="stim-005.png"):
+        training.train(config(folder, tmp_path / "o", epochs=1), manager=manager)
+
+
+def test_multiple_reconstruction_losses(images: Path, tmp_path: Path, manager) -> None:
+    result = training.train(config(images, tmp_path / "o", epochs=1, losses=["l1", "ssim:50"]), manager=manager)
+    assert {"recon_l1", "recon_ssim", "val_recon_ssim"} <= set(result.history[0])
+    terms = read_checkpoint(result.checkpoint)["loss"]["terms"]
+    assert [(t["name"], t["weight"]) for t in terms] == [("l1", 1.0), ("ssim", 50.0)]
+
+
+@pytest.mark.skipif(not (SHARED_WEIGHTS / "alexnet_imagenet_features.pth").exists(),
+                    reason="shared offline AlexNet weights not present")
+def test_lpips_loss_stays_frozen_while_the_model_trains(images: Path, tmp_path: Path, manager) -> None:
+    pytest.importorskip("lpips")
+    from fluency.core.recon_losses import ReconstructionLoss
+
+    weights = str(SHARED_WEIGHTS / "alexnet_imagenet_features.pth")
+    loss = ReconstructionLoss([{"name": "lpips", "weight": 1.0, "options": {"weights": weights}}])
+    lp = loss.losses[0]._frozen[0]
+    before = {k: v.clone() for k, v in lp.state_dict().items()}
+    model = manager.get("architecture", "vae-small").load()(image_size=32)
+    assert not any(p is q for p in model.parameters() for q in lp.parameters())
+    assert list(loss.parameters()) == []  # nothing of LPIPS is optimisable through the loss module
+    opt = torch.optim.Adam([*model.parameters(), *loss.parameters()], lr=1e-2)
+    x = torch.rand(4, 3, 32, 32)
+    model.train()
+    loss.train()
+    for _ in range(2):
+        opt.zero_grad()
+        loss(model(x).recon, x).mean().backward()
+        opt.step()
+    assert not lp.training
+    assert all(torch.equal(before[k], v) for k, v in lp.state_dict().items())
+    a, b = loss(x, x.flip(0)), loss(x, x.flip(0))
+    assert torch.equal(a, b)  # eval mode: no dropout
+    result = training.train(config(images, tmp_path / "lp", epochs=1, losses=["l2", "lpips:100"],
+                                   options=[f"lpips.weights={weights}"]), manager=manager)
+    assert "recon_lpips" in result.history[0]
+
+
+def test_one_model_per_subgroup_and_small_groups_refused(images: Path, tmp_path: Path, manager) -> None:
+    ids = sorted(p.stem for p in images.glob("*.png"))
+    table = pd.DataFrame({"image_id": ids, "sex": ["f"] * 12 + ["m"] * 10 + ["x"] * 2})
+    table.to_csv(tmp_path / "groups.csv", index=False)
+    cfg = config(images, tmp_path / "set", epochs=1)
+    summary = training.train_by_group(cfg, tmp_path / "groups.csv", "image_id", ["sex"], min_size=8, manager=manager)
+    by_label = {g["label"]: g for g in summary["groups"]}
+    assert by_label["sex=f"]["n_images"] == 12 and Path(by_label["sex=f"]["checkpoint"]).exists()
+    assert read_checkpoint(by_label["sex=m"]["checkpoint"])["data"]["n_images"] == 10
+    assert "refused" in by_label["sex=x"] and "fewer than" in by_label["sex=x"]["refused"]
+    assert json.loads((tmp_path / "set" / "checkpoints.json").read_text())["by"] == ["sex"]
+    with pytest.raises(FluencyError, match="every subgroup is smaller"):
+        training.train_by_group(config(images, tmp_path / "none", epochs=1), tmp_path / "groups.csv", "image_id",
+                                ["sex"], min_size=100, manager=manager)

@@ -42,9 +42,11 @@ def file_sha256(path: str | Path) -> str:
 
 
 def plain(value: Any) -> Any:
-    """``value`` as plain str/int/float/bool/None/list/dict, the types ``weights_only=True`` accepts."""
+    """``value`` as tensors and plain str/int/float/bool/None/list/dict, the types ``weights_only=True`` accepts."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
     if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
+        return {k if isinstance(k, int) else str(k): plain(v) for k, v in value.items()}  # optimizer states: int keys
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     if value is None or type(value) in (bool, int, float, str):
@@ -124,3 +126,20 @@ def load_checkpoint(path: str | Path, manager: PluginManager, label: str | None 
                               f"{str(exc).splitlines()[0]}") from None
     info = {k: v for k, v in payload.items() if k != "state_dict"}
     return LoadedCheckpoint(path, label or path.stem, file_sha256(path), model, info)
+
+
+def describe_checkpoint(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint is, JSON-ready: architecture, options, loss, optimizer, data, epochs, final losses."""
+    payload = read_checkpoint(path)
+    history = payload.get("history") or []
+    last = history[-1] if history else {}
+    return {
+        "file": str(Path(path).resolve()), "sha256": file_sha256(path),
+        "architecture": payload["architecture"]["name"], "options": payload["architecture"].get("options", {}),
+        "parameters": int(sum(v.numel() for k, v in payload["state_dict"].items()
+                              if v.is_floating_point() and not k.endswith(("running_mean", "running_var")))),
+        "loss": payload.get("loss"), "optimizer": payload.get("optimizer"),
+        "constraints": payload.get("constraints", []), "data": payload.get("data", {}),
+        "epoch": payload.get("epoch"), "final_losses": {k: v for k, v in last.items() if k not in ("epoch",)},
+        "provenance": payload.get("provenance", {}),
+    }

@@ -33,6 +33,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", "
 
 #: the only resizing recipe so far; named in provenance so that a later one can be told apart
 RESIZE = "shorter-side+center-crop"
+#: resize recipes: keep the aspect ratio and crop the centre, or stretch to a square
+RESIZES = (RESIZE, "stretch")
 
 # ITU-R BT.601 luma weights, as PIL's "L" conversion
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -89,8 +91,8 @@ class Preprocessing:
             raise ValueError(f"image size must be positive, not {self.size}")
         if self.channels not in (1, 3):
             raise ValueError(f"images have 1 or 3 channels, not {self.channels}")
-        if self.resize != RESIZE:
-            raise ValueError(f"unknown resize recipe {self.resize!r}; the only one is {RESIZE!r}")
+        if self.resize not in RESIZES:
+            raise ValueError(f"unknown resize recipe {self.resize!r}; use one of {list(RESIZES)}")
 
     def as_dict(self) -> dict[str, Any]:
         """The recipe, JSON-ready, with the fixed choices spelled out for provenance."""
@@ -128,8 +130,12 @@ def _to_array(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     return colour, None
 
 
-def _resize_crop(channel: np.ndarray, size: int) -> np.ndarray:
-    """Scale the shorter side of one H×W float channel to ``size`` and crop the centre square."""
+def _resize_crop(channel: np.ndarray, size: int, resize: str = RESIZE) -> np.ndarray:
+    """Scale the shorter side of one H×W float channel to ``size`` and crop the centre square
+    (or, with ``resize="stretch"``, scale both sides to ``size``)."""
+    if resize == "stretch":
+        img = Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32))
+        return np.asarray(img.resize((size, size), Image.Resampling.LANCZOS))
     h, w = channel.shape
     scale = size / min(h, w)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
@@ -139,7 +145,7 @@ def _resize_crop(channel: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(resized)[top:top + size, left:left + size]
 
 
-def load_image(path: str | Path, size: int, channels: int = 3) -> torch.Tensor:
+def load_image(path: str | Path, size: int, channels: int = 3, resize: str = RESIZE) -> torch.Tensor:
     """One image file as a float32 ``channels×size×size`` tensor in [0, 1] (see the module docstring).
 
     A missing, corrupt, truncated or unrecognised file raises :class:`InputError`
@@ -161,7 +167,7 @@ def load_image(path: str | Path, size: int, channels: int = 3) -> torch.Tensor:
         colour = colour * alpha[..., None] + (1.0 - alpha[..., None])
     if channels == 1 and colour.shape[2] == 3:
         colour = (colour @ _LUMA)[..., None]
-    planes = [_resize_crop(colour[..., c], size) for c in range(colour.shape[2])]
+    planes = [_resize_crop(colour[..., c], size, resize) for c in range(colour.shape[2])]
     if channels == 3 and len(planes) == 1:
         planes = planes * 3
     out = np.clip(np.stack(planes), 0.0, 1.0)  # Lanczos overshoots a little at edges
@@ -222,7 +228,8 @@ class FolderSource(ImageSource):
             return path.resolve().as_posix()
 
     def load(self, index: int) -> torch.Tensor:
-        return load_image(self.paths[index], self.preprocessing.size, self.preprocessing.channels)
+        pre = self.preprocessing
+        return load_image(self.paths[index], pre.size, pre.channels, pre.resize)
 
     def fingerprint(self) -> str:
         """sha256 over the sorted ``(id, relative path, sha256 of the file)``; computed once."""

@@ -38,14 +38,25 @@ def vae_loss_terms(out: VAEOutput, images: torch.Tensor, reconstruction: str = "
     return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
 
 
-def loss_from_config(config: dict[str, Any]) -> Callable[[VAEOutput, torch.Tensor], torch.Tensor]:
-    """The per-image loss ``f(output, images) -> B`` described by a checkpoint's ``loss`` entry."""
+def loss_terms_from_config(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The reconstruction terms of a checkpoint's ``loss`` entry (old ``{"reconstruction": "mse"}`` too)."""
+    if "terms" in config:
+        return [dict(t) for t in config["terms"]]
     kind = str(config.get("reconstruction", "mse"))
-    beta = float(config.get("beta", 1.0))
     if kind not in RECONSTRUCTION:
         raise FluencyError(f"unknown reconstruction loss {kind!r}; use one of {list(RECONSTRUCTION)}")
+    return [{"name": "l2" if kind == "mse" else "l1", "weight": 1.0, "options": {}}]
+
+
+def loss_from_config(config: dict[str, Any]) -> Callable[[VAEOutput, torch.Tensor], torch.Tensor]:
+    """The per-image training loss ``f(output, images) -> B`` described by a checkpoint's ``loss`` entry:
+    the weighted reconstruction terms plus beta × KL (beta at the end of any warm-up)."""
+    from fluency.core.recon_losses import ReconstructionLoss
+
+    recon = ReconstructionLoss(loss_terms_from_config(config))
+    beta = float(config.get("beta", 1.0))
 
     def loss(out: VAEOutput, images: torch.Tensor) -> torch.Tensor:
-        return vae_loss_terms(out, images, kind, beta)["loss"]
+        return recon(out.recon, images) + beta * kl_divergence(out.mu, out.logvar)
 
     return loss

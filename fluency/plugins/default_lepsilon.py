@@ -1,51 +1,106 @@
 """Metric ``lepsilon``: how many units of a layer are active, |x| > ε (higher = denser = less fluent).
 
-Reports the count (``lepsilon``) and the count divided by the layer size
-(``lepsilon-fraction``). This is the complement of Hurley & Rickard's ℓ⁰_ε (which
-counts |x| ≤ ε). The count is not scale invariant, so ``mode="relative"`` takes the
-threshold as ε × the largest |x| of that image in that layer.
+Per layer and image it reports the count of units with |x| > ε (metric ``lepsilon``,
+as the report used it) and that count divided by the layer's size N (metric
+``lepsilon-fraction``, comparable across layers). Negative activations count by
+their magnitude. This is the complement of Hurley & Rickard's ℓ⁰_ε, which counts
+|x| ≤ ε; like it, the count fails all six of their sparsity properties.
+
+The count is not scale invariant: with ``mode="absolute"`` the threshold is ε itself;
+with ``mode="relative"`` it is ε × the largest |x| of that image in that layer (an
+all-zero layer then counts 0). A value exactly at the threshold is not counted.
+NaN or Inf activations are an error naming the layer and images, never a silent count.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
 from fluency.core.errors import FluencyError
 
+MODES = ("absolute", "relative")
 
-def active_count(x: torch.Tensor, epsilon: float, mode: str = "absolute") -> torch.Tensor:
-    """Per row of a B×N tensor, the number of entries with |x| > threshold."""
+
+def active_count(x: torch.Tensor | np.ndarray, epsilon: float, mode: str = "absolute") -> torch.Tensor:
+    """Per row of a B×N batch, the number of entries with |x| > threshold (an int64 tensor on x's device).
+
+    ``mode="absolute"``: threshold = ε; ``"relative"``: threshold = ε · max|x| of the row.
+    Raises ``ValueError`` for NaN/Inf input, a negative ε or an unknown mode.
+    """
+    if mode not in MODES:
+        raise ValueError(f"lepsilon mode {mode!r}: use one of {list(MODES)}")
+    if not epsilon >= 0:
+        raise ValueError(f"lepsilon epsilon must be >= 0, got {epsilon!r}")
+    x = torch.as_tensor(x).detach()
+    if x.ndim != 2:
+        raise ValueError(f"lepsilon expects a B×N batch, got shape {tuple(x.shape)}")
+    bad = ~torch.isfinite(x).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"NaN/Inf activations found (rows {torch.nonzero(bad).flatten().tolist()[:10]})")
     a = x.abs()
     if mode == "relative":
-        threshold = epsilon * a.max(dim=1, keepdim=True).values
-    elif mode == "absolute":
-        threshold = torch.full((x.shape[0], 1), float(epsilon), dtype=a.dtype, device=a.device)
+        if a.shape[1] == 0:
+            return torch.zeros(a.shape[0], dtype=torch.int64, device=a.device)
+        threshold = epsilon * a.amax(dim=1, keepdim=True)
+        return (a > threshold).sum(dim=1)
+    return (a > epsilon).sum(dim=1)
+
+
+def _chosen_layers(metric: FluencyMetric, batch: MetricBatch) -> list[str]:
+    """The option's layers, else the model's defaults, else (no model) every captured layer."""
+    chosen = metric.options.get("layers")
+    if chosen:
+        names = list(chosen)
+    elif batch.model is not None:
+        names = metric.layers(batch.model)
     else:
-        raise ValueError(f"lepsilon mode {mode!r}: use absolute or relative")
-    return (a > threshold).sum(dim=1)
+        names = list(batch.activations)
+    missing = [n for n in names if n not in batch.activations]
+    if missing:
+        raise FluencyError(f"{missing} not among the captured layers {sorted(batch.activations)}")
+    return names
 
 
 class LEpsilon(FluencyMetric):
-    """Count and fraction of units with |x| > ε per layer."""
+    """Count (``lepsilon``) and fraction (``lepsilon-fraction``) of units with |x| > ε, per layer.
+
+    Options: ``epsilon`` (≥ 0, default 0.01), ``mode`` (``"absolute"`` or
+    ``"relative"``: ε times the image's largest |x| in the layer), ``layers``.
+    More active units means a less sparse code, so ``higher_is_more_fluent`` is False.
+    """
 
     higher_is_more_fluent: ClassVar[bool | None] = False
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.epsilon = float(0.01 if self.options.get("epsilon") is None else self.options["epsilon"])
+        self.mode = str(self.options.get("mode") or "absolute")
+        if self.mode not in MODES or not self.epsilon >= 0:
+            raise FluencyError(f"lepsilon: epsilon must be >= 0 and mode one of {list(MODES)} "
+                               f"(got epsilon={self.epsilon!r}, mode={self.mode!r})")
+
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
-        eps, mode = float(self.options["epsilon"]), str(self.options.get("mode", "absolute"))
-        layers = self.layers(batch.model) if batch.model is not None else list(batch.activations)
         out: list[MetricValues] = []
-        for name in layers:
-            x = batch.activations[name].flatten(1)
-            if not bool(torch.isfinite(x).all()):
-                raise FluencyError(f"lepsilon: NaN/Inf activations in layer {name!r} for images "
-                                   f"{list(batch.image_ids)[:10]}")
-            count = active_count(x, eps, mode).double()
+        for name in _chosen_layers(self, batch):
+            x = batch.activations[name].detach().flatten(1)
+            try:
+                count = active_count(x, self.epsilon, self.mode).double()
+            except ValueError as exc:
+                raise FluencyError(f"lepsilon: {exc} in layer {name!r} for images {self._bad(x, batch.image_ids)}") \
+                    from None
             out.append(MetricValues("lepsilon", count, name))
-            out.append(MetricValues("lepsilon-fraction", count / x.shape[1], name))
+            out.append(MetricValues("lepsilon-fraction", count / max(x.shape[1], 1), name))
         return out
+
+    @staticmethod
+    def _bad(x: torch.Tensor, ids: Sequence[str]) -> list[str]:
+        rows = torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten().tolist()
+        return [ids[i] for i in rows if i < len(ids)][:10] or list(ids)[:10]
 
 
 @hookimpl
@@ -53,16 +108,16 @@ def fluency_register_metrics() -> list[MetricSpec]:
     return [
         MetricSpec(
             name="lepsilon",
-            factory=LEpsilon,
+            factory="fluency.plugins.default_lepsilon:LEpsilon",
             description="Count and fraction of units with |x| > epsilon per layer (L-epsilon; higher = denser).",
             needs="activations",
             higher_is_more_fluent=False,
             options={
-                "epsilon": Option("float", 0.01, "threshold ε (absolute, or a fraction of the max in relative mode)",
-                                  minimum=0.0),
-                "mode": Option("str", "absolute", "absolute: |x| > ε; relative: |x| > ε · max|x| of the image's layer",
-                               choices=("absolute", "relative")),
-                "layers": Option("list[str]", None, "layers to measure (default: the model's encoder blocks)"),
+                "epsilon": Option("float", 0.01, "threshold ε (absolute, or a fraction of the layer's max |x| "
+                                  "in relative mode)", minimum=0.0),
+                "mode": Option("str", "absolute", "absolute: |x| > ε; relative: |x| > ε · max|x| of the image's "
+                               "layer", choices=MODES),
+                "layers": Option("list[str]", None, "layers to measure (default: the model's metric layers)"),
             },
         )
     ]

@@ -1,0 +1,109 @@
+"""ImageNet backbones for perceptual losses and metrics (LPIPS, DFC), online or offline.
+
+The ``lpips`` package ships only its linear heads and asks torchvision for the
+ImageNet backbone, which torchvision downloads once into its hub cache
+(``torch.hub.get_dir()/checkpoints``). On machines without internet (CI, most HPC
+compute nodes) the backbone can come from a local torchvision state dict instead —
+a full checkpoint (``features.N.weight``, ``classifier...``) or features only
+(``features.N.weight`` or ``N.weight``) — given by an option or by the environment
+variable ``FLUENCY_LPIPS_WEIGHTS``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fluency.core.errors import FluencyError
+
+#: torchvision's file names in its hub cache, per backbone
+TORCHVISION_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
+                     "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+ENV_WEIGHTS = "FLUENCY_LPIPS_WEIGHTS"
+
+
+def hub_file(net: str) -> Path:
+    """Where torchvision caches the ImageNet weights of ``net``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILES[net]
+
+
+def read_features_state_dict(path: str | Path) -> dict[int, dict[str, torch.Tensor]]:
+    """``{feature index: {"weight": ..., "bias": ...}}`` from a full or features-only torchvision state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FluencyError(f"backbone weights {path}: no such file (expected a torchvision state dict of the "
+                           "network's `features`, full or features-only)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FluencyError(f"backbone weights {path}: cannot be read safely ({type(exc).__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "features":
+            parts = parts[1:]
+        if len(parts) == 2 and parts[0].isdigit() and parts[1] in ("weight", "bias"):
+            out.setdefault(int(parts[0]), {})[parts[1]] = value
+    if not out:
+        raise FluencyError(f"backbone weights {path}: no `features.N.weight` entries; is it a torchvision "
+                           "AlexNet/VGG state dict?")
+    return out
+
+
+def load_features(modules: dict[int, nn.Module], weights: dict[int, dict[str, torch.Tensor]], source: str) -> None:
+    """Copy ``weights`` into ``modules`` (feature index → conv module); every conv must be covered."""
+    missing = sorted(set(modules) - set(weights))
+    if missing:
+        raise FluencyError(f"backbone weights {source}: no entries for feature layers {missing}")
+    with torch.no_grad():
+        for index, module in modules.items():
+            for name in ("weight", "bias"):
+                target, value = getattr(module, name), weights[index][name]
+                if target.shape != value.shape:
+                    raise FluencyError(f"backbone weights {source}: features.{index}.{name} has shape "
+                                       f"{tuple(value.shape)}, expected {tuple(target.shape)} (wrong network?)")
+                target.copy_(value)
+
+
+def lpips_model(net: str = "alex", weights: str | Path | None = None, version: str = "0.1") -> nn.Module:
+    """A frozen, eval-mode ``lpips.LPIPS``; the backbone from ``weights``, ``$FLUENCY_LPIPS_WEIGHTS``,
+    torchvision's cache, or a download, in that order; a clear error when none works."""
+    try:
+        import lpips
+    except ImportError:
+        raise FluencyError("LPIPS needs the `lpips` package (and torchvision): pip install lpips") from None
+    weights = weights or os.environ.get(ENV_WEIGHTS) or None
+    local = weights is None and hub_file(net).exists()
+    kwargs: dict[str, Any] = dict(pretrained=True, net=net, version=version, verbose=False)
+    if weights is not None:
+        with warnings.catch_warnings():  # torchvision's deprecation notice for lpips' `pretrained=False`
+            warnings.simplefilter("ignore", UserWarning)
+            model = lpips.LPIPS(pnet_rand=True, **kwargs)
+        slices = {int(name): module for i in range(1, model.net.N_slices + 1)
+                  for name, module in getattr(model.net, f"slice{i}").named_children()
+                  if isinstance(module, nn.Conv2d)}
+        load_features(slices, read_features_state_dict(weights), str(weights))
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                model = lpips.LPIPS(pnet_rand=False, **kwargs)
+        except Exception as exc:  # offline: URLError or similar from torchvision's download
+            if local:
+                raise
+            raise FluencyError(
+                f"LPIPS ({net}) needs ImageNet backbone weights and none could be downloaded ({type(exc).__name__}). "
+                f"Either place torchvision's file at {hub_file(net)}, or point -o lpips.weights=PATH (or "
+                f"{ENV_WEIGHTS}=PATH) at a torchvision {'AlexNet' if net == 'alex' else net.upper()} state dict "
+                "(full or features-only)") from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
