@@ -102,7 +102,9 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         out_console.print(relations_table(strongest, result.manifest["metric_columns"]))
     else:
         out_console.print("No analyses ran (pass --ratings to relate the metrics to ratings).")
-    out_console.print(f"Results in [bold]{result.path}[/bold]: metrics.parquet, analyses/, activations/, manifest.json")
+    written = [name for name in ("metrics.parquet", "analyses/", "activations/", "manifest.json")
+               if (result.path / name.rstrip("/")).exists()]
+    out_console.print(f"Results in [bold]{result.path}[/bold]: {', '.join(written)}")
 
 
 @cli.command()

@@ -183,7 +183,7 @@ def test_in_process_registration_and_lookup_errors() -> None:
     assert "answer" in pm.names("metric") and "answer" not in pm.names("analysis")
     with pytest.raises(PluginError, match=r"unknown metric 'nope' \(available: .*gini"):
         pm.get("metric", "nope")
-    assert [r.name for r in pm.list("g*", "metric")] == ["gini"]
+    assert [r.name for r in pm.list("gi*", "metric")] == ["gini"]
 
 
 def test_malformed_specs_and_unknown_hooks_mark_the_plugin_broken() -> None:

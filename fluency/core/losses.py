@@ -48,15 +48,27 @@ def loss_terms_from_config(config: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"name": "l2" if kind == "mse" else "l1", "weight": 1.0, "options": {}}]
 
 
-def loss_from_config(config: dict[str, Any]) -> Callable[[VAEOutput, torch.Tensor], torch.Tensor]:
-    """The per-image training loss ``f(output, images) -> B`` described by a checkpoint's ``loss`` entry:
-    the weighted reconstruction terms plus beta × KL (beta at the end of any warm-up)."""
-    from fluency.core.recon_losses import ReconstructionLoss
+class CheckpointLoss:
+    """The per-image training loss of a checkpoint: weighted reconstruction terms + β·KL (β after warm-up).
 
-    recon = ReconstructionLoss(loss_terms_from_config(config))
-    beta = float(config.get("beta", 1.0))
+    Calling it gives the total (``f(output, images) -> B``); :meth:`parts` gives every term.
+    """
 
-    def loss(out: VAEOutput, images: torch.Tensor) -> torch.Tensor:
-        return recon(out.recon, images) + beta * kl_divergence(out.mu, out.logvar)
+    def __init__(self, config: dict[str, Any]) -> None:
+        from fluency.core.recon_losses import ReconstructionLoss
 
-    return loss
+        self.recon = ReconstructionLoss(loss_terms_from_config(config))
+        self.beta = float(config.get("beta", 1.0))
+
+    def parts(self, out: VAEOutput, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        recon = self.recon(out.recon, images)
+        kl = kl_divergence(out.mu, out.logvar)
+        return {"loss": recon + self.beta * kl, "recon": recon, "kl": kl}
+
+    def __call__(self, out: VAEOutput, images: torch.Tensor) -> torch.Tensor:
+        return self.parts(out, images)["loss"]
+
+
+def loss_from_config(config: dict[str, Any]) -> CheckpointLoss:
+    """The :class:`CheckpointLoss` described by a checkpoint's ``loss`` entry."""
+    return CheckpointLoss(config)

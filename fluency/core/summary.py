@@ -41,7 +41,7 @@ def relations_table(strongest: pd.DataFrame, directions: dict[str, Any], alpha: 
         direction = directions.get(row.metric, {}).get("higher_is_more_fluent")
         sig = isinstance(row.p_fdr, float) and row.p_fdr < alpha
         cells = [row.analysis, *([row.checkpoint] if several else []), row.metric,
-                 "(model)" if pd.isna(row.layer) else row.layer, str(row.n),
+                 "(whole)" if pd.isna(row.layer) else row.layer, str(row.n),
                  f"{row.estimate:+.3f}" if math.isfinite(row.estimate) else "–", _fmt_p(row.p),
                  _fmt_p(row.p_fdr) + ("*" if sig else ""), supports_fluency(row.estimate, direction)]
         table.add_row(*cells, style="bold" if sig else None)

@@ -129,9 +129,33 @@ class SAMSharpness(FluencyMetric):
             return vmap(one, chunk_size=chunk)(batch.images).double().cpu()
 
 
+class GradNorm(SAMSharpness):
+    """‖∇_W L_i(W)‖₂ per image, the first-order part of SAM sharpness (s_i ≈ ρ·‖g_i‖ at small ρ)."""
+
+    def compute(self, batch: MetricBatch) -> list[MetricValues]:
+        if batch.model is None or batch.loss is None:
+            raise FluencyError("grad-norm needs the model and its loss (MetricSpec needs='model')")
+        model, loss_fn = batch.model, batch.loss
+        params = list(self._params(model).values())
+        values = []
+        for i in range(len(batch.image_ids)):
+            x = batch.images[i:i + 1]
+            grads = torch.autograd.grad(loss_fn(model(x, sample=False), x).sum(), params)
+            values.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return [MetricValues("grad-norm", torch.tensor(values, dtype=torch.float64))]
+
+
 @hookimpl
 def fluency_register_metrics() -> list[MetricSpec]:
     return [
+        MetricSpec(
+            name="grad-norm",
+            factory=GradNorm,
+            description="Per-image norm of the loss gradient over the weights (SAM sharpness ≈ ρ·grad-norm).",
+            needs="model",
+            higher_is_more_fluent=False,
+            options={"parameters": Option("str", "all", "which weights", choices=("all", "encoder"))},
+        ),
         MetricSpec(
             name="sam",
             factory=SAMSharpness,

@@ -1,0 +1,65 @@
+"""Metric ``lpips``: LPIPS distance between each image and its reconstruction (Zhang et al. 2018).
+
+Lower = the model's reconstruction is perceptually closer = more efficient processing. The
+reconstruction uses z = μ (deterministic); with ``samples`` = k > 0 it is instead the mean
+LPIPS over k reconstructions from z ~ N(μ, σ²), drawn from a generator seeded by the run's
+seed, so the numbers repeat. LPIPS version 0.1, inputs in [0, 1] (``normalize=True``); the
+network is frozen and in eval mode. Backbone weights: see :mod:`fluency.core.backbones`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, ClassVar
+
+import torch
+
+from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
+from fluency.core.errors import FluencyError
+
+
+class LPIPSMetric(FluencyMetric):
+    higher_is_more_fluent: ClassVar[bool | None] = False
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._net: torch.nn.Module | None = None
+
+    def layers(self, model: object) -> list[str]:
+        return []
+
+    def net(self, device: torch.device) -> torch.nn.Module:
+        if self._net is None:
+            from fluency.core.backbones import lpips_model
+
+            self._net = lpips_model(self.options.get("net", "alex"), self.options.get("weights"))
+        return self._net.to(device).eval()
+
+    @torch.no_grad()
+    def compute(self, batch: MetricBatch) -> list[MetricValues]:
+        if batch.model is None:
+            raise FluencyError("lpips needs the model (MetricSpec needs='model')")
+        x, net, k = batch.images, self.net(batch.images.device), int(self.options.get("samples", 0))
+        if k == 0:
+            recon = batch.model(x, sample=False).recon
+            return [MetricValues("lpips", net(recon, x, normalize=True).flatten())]
+        mu, logvar = batch.model.encode(x)
+        # seeded by the run's seed and the batch's ids (not Python's per-process hash): repeatable
+        key = zlib.crc32("\n".join(map(str, batch.image_ids)).encode())
+        gen = torch.Generator(device=x.device).manual_seed(int(batch.seed) * 1_000_003 + key)
+        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        for _ in range(k):
+            z = mu + torch.randn(mu.shape, generator=gen, device=x.device, dtype=mu.dtype) * torch.exp(0.5 * logvar)
+            total += net(batch.model.decode(z), x, normalize=True).flatten().double()
+        return [MetricValues("lpips", total / k)]
+
+
+@hookimpl
+def fluency_register_metrics() -> list[MetricSpec]:
+    return [MetricSpec(
+        name="lpips", factory=LPIPSMetric, needs="model", higher_is_more_fluent=False,
+        description="LPIPS distance between each image and its reconstruction (Zhang et al. 2018, v0.1).",
+        options={"net": Option("str", "alex", "backbone", choices=("alex", "vgg", "squeeze")),
+                 "weights": Option("str", None, "local torchvision state dict of the backbone (full or features-only);"
+                                   " default: $FLUENCY_LPIPS_WEIGHTS, then torchvision's cache or download"),
+                 "samples": Option("int", 0, "0: z = mu; k > 0: mean over k seeded samples of z", minimum=0)})]
