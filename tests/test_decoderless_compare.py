@@ -1,0 +1,82 @@
+"""Decoder-free reconstruction and `fluency compare`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fluency.core.compare import compare
+from fluency.core.metric import MetricBatch
+from fluency.plugins.default_decoderless import Decoderless, total_variation
+from fluency.plugins.default_vae_small import VAESmall
+
+
+def test_inversion_lowers_the_latent_distance_and_is_seeded() -> None:
+    torch.manual_seed(0)
+    model = VAESmall(image_size=32, latent_dim=8).eval()
+    x = torch.rand(3, 3, 32, 32)
+    batch = MetricBatch(["a", "b", "c"], x, model=model, seed=1)
+    start = {v.metric: v.as_numpy() for v in Decoderless(steps=1, lr=0.0).compute(batch)}
+    end = {v.metric: v.as_numpy() for v in Decoderless(steps=60, lr=0.05).compute(batch)}
+    assert (end["decoderless-latent"] < 0.2 * start["decoderless-latent"]).all()
+    again = {v.metric: v.as_numpy() for v in Decoderless(steps=60, lr=0.05).compute(batch)}
+    assert np.array_equal(end["decoderless-latent"], again["decoderless-latent"])
+    assert all(p.requires_grad for p in model.parameters())  # the model is left as it was
+
+
+def test_total_variation_prior_smooths() -> None:
+    flat, noisy = torch.full((1, 3, 8, 8), 0.5), torch.rand(1, 3, 8, 8)
+    assert float(total_variation(flat)) == 0.0 and float(total_variation(noisy)) > 0.1
+    torch.manual_seed(0)
+    model = VAESmall(image_size=32, latent_dim=8).eval()
+    x = torch.rand(2, 3, 32, 32)
+    from fluency.plugins.default_decoderless import invert_encoder
+
+    plain = invert_encoder(model, x, 40, 0.05, 0.0, 0)
+    smooth = invert_encoder(model, x, 40, 0.05, 5.0, 0)
+    assert (total_variation(smooth) < total_variation(plain)).all()
+
+
+def _folders(tmp_path: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a / "sub", b / "sub"):
+        folder.mkdir(parents=True)
+    for name in ("x", "sub/y", "only_a"):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(a / f"{name}.png")
+    Image.open(a / "x.png").save(b / "x.png")                       # identical
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(b / "sub" / "y.jpg")  # different, other format
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(b / "only_b.png")
+    return a, b
+
+
+def test_compare_pairs_by_relative_path_and_reports_the_rest(tmp_path: Path) -> None:
+    a, b = _folders(tmp_path)
+    result = compare(a, b, ["l1", "l2", "ssim"], size=32)
+    assert result.only_in_a == ["only_a"] and result.only_in_b == ["only_b"]
+    table = result.table.pivot(index="image", columns="metric", values="value")
+    assert list(table.index) == ["sub/y", "x"]
+    assert table.loc["x"].abs().max() < 1e-6 and (table.loc["sub/y"] > 0.01).all()
+    assert table.loc["sub/y", "l2"] < table.loc["sub/y", "l1"]
+
+
+def test_compare_cli_writes_a_table(tmp_path: Path) -> None:
+    a, b = _folders(tmp_path)
+    env = {**os.environ, "FLUENCY_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    proc = subprocess.run([sys.executable, "-m", "fluency.cli", "compare", str(a), str(b), "--metric", "l1,ssim",
+                           "--image-size", "32", "--out", str(tmp_path / "d.csv"), "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["only_in_b"] == ["only_b"]
+    assert (tmp_path / "d.csv").read_text().startswith("image,metric,value")
+    bad = subprocess.run([sys.executable, "-m", "fluency.cli", "compare", str(a), str(b), "--metric", "psnr"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "unknown metric" in bad.stderr
