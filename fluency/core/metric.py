@@ -75,3 +75,7 @@ class FluencyMetric:
     def finish(self) -> list[tuple[Sequence[str], MetricValues]]:
         """Values that could only be computed after the last batch, as ``(image_ids, values)`` pairs."""
         return []
+
+    def state(self) -> dict[str, Any] | None:
+        """Fitted state to save with the run (tensors and plain types, loadable with ``weights_only=True``)."""
+        return None

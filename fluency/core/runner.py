@@ -270,7 +270,14 @@ def _measure(loaded: LoadedCheckpoint, stimuli: Stimuli, specs: dict[str, Any], 
                     table.write(loaded.label, values.metric, values.layer, ids, values.as_numpy())
             bars.update(task, advance=len(ids), status="")
         for name, metric in instances.items():
-            for ids, values in metric.finish():
+            finished = metric.finish()
+            state = metric.state()
+            if state is not None:  # fitted state (e.g. typicality's Gaussians), saved for reuse
+                path = out_dir / "state" / loaded.label / f"{name}.pt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp:
+                    torch.save(state, tmp)
+            for ids, values in finished:
                 directions.setdefault(values.metric, {"plugin": name, "higher_is_more_fluent":
                                                       specs[name].higher_is_more_fluent})
                 table.write(loaded.label, values.metric, values.layer, ids, values.as_numpy())
