@@ -274,3 +274,19 @@ def test_hook_returns_a_valid_spec() -> None:
     (spec,) = default_gini.fluency_register_metrics()
     spec.check()
     assert spec.name == "gini" and spec.load() is Gini
+
+
+def test_sparse_fast_path_equals_the_dense_one() -> None:
+    from fluency.plugins.default_gini import gini, gini_sparse_rows
+    gini_numpy = gini
+
+    rng = np.random.default_rng(5)
+    layers = [rng.normal(size=(7, n)).astype(np.float32) for n in (300, 50, 9)]
+    for layer in layers:
+        layer[layer < 0.3] = 0  # ReLU-like, with many exact zeros
+        layer[1] *= -1  # and some negative rows
+    layers[0][3] = 0  # an all-zero row
+    per_layer, merged = gini_sparse_rows(layers, with_all=True)
+    for layer, values in zip(layers, per_layer):
+        assert np.allclose(values, gini_numpy(layer), atol=1e-12)
+    assert np.allclose(merged, gini_numpy(np.concatenate(layers, axis=1)), atol=1e-12)

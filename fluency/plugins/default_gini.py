@@ -96,6 +96,43 @@ def _gini_numpy(x: np.ndarray, negative: str = "abs") -> np.ndarray:
     return np.maximum(out, 0.0)  # all-equal rows can round to −1e−16
 
 
+def _gini_of_sorted_nonzero(d: np.ndarray, n: int) -> float:
+    """G from the ascending non-zero magnitudes ``d`` of an N-vector: zeros take ranks 1..N−m and add
+    nothing, so the weights of the m non-zeros are (m − j + ½), j = 1..m."""
+    m = d.shape[0]
+    total = float(d.sum(dtype=np.float64))
+    if total <= 0:
+        return 0.0
+    weighted = float(np.dot(d.astype(np.float64), m - np.arange(1, m + 1, dtype=np.float64) + 0.5))
+    return max(0.0, 1.0 - 2.0 * weighted / (n * total))
+
+
+def gini_sparse_rows(layers: Sequence[np.ndarray], with_all: bool) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Per-layer Gini of |x| for B×N_l float arrays, and optionally of all layers concatenated.
+
+    The CPU fast path for ``negative="abs"``: each row sorts only its non-zero magnitudes (ReLU
+    layers are mostly zeros) and the all-layers value merges the already sorted parts (a
+    stable sort of k sorted runs) instead of sorting the concatenation again. Exactly equal
+    to :func:`gini` (tested).
+    """
+    b = layers[0].shape[0]
+    values = [np.empty(b) for _ in layers]
+    merged = np.empty(b) if with_all else None
+    n_all = sum(layer.shape[1] for layer in layers)
+    for i in range(b):
+        parts = []
+        for k, layer in enumerate(layers):
+            row = np.abs(layer[i])
+            if not np.isfinite(row).all():
+                raise NonFiniteError([i])
+            d = np.sort(row[row != 0])
+            values[k][i] = _gini_of_sorted_nonzero(d, layer.shape[1])
+            parts.append(d)
+        if merged is not None:
+            merged[i] = _gini_of_sorted_nonzero(np.sort(np.concatenate(parts), kind="stable"), n_all)
+    return values, merged
+
+
 def _gini_torch(x: torch.Tensor, negative: str = "abs") -> torch.Tensor:
     """Gini index of each row of a 2-D tensor, sorted with ``torch.sort`` on the tensor's device (the GPU path).
 
@@ -189,6 +226,18 @@ class Gini(FluencyMetric):
         all_layers = self.options.get("all_layers")
         names = _chosen_layers(self, batch)
         flat = {name: self._rows(batch.activations[name]) for name in names}
+        with_all = (all_layers is None or bool(all_layers)) and len(names) > 1
+        if negative == "abs" and all(isinstance(v, np.ndarray) for v in flat.values()):
+            try:
+                per_layer, merged = gini_sparse_rows([flat[name] for name in names], with_all)
+            except NonFiniteError as exc:
+                bad = next(name for name in names if not np.isfinite(flat[name][exc.rows[0]]).all())
+                raise FluencyError(f"gini: NaN/Inf activations found in layer {bad!r} for images "
+                                   f"{[batch.image_ids[i] for i in exc.rows]}") from None
+            out = [MetricValues("gini", v, name) for name, v in zip(names, per_layer)]
+            if merged is not None:
+                out.append(MetricValues("gini", merged, ALL_LAYERS))
+            return out
         out = [MetricValues("gini", self._safe(flat[name], negative, name, batch.image_ids), name) for name in names]
         if (all_layers is None or all_layers) and len(names) > 1:
             parts = [flat[name] for name in names]
