@@ -62,3 +62,38 @@ def test_bh_known_answer_and_statsmodels() -> None:
     assert np.allclose(fdr_bh(p), multipletests(p, method="fdr_bh")[1])
     with_nan = fdr_bh([0.01, np.nan, 0.04])
     assert np.isnan(with_nan[1]) and np.allclose(with_nan[[0, 2]], [0.02, 0.04])
+
+
+def test_bootstrap_interval_is_seeded_and_covers_the_estimate() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=80)
+    y = 0.5 * x + rng.normal(size=80)
+    a = Pearson(n_boot=500, ci=0.95, seed=1).run(data(x, y)).iloc[0]
+    b = Pearson(n_boot=500, ci=0.95, seed=1).run(data(x, y)).iloc[0]
+    assert a["ci_low"] == b["ci_low"] and a["ci_low"] < a["estimate"] < a["ci_high"]
+    ref = stats.bootstrap((x, y), lambda u, v: stats.pearsonr(u, v).statistic, paired=True, n_resamples=2000,
+                          method="percentile", random_state=0).confidence_interval
+    assert abs(a["ci_low"] - ref.low) < 0.06 and abs(a["ci_high"] - ref.high) < 0.06
+    s = Spearman(n_boot=300, seed=1).run(data(x, y)).iloc[0]
+    assert s["ci_low"] < s["estimate"] < s["ci_high"]
+
+
+def test_partial_correlation_matches_the_textbook_formula() -> None:
+    from fluency.plugins.default_correlation import Partial
+
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=60)
+    x = z + rng.normal(size=60)
+    y = z + 0.3 * x + rng.normal(size=60)
+    d = data(x, y)
+    d.ratings["age"] = z
+    row = Partial(covariates=["age"]).run(d).iloc[0]
+    rxy, rxz, ryz = (stats.pearsonr(a, b).statistic for a, b in ((x, y), (x, z), (y, z)))
+    expected = (rxy - rxz * ryz) / np.sqrt((1 - rxz**2) * (1 - ryz**2))
+    assert row["estimate"] == pytest.approx(expected, abs=1e-10)
+    t = expected * np.sqrt((60 - 3) / (1 - expected**2))
+    assert row["p"] == pytest.approx(2 * stats.t.sf(abs(t), 57), rel=1e-8)
+    from fluency.core.errors import FluencyError
+
+    with pytest.raises(FluencyError, match="covariates"):
+        Partial()

@@ -18,9 +18,13 @@ def _fmt_p(p: float) -> str:
     return f"{p:.0e}" if p < 1e-3 else f"{p:.3f}"
 
 
-def supports_fluency(estimate: float, higher_is_more_fluent: bool | None) -> str:
+#: statistics whose sign says in which direction the metric goes with the rating
+DIRECTIONAL = {"r", "rho", "r_partial", "b"}
+
+
+def supports_fluency(estimate: float, higher_is_more_fluent: bool | None, statistic: str = "r") -> str:
     """Whether a relation goes the way fluency theory predicts (more fluent ↔ higher rating)."""
-    if higher_is_more_fluent is None or not math.isfinite(estimate) or estimate == 0:
+    if statistic not in DIRECTIONAL or higher_is_more_fluent is None or not math.isfinite(estimate) or estimate == 0:
         return "–"
     return "yes" if (estimate > 0) == higher_is_more_fluent else "no"
 
@@ -43,7 +47,7 @@ def relations_table(strongest: pd.DataFrame, directions: dict[str, Any], alpha: 
         cells = [row.analysis, *([row.checkpoint] if several else []), row.metric,
                  "(whole)" if pd.isna(row.layer) else row.layer, str(row.n),
                  f"{row.estimate:+.3f}" if math.isfinite(row.estimate) else "–", _fmt_p(row.p),
-                 _fmt_p(row.p_fdr) + ("*" if sig else ""), supports_fluency(row.estimate, direction)]
+                 _fmt_p(row.p_fdr) + ("*" if sig else ""), supports_fluency(row.estimate, direction, row.statistic)]
         table.add_row(*cells, style="bold" if sig else None)
     return table
 

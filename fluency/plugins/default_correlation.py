@@ -1,8 +1,11 @@
-"""Analyses ``pearson`` and ``spearman``: each metric (per checkpoint and layer) against the ratings.
+"""Analyses ``pearson``, ``spearman`` and ``partial``: each metric (per checkpoint and layer) against the ratings.
 
-One test per (checkpoint, metric, layer): the correlation coefficient, its
-two-sided p-value (scipy) and n. fluency adds ``p_fdr``, Benjamini–Hochberg
-across every test of the run, after all analyses have run.
+One test per (checkpoint, metric, layer): the coefficient, its two-sided p-value (scipy), n
+and a percentile bootstrap confidence interval (``n_boot`` resamples of the images, seeded).
+``partial`` is Pearson's (or, with ``method="spearman"``, Spearman's) correlation after
+regressing both the metric and the rating on ``covariates`` (columns of the ratings table,
+or other metrics of the run written ``metric`` or ``metric@layer``), with n − 2 − k degrees
+of freedom. fluency adds ``p_fdr``, Benjamini–Hochberg across every test of the run.
 """
 
 from __future__ import annotations
@@ -14,72 +17,155 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from fluency import Analysis, AnalysisData, AnalysisSpec, hookimpl
+from fluency import Analysis, AnalysisData, AnalysisSpec, Option, hookimpl
 from fluency.core.analysis import RESULT_COLUMNS
+from fluency.core.errors import FluencyError
 
 MIN_N = 3
+BOOT_OPTIONS = {
+    "n_boot": Option("int", 1000, "bootstrap resamples for the confidence interval (0: none)", minimum=0),
+    "ci": Option("float", 0.95, "confidence level of the interval", minimum=0.5, maximum=0.999),
+    "seed": Option("int", 0, "seed of the bootstrap resampling"),
+}
+
+
+def _rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson's r of each row pair of two R×n arrays."""
+    x = x - x.mean(1, keepdims=True)
+    y = y - y.mean(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (x * y).sum(1) / np.sqrt((x * x).sum(1) * (y * y).sum(1))
+
+
+def bootstrap_ci(x: np.ndarray, y: np.ndarray, rank: bool, n_boot: int, level: float,
+                 rng: np.random.Generator) -> tuple[float, float]:
+    """Percentile bootstrap interval of Pearson's r (or Spearman's rho with ``rank``), resampling pairs."""
+    if n_boot == 0:
+        return np.nan, np.nan
+    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
+    bx, by = x[idx], y[idx]
+    if rank:
+        bx, by = stats.rankdata(bx, axis=1), stats.rankdata(by, axis=1)
+    r = _rowwise_pearson(bx, by)
+    r = r[np.isfinite(r)]
+    if len(r) == 0:
+        return np.nan, np.nan
+    lo, hi = np.quantile(r, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def residualize(v: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Residuals of ``v`` after least squares on ``z`` (with an intercept)."""
+    design = np.column_stack([np.ones(len(v)), z])
+    coef, *_ = np.linalg.lstsq(design, v, rcond=None)
+    return v - design @ coef
 
 
 class Correlation(Analysis):
-    """Base of the two correlation analyses; subclasses set ``name``, ``statistic`` and ``test``."""
+    """Base of the correlation analyses; subclasses set ``name``, ``statistic`` and ``rank``."""
 
     name: ClassVar[str]
     statistic: ClassVar[str]
+    rank: ClassVar[bool]
 
-    @staticmethod
-    def test(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        raise NotImplementedError
+    def covariates(self, data: AnalysisData, rows: pd.DataFrame) -> np.ndarray | None:
+        return None
 
     def run(self, data: AnalysisData) -> pd.DataFrame:
-        rows: list[dict[str, Any]] = []
+        out: list[dict[str, Any]] = []
         joined = data.joined()
-        joined["layer"] = joined["layer"].astype(object).where(joined["layer"].notna(), None)
+        rng = np.random.default_rng(int(self.options.get("seed", 0)))
+        level = float(self.options.get("ci", 0.95))
         for (checkpoint, metric, layer), group in joined.groupby(["checkpoint", "metric", "layer"], dropna=False,
                                                                   sort=True):
             group = group[np.isfinite(group["value"]) & np.isfinite(group["rating"])]
+            z = self.covariates(data, group)
+            if z is not None:
+                keep = np.isfinite(z).all(axis=1)
+                group, z = group[keep], z[keep]
             x, y = group["value"].to_numpy(float), group["rating"].to_numpy(float)
-            estimate, p, note = np.nan, np.nan, ""
-            if len(x) < MIN_N:
-                note = f"fewer than {MIN_N} images"
+            k = 0 if z is None else z.shape[1]
+            estimate = p = lo = hi = np.nan
+            note = ""
+            if len(x) < MIN_N + k:
+                note = f"fewer than {MIN_N + k} images"
             elif np.ptp(x) == 0 or np.ptp(y) == 0:
                 note = "constant values"
             else:
+                x0, y0 = x, y
+                if self.rank:
+                    x, y = stats.rankdata(x), stats.rankdata(y)
+                    if z is not None:
+                        z = np.column_stack([stats.rankdata(c) for c in z.T])
+                if z is not None:
+                    x, y = residualize(x, z), residualize(y, z)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    estimate, p = self.test(x, y)
-            rows.append({"analysis": self.name, "checkpoint": checkpoint, "metric": metric,
-                         "layer": None if pd.isna(layer) else layer, "n": len(x), "statistic": self.statistic,
-                         "estimate": float(estimate), "p": float(p), "note": note})
-        return pd.DataFrame(rows, columns=[*RESULT_COLUMNS, "note"])
+                    estimate = float(stats.pearsonr(x, y).statistic)
+                dof = len(x) - 2 - k
+                t = estimate * np.sqrt(dof / max(1e-300, 1 - estimate**2))
+                p = float(2 * stats.t.sf(abs(t), dof))
+                if z is None:
+                    lo, hi = bootstrap_ci(x0, y0, self.rank, int(self.options.get("n_boot", 1000)), level, rng)
+            out.append({"analysis": self.name, "checkpoint": checkpoint, "metric": metric,
+                        "layer": None if pd.isna(layer) else layer, "n": len(x), "statistic": self.statistic,
+                        "estimate": estimate, "p": p, "ci_low": lo, "ci_high": hi, "note": note})
+        return pd.DataFrame(out, columns=[*RESULT_COLUMNS, "ci_low", "ci_high", "note"])
 
 
 class Pearson(Correlation):
-    """Pearson's r with its two-sided p-value (``scipy.stats.pearsonr``)."""
+    """Pearson's r with its two-sided p-value and a bootstrap confidence interval."""
 
-    name, statistic = "pearson", "r"
-
-    @staticmethod
-    def test(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        res = stats.pearsonr(x, y)
-        return float(res.statistic), float(res.pvalue)
+    name, statistic, rank = "pearson", "r", False
 
 
 class Spearman(Correlation):
-    """Spearman's rank correlation rho with its two-sided p-value (``scipy.stats.spearmanr``)."""
+    """Spearman's rho (Pearson's r of the ranks) with its two-sided p-value and a bootstrap interval."""
 
-    name, statistic = "spearman", "rho"
+    name, statistic, rank = "spearman", "rho", True
 
-    @staticmethod
-    def test(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        res = stats.spearmanr(x, y)
-        return float(res.statistic), float(res.pvalue)
+
+class Partial(Correlation):
+    """Partial correlation controlling for covariates (ratings-table columns or other metrics)."""
+
+    name, statistic = "partial", "r_partial"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.rank = self.options.get("method", "pearson") == "spearman"
+        if not self.options.get("covariates"):
+            raise FluencyError("partial: name the covariates, e.g. -o partial.covariates='[\"face_age\"]' or a "
+                               "metric such as '[\"luminance\", \"rms-contrast\"]'")
+
+    def covariates(self, data: AnalysisData, rows: pd.DataFrame) -> np.ndarray:
+        columns = []
+        for name in self.options["covariates"]:
+            if name in data.ratings.columns:
+                values = pd.to_numeric(data.ratings.set_index("image_id")[name], errors="coerce")
+            else:
+                metric, _, layer = name.partition("@")
+                m = data.metrics[(data.metrics["metric"] == metric) &
+                                 (data.metrics["checkpoint"] == rows["checkpoint"].iloc[0])]
+                m = m[m["layer"].isna()] if not layer else m[m["layer"] == layer]
+                if m.empty:
+                    raise FluencyError(f"partial: covariate {name!r} is neither a ratings column "
+                                       f"({list(data.ratings.columns)}) nor a metric of this run")
+                values = m.set_index("image_id")["value"]
+            columns.append(values.reindex(rows["image_id"]).to_numpy(float))
+        return np.column_stack(columns)
 
 
 @hookimpl
 def fluency_register_analyses() -> list[AnalysisSpec]:
     return [
-        AnalysisSpec(name="pearson", factory=Pearson,
-                     description="Pearson correlation r of each metric and layer with the rating (two-sided p)."),
-        AnalysisSpec(name="spearman", factory=Spearman,
-                     description="Spearman rank correlation rho of each metric and layer with the rating (two-sided p)."),
+        AnalysisSpec(name="pearson", factory=Pearson, options=dict(BOOT_OPTIONS),
+                     description="Pearson correlation r of each metric and layer with the rating (p, bootstrap CI)."),
+        AnalysisSpec(name="spearman", factory=Spearman, options=dict(BOOT_OPTIONS),
+                     description="Spearman rank correlation rho of each metric and layer with the rating (p, bootstrap CI)."),
+        AnalysisSpec(name="partial", factory=Partial,
+                     description="Partial correlation of each metric with the rating, controlling for covariates.",
+                     options={"covariates": Option("list[str]", None, "ratings-table columns or metrics "
+                                                   "('metric' or 'metric@layer') to control for"),
+                              "method": Option("str", "pearson", "pearson or spearman (on ranks)",
+                                               choices=("pearson", "spearman"))}),
     ]

@@ -1,0 +1,96 @@
+"""Analysis ``ridge``: how well a metric's per-layer values predict the ratings, cross-validated.
+
+The study's "linear models": for each (checkpoint, metric), the features are the metric's values
+on every layer (one column per layer; whole-model metrics give one column), standardised inside
+each training fold, and a ridge regression whose penalty is chosen inside the fold
+(``RidgeCV`` over ``alphas``, efficient leave-one-out) predicts the rating. Repeated K-fold
+(``folds`` × ``repeats`` seeded shuffles, scikit-learn) gives:
+
+- ``estimate`` = ``r2_pooled``: R² of the pooled out-of-fold predictions, averaged over repeats;
+- ``r2_fold_mean`` ± ``r2_fold_sd``: mean and SD of the per-fold R² (they differ from the pooled
+  R²; both are reported, and both can be negative: worse than predicting the mean);
+- ``p``: permutation p-value of ``r2_pooled`` — (1 + #{permuted ≥ observed}) / (1 + permutations),
+  the ratings shuffled ``permutations`` times (seeded) through the same pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fluency import Analysis, AnalysisData, AnalysisSpec, Option, hookimpl
+from fluency.core.analysis import RESULT_COLUMNS
+
+
+def _pipeline(alphas: np.ndarray) -> Any:
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), RidgeCV(alphas=alphas))
+
+
+def cross_validated_r2(x: np.ndarray, y: np.ndarray, folds: int, repeats: int, seed: int,
+                       alphas: np.ndarray) -> tuple[float, list[float]]:
+    """(mean over repeats of the pooled out-of-fold R², per-fold R² values) for repeated K-fold."""
+    from sklearn.base import clone
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import KFold
+
+    model = _pipeline(alphas)
+    pooled, per_fold = [], []
+    for r in range(repeats):
+        pred = np.empty_like(y)
+        for train, test in KFold(folds, shuffle=True, random_state=seed + r).split(x):
+            fitted = clone(model).fit(x[train], y[train])
+            pred[test] = fitted.predict(x[test])
+            per_fold.append(r2_score(y[test], pred[test]) if len(test) > 1 else np.nan)
+        pooled.append(r2_score(y, pred))
+    return float(np.mean(pooled)), per_fold
+
+
+class Ridge(Analysis):
+    def run(self, data: AnalysisData) -> pd.DataFrame:
+        o = self.options
+        folds, repeats, seed = int(o.get("folds", 5)), int(o.get("repeats", 10)), int(o.get("seed", 0))
+        n_perm = int(o.get("permutations", 200))
+        alphas = np.logspace(float(o.get("alpha_min_log10", -3)), float(o.get("alpha_max_log10", 4)), 30)
+        joined = data.joined()
+        joined["layer"] = joined["layer"].fillna("(whole)")
+        rows = []
+        for (checkpoint, metric), group in joined.groupby(["checkpoint", "metric"], sort=True):
+            wide = group.pivot_table(index="image_id", columns="layer", values="value", aggfunc="first")
+            ratings = group.drop_duplicates("image_id").set_index("image_id")["rating"].reindex(wide.index)
+            ok = np.isfinite(wide.to_numpy()).all(axis=1) & np.isfinite(ratings.to_numpy())
+            x, y = wide.to_numpy(float)[ok], ratings.to_numpy(float)[ok]
+            row: dict[str, Any] = {"analysis": "ridge", "checkpoint": checkpoint, "metric": metric, "layer": None,
+                                   "n": len(y), "statistic": "r2_pooled", "estimate": np.nan, "p": np.nan,
+                                   "r2_fold_mean": np.nan, "r2_fold_sd": np.nan, "n_features": x.shape[1],
+                                   "layers": ",".join(map(str, wide.columns)), "note": ""}
+            if len(y) < 2 * folds or np.ptp(y) == 0:
+                row["note"] = f"fewer than {2 * folds} images or constant ratings"
+                rows.append(row)
+                continue
+            r2, per_fold = cross_validated_r2(x, y, folds, repeats, seed, alphas)
+            rng = np.random.default_rng(seed)
+            null = [cross_validated_r2(x, rng.permutation(y), folds, 1, seed, alphas)[0] for _ in range(n_perm)]
+            row.update(estimate=r2, r2_fold_mean=float(np.nanmean(per_fold)), r2_fold_sd=float(np.nanstd(per_fold)),
+                       p=(1 + sum(v >= r2 for v in null)) / (1 + n_perm) if n_perm else np.nan)
+            rows.append(row)
+        return pd.DataFrame(rows, columns=[*RESULT_COLUMNS, "r2_fold_mean", "r2_fold_sd", "n_features", "layers",
+                                           "note"])
+
+
+@hookimpl
+def fluency_register_analyses() -> list[AnalysisSpec]:
+    return [AnalysisSpec(
+        name="ridge", factory=Ridge,
+        description="Cross-validated R² of the ratings from a metric's per-layer values (ridge, permutation p).",
+        options={"folds": Option("int", 5, "K of the K-fold cross-validation", minimum=2),
+                 "repeats": Option("int", 10, "seeded reshuffles of the K-fold split", minimum=1),
+                 "permutations": Option("int", 200, "label permutations for the p-value (0: none)", minimum=0),
+                 "seed": Option("int", 0, "seed of the splits and permutations"),
+                 "alpha_min_log10": Option("float", -3.0, "smallest ridge penalty, log10"),
+                 "alpha_max_log10": Option("float", 4.0, "largest ridge penalty, log10")})]
