@@ -65,13 +65,16 @@ def cli() -> None:
               help="Precision of the stored activations (metrics always use float32).")
 @click.option("--no-store", is_flag=True, help="Do not write the activation store.")
 @click.option("--strict", is_flag=True, help="Stop on any mismatch between images and ratings.")
+@click.option("--by", help="Also run every analysis within each subgroup of these ratings columns (e.g. face_sex,face_eth).")
+@click.option("--min-group-size", type=click.IntRange(min=3), default=10, show_default=True,
+              help="Subgroups with fewer rated images are reported, not analysed.")
 @click.option("--overwrite", is_flag=True, help="Reuse an existing --out run folder.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Relations shown in the summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def run(images: Path | None, ratings: Path | None, id_column: str, rating_column: str, checkpoints: tuple[Path, ...],
         metrics: tuple[str, ...], analyses: tuple[str, ...], layers: tuple[str, ...], out: Path | None, device: str,
         batch_size: int, seed: int, options: tuple[str, ...], config: Path | None, store_dtype: str, no_store: bool,
-        strict: bool, overwrite: bool, top: int, as_json: bool) -> None:
+        strict: bool, by: str | None, min_group_size: int, overwrite: bool, top: int, as_json: bool) -> None:
     """Compute per-image fluency metrics and relate them to ratings.
 
     With no --images and no --checkpoint, runs on the embedded default (generated, rated stimuli and a
@@ -85,6 +88,7 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         checkpoints=checkpoints, analyses=_split(analyses) or None, layers=_split(layers) or None, out=out,
         device=device, batch_size=batch_size, seed=seed, options=options, config=config, store=not no_store,
         store_dtype=store_dtype, strict=strict, overwrite=overwrite, console=err,
+        by=[c.strip() for c in by.split(",") if c.strip()] if by else (), min_group_size=min_group_size,
     )
     strongest = result.strongest(top)
     if as_json:
@@ -95,6 +99,9 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         return
     out_console = Console()
     print_matching(err, result.report)
+    for g in result.manifest.get("subgroups", {}).get("groups", []):
+        if not g["analysed"]:
+            err.print(f"[yellow]subgroup {g['group']}:[/yellow] {g['n']} images, {g['note']}; not analysed")
     n_images = result.metrics["image_id"].nunique()
     out_console.print(f"[bold]{len(result.metrics)}[/bold] metric values for [bold]{n_images}[/bold] images "
                       f"in {result.manifest['timings']['total']:.1f} s.")

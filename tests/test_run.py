@@ -303,3 +303,23 @@ def test_unknown_option_in_config_file(tmp_path: Path) -> None:
         fluency.run(metrics=["sam"], config=tmp_path / "c.toml", out=tmp_path / "o", progress=False)
     with pytest.raises(PluginError):
         fluency.run(metrics=["gini"], analyses=["nope"], images=None, out=tmp_path / "o2", progress=False)
+
+
+def test_subgroup_analyses_report_small_groups_instead_of_failing(london_faces: Path, tmp_path: Path) -> None:
+    result = fluency.run(metrics=["gini"], images=london_faces / "images", ratings=london_faces / "ratings.csv",
+                         rating_column="attractiveness", by=["face_sex", "face_eth"], min_group_size=10,
+                         out=tmp_path / "by", progress=False, store=False)
+    groups = {g["group"]: g for g in result.manifest["subgroups"]["groups"]}
+    assert groups["face_sex=female, face_eth=white"]["analysed"] and groups["all"]["n"] == 102
+    small = groups["face_sex=male, face_eth=east_asian/white"]
+    assert small["n"] == 1 and not small["analysed"] and "fewer than" in small["note"]
+    pearson = result.analyses["pearson"]
+    assert set(pearson["group"]) == {"all", "face_sex=female, face_eth=white", "face_sex=male, face_eth=white"}
+    assert (pearson.loc[pearson.group == "face_sex=female, face_eth=white", "n"] == 35).all()
+    from fluency.core.stats import fdr_bh
+
+    both = pd.concat([result.analyses["pearson"], result.analyses["spearman"]])
+    assert np.allclose(fdr_bh(both["p"].to_numpy()), both["p_fdr"].to_numpy(), equal_nan=True)
+    with pytest.raises(FluencyError, match="no column"):
+        fluency.run(metrics=["gini"], images=london_faces / "images", ratings=london_faces / "ratings.csv",
+                    rating_column="attractiveness", by=["nope"], out=tmp_path / "bad", progress=False, store=False)

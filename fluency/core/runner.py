@@ -139,6 +139,8 @@ def run(
     store_dtype: str = "float16",
     strict: bool = False,
     overwrite: bool = False,
+    by: Sequence[str] = (),
+    min_group_size: int = 10,
     progress: bool = True,
     manager: PluginManager | None = None,
     console: Console | None = None,
@@ -213,7 +215,7 @@ def run(
         metric_table = read_metric_table(out_dir / "metrics.parquet")
 
         t0 = time.perf_counter()
-        results = _analyse(metric_table, stimuli, analysis_specs, resolved, out_dir)
+        results = _analyse(metric_table, stimuli, analysis_specs, resolved, out_dir, by, min_group_size, manifest)
         timings["analyses"] = round(time.perf_counter() - t0, 3)
         timings["total"] = round(time.perf_counter() - started, 3)
         manifest.update(status="complete", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -289,17 +291,48 @@ def _measure(loaded: LoadedCheckpoint, stimuli: Stimuli, specs: dict[str, Any], 
         writer.close()
 
 
+def _subgroups(ratings: pd.DataFrame, by: Sequence[str], min_size: int) -> tuple[list[tuple[str, pd.DataFrame]],
+                                                                                   list[dict[str, Any]]]:
+    """``[("all", ratings), (label, rows), ...]`` and a size report; groups under ``min_size`` are left out."""
+    missing = [c for c in by if c not in ratings.columns]
+    if missing:
+        raise FluencyError(f"--by {','.join(by)}: no column(s) {missing} in the ratings table "
+                           f"(columns: {list(ratings.columns)})")
+    groups: list[tuple[str, pd.DataFrame]] = [("all", ratings)]
+    report: list[dict[str, Any]] = [{"group": "all", "n": len(ratings), "analysed": True}]
+    for values, rows in ratings.groupby(list(by), sort=True, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        label = ", ".join(f"{c}={v}" for c, v in zip(by, values))
+        ok = len(rows) >= min_size
+        report.append({"group": label, "n": len(rows), "analysed": ok,
+                       **({} if ok else {"note": f"fewer than --min-group-size {min_size} rated images"})})
+        if ok:
+            groups.append((label, rows))
+    return groups, report
+
+
 def _analyse(metric_table: pd.DataFrame, stimuli: Stimuli, specs: dict[str, Any],
-             resolved: dict[Any, dict[str, Any]], out_dir: Path) -> dict[str, pd.DataFrame]:
-    """Run every analysis on the rated images, add run-wide BH-corrected p-values, write one table each."""
+             resolved: dict[Any, dict[str, Any]], out_dir: Path, by: Sequence[str] = (),
+             min_group_size: int = 10, manifest: dict[str, Any] | None = None) -> dict[str, pd.DataFrame]:
+    """Run every analysis on the rated images (and within each ``by`` subgroup), add run-wide
+    BH-corrected p-values across every test, write one table per analysis."""
     if stimuli.ratings is None or not specs:
         return {}
     ratings = stimuli.ratings
     with atomic_path(out_dir / "ratings.parquet") as tmp:
         ratings.to_parquet(tmp, index=False)
-    data = AnalysisData(metric_table[metric_table["image_id"].isin(set(ratings["image_id"]))], ratings,
-                        stimuli.rating_column)
-    results = {name: spec.load()(**resolved[("analysis", name)]).run(data) for name, spec in specs.items()}
+    groups, report = _subgroups(ratings, by, min_group_size) if by else ([("all", ratings)], [])
+    if manifest is not None and by:
+        manifest["subgroups"] = {"by": list(by), "min_group_size": min_group_size, "groups": report}
+    results: dict[str, pd.DataFrame] = {}
+    for name, spec in specs.items():
+        analysis = spec.load()(**resolved[("analysis", name)])
+        parts = []
+        for label, rows in groups:
+            data = AnalysisData(metric_table[metric_table["image_id"].isin(set(rows["image_id"]))], rows,
+                                stimuli.rating_column)
+            parts.append(analysis.run(data).assign(group=label))
+        results[name] = pd.concat(parts, ignore_index=True)
     sizes = [len(r) for r in results.values()]
     p_fdr = fdr_bh(np.concatenate([r["p"].to_numpy(float) for r in results.values()])) if sum(sizes) else []
     (out_dir / "analyses").mkdir(exist_ok=True)

@@ -35,16 +35,17 @@ def relations_table(strongest: pd.DataFrame, directions: dict[str, Any], alpha: 
     The checkpoint column appears only when the rows come from several checkpoints.
     """
     several = strongest["checkpoint"].nunique() > 1
+    grouped = "group" in strongest.columns and strongest["group"].nunique() > 1
     table = Table(title="Strongest relations with the rating", caption="p_fdr: Benjamini–Hochberg across all "
                   f"tests of the run; * < {alpha}. fluent?: the direction processing-fluency theory predicts.")
-    columns = ["test", *(["checkpoint"] if several else []), "metric", "layer", "n", "estimate", "p", "p_fdr",
-               "fluent?"]
+    columns = ["test", *(["checkpoint"] if several else []), *(["group"] if grouped else []), "metric", "layer",
+               "n", "estimate", "p", "p_fdr", "fluent?"]
     for col in columns:
         table.add_column(col, justify="right" if col in ("n", "estimate", "p", "p_fdr") else "left")
     for row in strongest.itertuples(index=False):
         direction = directions.get(row.metric, {}).get("higher_is_more_fluent")
         sig = isinstance(row.p_fdr, float) and row.p_fdr < alpha
-        cells = [row.analysis, *([row.checkpoint] if several else []), row.metric,
+        cells = [row.analysis, *([row.checkpoint] if several else []), *([row.group] if grouped else []), row.metric,
                  "(whole)" if pd.isna(row.layer) else row.layer, str(row.n),
                  f"{row.estimate:+.3f}" if math.isfinite(row.estimate) else "–", _fmt_p(row.p),
                  _fmt_p(row.p_fdr) + ("*" if sig else ""), supports_fluency(row.estimate, direction, row.statistic)]
