@@ -70,11 +70,13 @@ def cli() -> None:
               help="Subgroups with fewer rated images are reported, not analysed.")
 @click.option("--overwrite", is_flag=True, help="Reuse an existing --out run folder.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Relations shown in the summary.")
+@click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def run(images: Path | None, ratings: Path | None, id_column: str, rating_column: str, checkpoints: tuple[Path, ...],
         metrics: tuple[str, ...], analyses: tuple[str, ...], layers: tuple[str, ...], out: Path | None, device: str,
         batch_size: int, seed: int, options: tuple[str, ...], config: Path | None, store_dtype: str, no_store: bool,
-        strict: bool, by: str | None, min_group_size: int, overwrite: bool, top: int, as_json: bool) -> None:
+        strict: bool, by: str | None, min_group_size: int, overwrite: bool, top: int, no_report: bool,
+        as_json: bool) -> None:
     """Compute per-image fluency metrics and relate them to ratings.
 
     With no --images and no --checkpoint, runs on the embedded default (generated, rated stimuli and a
@@ -90,6 +92,10 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         store_dtype=store_dtype, strict=strict, overwrite=overwrite, console=err,
         by=[c.strip() for c in by.split(",") if c.strip()] if by else (), min_group_size=min_group_size,
     )
+    if not no_report:
+        from fluency.core.report import build_report
+
+        build_report(result.path)
     strongest = result.strongest(top)
     if as_json:
         _emit_json({"run": str(result.path), "status": result.manifest["status"],
@@ -109,7 +115,7 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         out_console.print(relations_table(strongest, result.manifest["metric_columns"]))
     else:
         out_console.print("No analyses ran (pass --ratings to relate the metrics to ratings).")
-    written = [name for name in ("metrics.parquet", "analyses/", "activations/", "manifest.json")
+    written = [name for name in ("report.html", "metrics.parquet", "analyses/", "activations/", "manifest.json")
                if (result.path / name.rstrip("/")).exists()]
     out_console.print(f"Results in [bold]{result.path}[/bold]: {', '.join(written)}")
 
@@ -289,6 +295,15 @@ def compare(dir_a: Path, dir_b: Path, metrics: tuple[str, ...], image_size: int,
     for metric, row in summary.iterrows():
         table.add_row(str(metric), *(f"{v:.4g}" for v in row))
     Console().print(table)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def report(run_dir: Path) -> None:
+    """Write RUN_DIR/report.html: figures, sortable tables and provenance in one self-contained file."""
+    from fluency.core.report import build_report
+
+    Console().print(f"Report: {build_report(run_dir)}")
 
 
 @cli.group()
