@@ -117,7 +117,9 @@ def load_checkpoint(path: str | Path, manager: PluginManager, label: str | None 
         spec = manager.get("architecture", arch["name"])
     except PluginError as exc:
         raise CheckpointError(f"checkpoint {path} needs the architecture plugin {arch['name']!r}: {exc}") from None
-    options = spec.resolve(arch.get("options", {}))
+    # the weights come from the checkpoint: initialisation-only options must not re-read their files
+    saved = {k: (None if k == "imagenet_weights" else v) for k, v in arch.get("options", {}).items()}
+    options = spec.resolve(saved)
     model = spec.load()(**options)
     try:
         model.load_state_dict(payload["state_dict"])

@@ -73,6 +73,7 @@ class SAMSharpness(FluencyMetric):
             named = model.encoder_parameters()
         else:
             named = {n: p for n, p in model.named_parameters()}
+        named = {n: p for n, p in named.items() if p.requires_grad}  # frozen weights (e.g. a frozen encoder) stay put
         if not named:
             raise FluencyError("sam: the model has no parameters to perturb for parameters="
                                f"{self.options.get('parameters')!r}")

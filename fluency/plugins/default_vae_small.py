@@ -6,76 +6,96 @@ Decoder: a fully connected layer to a 2^k grid, then five blocks conv3×3 →
 PixelShuffle(2) → ReLU, and a 3×3 convolution with a sigmoid to pixels in [0, 1].
 Hookable layers: ``enc1``…``enc5`` (post-ReLU feature maps, before pooling), ``mu``,
 ``logvar``, ``dec1``…``dec5`` and ``out``.
+
+Configurable without code (all defaults reproduce the layout above and the state-dict
+keys of the shipped checkpoint): per-block ``norm``, ``separable`` and
+``spectral_norm`` convolutions, a convolutional ``latent`` head, the decoder's
+``upsampling``, and CBAM channel ``attention`` after chosen encoder blocks — ``attention
+= ["enc3"]`` adds the hookable layer ``att3``, the B×C attention weights (listed by
+:meth:`VAESmall.attention_layers`).
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-from torch import nn
-
 from fluency import ArchitectureSpec, Option, hookimpl
-from fluency.core.architecture import FluencyVAE
+from fluency.core.blocks import (GATES, LATENTS, NORMS, UPSAMPLINGS, ArchitectureConfigError, BlockVAE,
+                                 attention_stages, build_decoder, build_encoder, check_choice, check_image_size,
+                                 per_block)
 
 N_BLOCKS = 5
+BLOCK_NAMES = tuple(f"enc{i}" for i in range(1, N_BLOCKS + 1))
 
 
-class VAESmall(FluencyVAE):
+class VAESmall(BlockVAE):
     """The ``vae-small`` model; see the module docstring."""
 
-    default_metric_layers: ClassVar[tuple[str, ...]] = tuple(f"enc{i}" for i in range(1, N_BLOCKS + 1))
-    encoder_prefixes: ClassVar[tuple[str, ...]] = ("encoder.", "mu.", "logvar.")
+    default_metric_layers: ClassVar[tuple[str, ...]] = BLOCK_NAMES
 
     def __init__(self, image_size: int = 64, in_channels: int = 3, latent_dim: int = 32,
                  channels: list[int] | None = None, decoder_channels: list[int] | None = None,
-                 **extra: Any) -> None:
+                 latent: str = "fc", upsampling: str = "pixelshuffle", norm: str | list[str] | None = None,
+                 decoder_norm: str = "none", separable: bool = False, spectral_norm: bool = False,
+                 attention: list[str] | None = None, attention_gate: str = "sigmoid",
+                 attention_temperature: float = 1.0, attention_reduction: int = 16, **extra: Any) -> None:
         channels = list(channels or [16, 32, 64, 64, 128])
         decoder_channels = list(decoder_channels or [64, 64, 32, 16, 8])
-        if image_size % 2**N_BLOCKS:
-            raise ValueError(f"vae-small: image_size must be a multiple of {2**N_BLOCKS}, got {image_size}")
+        grid = check_image_size("vae-small", image_size, N_BLOCKS)
         if len(channels) != N_BLOCKS or len(decoder_channels) != N_BLOCKS:
-            raise ValueError(f"vae-small: channels and decoder_channels need {N_BLOCKS} entries each")
+            raise ArchitectureConfigError(f"vae-small: channels and decoder_channels need {N_BLOCKS} entries each")
+        norms = per_block(norm, N_BLOCKS, "vae-small norm")
+        stages = attention_stages(attention, N_BLOCKS)
         super().__init__(image_size=image_size, in_channels=in_channels, latent_dim=latent_dim,
-                         channels=channels, decoder_channels=decoder_channels, **extra)
-        self.grid = image_size // 2**N_BLOCKS
+                         channels=channels, decoder_channels=decoder_channels,
+                         latent=check_choice(latent, LATENTS, "latent"), upsampling=upsampling, norm=norms,
+                         decoder_norm=decoder_norm, separable=bool(separable), spectral_norm=bool(spectral_norm),
+                         attention=[BLOCK_NAMES[s] for s in stages], attention_gate=attention_gate,
+                         attention_temperature=float(attention_temperature),
+                         attention_reduction=int(attention_reduction), **extra)
+        enc = build_encoder(in_channels, [[c] for c in channels], norms, bool(separable), bool(spectral_norm),
+                            stages, attention_gate, float(attention_temperature), int(attention_reduction))
+        names: dict[str, int] = {}
+        for s in range(N_BLOCKS):
+            names[BLOCK_NAMES[s]] = enc.relus[s][-1]
+            if s in enc.attention:
+                names[f"att{s + 1}"] = enc.attention[s]
+        dec = build_decoder(latent_dim, decoder_channels, in_channels, grid, upsampling, decoder_norm)
+        self._assemble(enc, names, latent, latent_dim, dec)
 
-        layers: list[nn.Module] = []
-        c_in = in_channels
-        for c_out in channels:
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-            c_in = c_out
-        self.encoder = nn.Sequential(*layers)
-        flat = channels[-1] * self.grid * self.grid
-        self.mu = nn.Linear(flat, latent_dim)
-        self.logvar = nn.Linear(flat, latent_dim)
 
-        self.dec_start = decoder_channels[0]
-        self.dec_fc = nn.Linear(latent_dim, self.dec_start * self.grid * self.grid)
-        layers = [nn.ReLU()]
-        c_in = self.dec_start
-        for c_out in decoder_channels:
-            layers += [nn.Conv2d(c_in, c_out * 4, 3, padding=1), nn.PixelShuffle(2), nn.ReLU()]
-            c_in = c_out
-        layers += [nn.Conv2d(c_in, in_channels, 3, padding=1), nn.Sigmoid()]
-        self.decoder = nn.Sequential(*layers)
+def small_options() -> dict[str, Option]:
+    """The typed options of ``vae-small``."""
+    return {
+        "image_size": Option("int", 64, "input height and width (a multiple of 32)", minimum=32),
+        "in_channels": Option("int", 3, "image channels (3 = RGB, 1 = grayscale)", choices=(1, 3)),
+        "latent_dim": Option("int", 32, "size of the latent Gaussian", minimum=1),
+        "channels": Option("list[int]", [16, 32, 64, 64, 128], "channels of the 5 encoder blocks", minimum=1),
+        "decoder_channels": Option("list[int]", [64, 64, 32, 16, 8], "channels of the 5 decoder blocks",
+                                   minimum=1),
+        **block_options(BLOCK_NAMES),
+    }
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.encoder(x).flatten(1)
-        return self.mu(h), self.logvar(h)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.dec_fc(z).view(-1, self.dec_start, self.grid, self.grid)
-        return self.decoder(h)
-
-    def hookable_layers(self) -> dict[str, nn.Module]:
-        enc_relus = [m for m in self.encoder if isinstance(m, nn.ReLU)]
-        dec_relus = [m for m in self.decoder if isinstance(m, nn.ReLU)][1:]
-        named: dict[str, nn.Module] = {f"enc{i}": m for i, m in enumerate(enc_relus, 1)}
-        named.update(mu=self.mu, logvar=self.logvar)
-        named.update({f"dec{i}": m for i, m in enumerate(dec_relus, 1)})
-        named["out"] = self.decoder[-1]
-        return named
+def block_options(block_names: tuple[str, ...]) -> dict[str, Option]:
+    """Options shared by the block-built architectures (``vae-small``, ``vae-vgg16``, ``vae-vgg19``)."""
+    n = len(block_names)
+    return {
+        "latent": Option("str", "fc", "latent head: fc = flatten → Linear; conv = 1×1 conv → global average",
+                         choices=LATENTS),
+        "upsampling": Option("str", "pixelshuffle", "decoder upsampling", choices=UPSAMPLINGS),
+        "norm": Option("list[str]", ["none"], f"encoder normalisation: one value for all blocks or {n} values "
+                       "(one per block)", choices=NORMS),
+        "decoder_norm": Option("str", "none", "decoder normalisation", choices=NORMS),
+        "separable": Option("bool", False, "depthwise-separable encoder convolutions (depthwise 3×3 + pointwise 1×1)"),
+        "spectral_norm": Option("bool", False, "spectral normalisation of the encoder convolutions"),
+        "attention": Option("list[str]", [], "encoder blocks followed by CBAM channel attention (layer attN)",
+                            choices=block_names),
+        "attention_gate": Option("str", "sigmoid", "attention gate: sigmoid (weights in (0,1)) or softmax "
+                                 "(weights sum to 1)", choices=GATES),
+        "attention_temperature": Option("float", 1.0, "softmax temperature of the attention gate", minimum=1e-6),
+        "attention_reduction": Option("int", 16, "channel reduction ratio r of the attention MLP", minimum=1),
+    }
 
 
 @hookimpl
@@ -85,13 +105,6 @@ def fluency_register_architectures() -> list[ArchitectureSpec]:
             name="vae-small",
             factory=VAESmall,
             description="Small VGG-like VAE: 5 conv+ReLU+pool encoder blocks, Gaussian latent, 5 PixelShuffle decoder blocks.",
-            options={
-                "image_size": Option("int", 64, "input height and width (a multiple of 32)", minimum=32),
-                "in_channels": Option("int", 3, "image channels (3 = RGB, 1 = grayscale)", choices=(1, 3)),
-                "latent_dim": Option("int", 32, "size of the latent Gaussian", minimum=1),
-                "channels": Option("list[int]", [16, 32, 64, 64, 128], "channels of the 5 encoder blocks", minimum=1),
-                "decoder_channels": Option("list[int]", [64, 64, 32, 16, 8], "channels of the 5 decoder blocks",
-                                           minimum=1),
-            },
+            options=small_options(),
         )
     ]
