@@ -118,7 +118,7 @@ def test_kl_sparsity_sums_layers() -> None:
 def test_kl_sparsity_mappings() -> None:
     zeros = torch.zeros(4, 3, dtype=torch.float64)
     # sigmoid maps a ReLU zero to 0.5: the penalty's floor on a silent ReLU layer is KL(ρ ‖ 0.5) per unit
-    assert float(KLSparsity(rho=RHO)({"a": zeros}, MODEL)) == pytest.approx(3 * 0.4946319372, abs=1e-9)
+    assert float(KLSparsity(rho=RHO, mapping="sigmoid")({"a": zeros}, MODEL)) == pytest.approx(3 * 0.4946319372, abs=1e-9)
     # tanh maps 0 to 0 and tanh(x) = ρ gives ρ̂ = ρ exactly
     x = torch.full((4, 3), math.atanh(RHO), dtype=torch.float64)
     assert float(KLSparsity(rho=RHO, mapping="tanh")({"a": x}, MODEL)) == pytest.approx(0.0, abs=1e-12)
@@ -224,7 +224,7 @@ def test_l1_attention_trains_a_real_model_with_attention(manager: PluginManager)
 
 
 @pytest.mark.parametrize("name, cls, defaults", [
-    ("kl-sparsity", KLSparsity, {"rho": 0.05, "weight": 1.0, "layers": None, "mapping": "sigmoid", "eps": 1e-6,
+    ("kl-sparsity", KLSparsity, {"rho": 0.05, "weight": 1.0, "layers": None, "mapping": "tanh", "eps": 1e-6,
                                  "unit": "element", "reduction": "sum"}),
     ("l1-activation", L1Activation, {"weight": 1.0, "layers": None, "normalize": True}),
     ("l1-attention", L1Attention, {"weight": 1.0, "layers": None, "normalize": False}),

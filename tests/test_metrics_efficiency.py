@@ -162,3 +162,23 @@ def test_image_stats() -> None:
     assert stats["edge-density"][0] == 0.0
     assert stats["jpeg-bpp"][1] > stats["jpeg-bpp"][0]
     assert float(spectral_slope(torch.from_numpy(pink)[None])) == pytest.approx(-1.0, abs=0.25)
+
+
+def test_attention_l1_reads_the_attention_layers_and_refuses_models_without() -> None:
+    from fluency.core.capture import capture_activations
+    from fluency.core.errors import FluencyError
+    from fluency.plugins.default_attention_l1 import AttentionL1
+
+    torch.manual_seed(0)
+    model = VAESmall(image_size=32, latent_dim=8, attention=["enc3", "enc5"]).eval()
+    metric = AttentionL1()
+    layers = metric.layers(model)
+    assert layers == ["att3", "att5"]
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad(), capture_activations(model, layers) as acts:
+        model(x, sample=False)
+    values = {v.layer: v.as_numpy() for v in metric.compute(MetricBatch(["a", "b"], x, acts, model=model))}
+    assert np.allclose(values["att3"], acts["att3"].abs().sum(1).numpy())
+    assert ((values["att5"] > 0) & (values["att5"] < acts["att5"].shape[1])).all()  # sigmoid weights in (0, 1)
+    with pytest.raises(FluencyError, match="no attention layers"):
+        AttentionL1().layers(VAESmall(image_size=32))

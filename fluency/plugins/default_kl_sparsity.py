@@ -77,7 +77,7 @@ class KLSparsity(Constraint):
         super().__init__(**options)
         self.rho = float(self.options.get("rho", 0.05))
         self.eps = float(self.options.get("eps", 1e-6))
-        self.mapping = self.options.get("mapping") or "sigmoid"
+        self.mapping = self.options.get("mapping") or "tanh"
         self.unit = self.options.get("unit") or "element"
         self.reduction = self.options.get("reduction") or "sum"
         if not 0.0 < self.rho < 1.0:
@@ -130,8 +130,9 @@ def fluency_register_constraints() -> list[ConstraintSpec]:
                               minimum=0.0, maximum=1.0),
                 "weight": Option("float", 1.0, "θ, the factor of the penalty in the loss", minimum=0.0),
                 "layers": Option("list[str]", None, "layers to constrain (default: the model's metric layers)"),
-                "mapping": Option("str", "sigmoid", "how activations are mapped into (0, 1): sigmoid (signed layers; "
-                                  "on ReLU layers ρ̂ ≥ 0.5), tanh (non-negative layers, 0 → 0) or clamp to "
+                "mapping": Option("str", "tanh", "how activations are mapped into (0, 1): tanh (default: the "
+                                  "encoder blocks are ReLU outputs, and tanh keeps 0 → 0 so ρ stays a firing "
+                                  "rate), sigmoid (signed layers; on ReLU layers ρ̂ ≥ 0.5) or clamp to "
                                   "[eps, 1 − eps] (layers already in [0, 1])", choices=MAPPINGS),
                 "eps": Option("float", 1e-6, "ε of the clamp; ρ̂ is always kept in [ε, 1 − ε]",
                               minimum=0.0, maximum=0.5),

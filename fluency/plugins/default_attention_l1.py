@@ -1,0 +1,42 @@
+"""Metric ``attention-l1``: the L1 norm of an image's channel-attention weights, per attention layer.
+
+The report's attention metric: with CBAM channel attention (Woo et al. 2018) the weights M_c
+of an image say how much each channel is let through; their L1 norm Σ_c |M_c| is small when
+the network attends to few channels. With a softmax gate the weights sum to 1, so the L1 norm
+is constant — use the sigmoid gate (or read the weights' Gini) there. Lower = more selective
+attention; the direction relative to fluency is not fixed, so none is declared.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
+from fluency.core.errors import FluencyError
+
+
+class AttentionL1(FluencyMetric):
+    higher_is_more_fluent: ClassVar[bool | None] = None
+
+    def layers(self, model: Any) -> list[str]:
+        available = list(model.attention_layers()) if hasattr(model, "attention_layers") else []
+        if not available:
+            raise FluencyError("attention-l1: this checkpoint's architecture has no attention layers; train one "
+                               "with attention, e.g. -o vae-small.attention='[\"enc3\",\"enc5\"]'")
+        chosen = self.options.get("layers")
+        unknown = [name for name in chosen or [] if name not in available]
+        if unknown:
+            raise FluencyError(f"attention-l1: {unknown} are not attention layers; the model has {available}")
+        return list(chosen) if chosen else available
+
+    def compute(self, batch: MetricBatch) -> list[MetricValues]:
+        names = self.layers(batch.model) if batch.model is not None else list(batch.activations)
+        return [MetricValues("attention-l1", batch.activations[name].flatten(1).abs().sum(1), name) for name in names]
+
+
+@hookimpl
+def fluency_register_metrics() -> list[MetricSpec]:
+    return [MetricSpec(
+        name="attention-l1", factory=AttentionL1, needs="activations", higher_is_more_fluent=None,
+        description="L1 norm of each image's CBAM channel-attention weights, per attention layer.",
+        options={"layers": Option("list[str]", None, "attention layers (default: all of the model's)")})]
