@@ -68,6 +68,22 @@ class FluencyMetric:
         chosen = self.options.get("layers")
         return list(chosen) if chosen else list(model.default_metric_layers)
 
+    def batch_layers(self, batch: MetricBatch) -> list[str]:
+        """The layers to read in ``batch``: the ``layers`` option, else the model's defaults, else (no model,
+        as in unit tests) every captured layer; a layer that was not captured is an error."""
+        from fluency.core.errors import FluencyError
+
+        if self.options.get("layers"):
+            names = list(self.options["layers"])
+        elif batch.model is not None:
+            names = self.layers(batch.model)
+        else:
+            names = list(batch.activations)
+        missing = [n for n in names if n not in batch.activations]
+        if missing:
+            raise FluencyError(f"{missing} not among the captured layers {sorted(batch.activations)}")
+        return names
+
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
         """Values for the images of ``batch``."""
         raise NotImplementedError

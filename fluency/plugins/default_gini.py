@@ -187,21 +187,6 @@ def gini(x: np.ndarray | torch.Tensor, negative: str = "abs") -> np.ndarray | to
     return _gini_numpy(x, negative)
 
 
-def _chosen_layers(metric: FluencyMetric, batch: MetricBatch) -> list[str]:
-    """The option's layers, else the model's defaults, else (no model) every captured layer."""
-    chosen = metric.options.get("layers")
-    if chosen:
-        names = list(chosen)
-    elif batch.model is not None:
-        names = metric.layers(batch.model)
-    else:
-        names = list(batch.activations)
-    missing = [n for n in names if n not in batch.activations]
-    if missing:
-        raise FluencyError(f"{missing} not among the captured layers {sorted(batch.activations)}")
-    return names
-
-
 class Gini(FluencyMetric):
     """Per-layer Gini index of each image's activations, plus layer ``"all"``.
 
@@ -224,7 +209,7 @@ class Gini(FluencyMetric):
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
         negative = self.options.get("negative") or "abs"
         all_layers = self.options.get("all_layers")
-        names = _chosen_layers(self, batch)
+        names = self.batch_layers(batch)
         flat = {name: self._rows(batch.activations[name]) for name in names}
         with_all = (all_layers is None or bool(all_layers)) and len(names) > 1
         if negative == "abs" and all(isinstance(v, np.ndarray) for v in flat.values()):

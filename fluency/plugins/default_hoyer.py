@@ -34,9 +34,8 @@ class Hoyer(FluencyMetric):
     higher_is_more_fluent: ClassVar[bool | None] = True
 
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
-        layers = self.layers(batch.model) if batch.model is not None else list(batch.activations)
         out = []
-        for name in layers:
+        for name in self.batch_layers(batch):
             a = batch.activations[name]
             if not bool(torch.isfinite(a).all()):
                 raise FluencyError(f"hoyer: NaN/Inf activations in layer {name!r} for images {list(batch.image_ids)[:10]}")

@@ -51,21 +51,6 @@ def active_count(x: torch.Tensor | np.ndarray, epsilon: float, mode: str = "abso
     return (a > epsilon).sum(dim=1)
 
 
-def _chosen_layers(metric: FluencyMetric, batch: MetricBatch) -> list[str]:
-    """The option's layers, else the model's defaults, else (no model) every captured layer."""
-    chosen = metric.options.get("layers")
-    if chosen:
-        names = list(chosen)
-    elif batch.model is not None:
-        names = metric.layers(batch.model)
-    else:
-        names = list(batch.activations)
-    missing = [n for n in names if n not in batch.activations]
-    if missing:
-        raise FluencyError(f"{missing} not among the captured layers {sorted(batch.activations)}")
-    return names
-
-
 class LEpsilon(FluencyMetric):
     """Count (``lepsilon``) and fraction (``lepsilon-fraction``) of units with |x| > ε, per layer.
 
@@ -86,7 +71,7 @@ class LEpsilon(FluencyMetric):
 
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
         out: list[MetricValues] = []
-        for name in _chosen_layers(self, batch):
+        for name in self.batch_layers(batch):
             x = batch.activations[name].detach().flatten(1)
             try:
                 count = active_count(x, self.epsilon, self.mode).double()
