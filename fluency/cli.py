@@ -335,7 +335,9 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except FluencyError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]: finished results are kept in the run folder (see manifest.json)")

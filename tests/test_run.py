@@ -122,7 +122,7 @@ def test_forward_hooks_are_removed_even_when_a_metric_fails(tmp_path: Path, monk
 
     monkeypatch.setattr(runner, "load_checkpoint", spy)
     monkeypatch.setattr(Gini, "compute", explode)
-    with pytest.raises(RuntimeError, match="exploded"):
+    with pytest.raises(FluencyError, match="metric 'gini' .* failed: RuntimeError: metric exploded"):
         fluency.run(metrics=["gini"], out=tmp_path / "boom", progress=False)
     (model,) = seen
     assert all(not m._forward_hooks for m in model.modules())
@@ -323,3 +323,25 @@ def test_subgroup_analyses_report_small_groups_instead_of_failing(london_faces: 
     with pytest.raises(FluencyError, match="no column"):
         fluency.run(metrics=["gini"], images=london_faces / "images", ratings=london_faces / "ratings.csv",
                     rating_column="attractiveness", by=["nope"], out=tmp_path / "bad", progress=False, store=False)
+
+
+def test_overwrite_clears_previous_outputs_and_same_stem_files_keep_both(small_set: Path, tmp_path: Path) -> None:
+    first = fluency.run(metrics=["gini"], out=tmp_path / "ow", progress=False, store=False)
+    assert (first.path / "analyses" / "spearman.parquet").exists()
+    second = fluency.run(metrics=["lepsilon"], analyses=["pearson"], out=tmp_path / "ow", overwrite=True,
+                         progress=False, store=False)
+    assert not (second.path / "analyses" / "spearman.parquet").exists()
+    Image.open(small_set / "images" / "a" / "1.png").save(small_set / "images" / "a" / "1.jpg")
+    result = fluency.run(metrics=["gini"], images=small_set / "images", out=tmp_path / "ext", progress=False,
+                         store=False)
+    assert {"a/1.png", "a/1.jpg"} <= set(result.metrics["image_id"]) and result.metrics["image_id"].nunique() == 7
+
+
+def test_non_finite_options_and_failing_plugin_code_are_one_line_errors(tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(OptionError, match="not a finite number"):
+        fluency.run(metrics=["sam"], options=["sam.rho=nan"], out=tmp_path / "n", progress=False)
+    from fluency.plugins.default_hoyer import Hoyer
+
+    monkeypatch.setattr(Hoyer, "compute", lambda self, batch: 1 / 0)
+    with pytest.raises(FluencyError, match=r"metric 'hoyer' \(fluency .*\) failed: ZeroDivisionError"):
+        fluency.run(metrics=["hoyer"], out=tmp_path / "z", progress=False, store=False)

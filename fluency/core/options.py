@@ -65,6 +65,8 @@ class Option:
         expected = _TYPES[self.type]
         if isinstance(value, bool) and self.type != "bool" or not isinstance(value, expected):
             raise OptionError(f"{where}: expected {self.type}, got {type(value).__name__} {value!r}")
+        if self.type == "float" and (value != value or value in (float("inf"), float("-inf"))):
+            raise OptionError(f"{where}: {value!r} is not a finite number")
         if self.choices is not None and value not in self.choices:
             raise OptionError(f"{where}: {value!r} is not one of {list(self.choices)}")
         if self.minimum is not None and value < self.minimum:

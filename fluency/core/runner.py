@@ -94,6 +94,12 @@ def _prepare_out(out: str | Path | None, overwrite: bool) -> Path:
             raise FluencyError(f"--out {path}: the folder exists and is not empty; choose another or pass --overwrite")
         if not (path / "manifest.json").exists():
             raise FluencyError(f"--out {path}: refusing to overwrite a folder that is not a fluency run")
+        import shutil
+
+        for name in ("activations", "analyses", "state", "figures"):  # no stale table may survive
+            shutil.rmtree(path / name, ignore_errors=True)
+        for name in ("metrics.parquet", "metrics.parquet.partial", "ratings.parquet", "report.html"):
+            (path / name).unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -241,7 +247,7 @@ def _measure(loaded: LoadedCheckpoint, stimuli: Stimuli, specs: dict[str, Any], 
     model = loaded.model.to(dev).eval()
     instances: dict[str, FluencyMetric] = {}
     for name, spec in specs.items():
-        instances[name] = spec.load()(**resolved[("metric", name)])
+        instances[name] = _guarded(manager, "metric", name, lambda: spec.load()(**resolved[("metric", name)]))
     capture = list(dict.fromkeys(layer for name, m in instances.items() for layer in m.layers(model)))
     needs_model = {name for name, spec in specs.items() if spec.needs == "model"}
     channels, size, _ = model.input_shape
@@ -266,7 +272,7 @@ def _measure(loaded: LoadedCheckpoint, stimuli: Stimuli, specs: dict[str, Any], 
             for name, metric in instances.items():
                 bars.update(task, status=name)
                 batch = MetricBatch(ids, x, acts, model, loss if name in needs_model else None, seed)
-                for values in metric.compute(batch):
+                for values in _guarded(manager, "metric", name, lambda: metric.compute(batch)):
                     directions.setdefault(values.metric, {"plugin": name, "higher_is_more_fluent":
                                                           specs[name].higher_is_more_fluent})
                     table.write(loaded.label, values.metric, values.layer, ids, values.as_numpy())
@@ -309,6 +315,18 @@ def _subgroups(ratings: pd.DataFrame, by: Sequence[str], min_size: int) -> tuple
         if ok:
             groups.append((label, rows))
     return groups, report
+
+
+def _guarded(manager: PluginManager, kind: str, name: str, call: Any) -> Any:
+    """Run plugin code; an unexpected exception becomes one line naming the plugin, its package and version."""
+    try:
+        return call()
+    except FluencyError:
+        raise
+    except Exception as exc:
+        text = " ".join(str(exc).split())[:300]
+        raise FluencyError(f"{kind} {name!r} ({manager_version(manager, kind, name)}) failed: "
+                           f"{type(exc).__name__}: {text}") from exc
 
 
 def _analyse(metric_table: pd.DataFrame, stimuli: Stimuli, specs: dict[str, Any],

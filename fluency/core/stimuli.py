@@ -39,10 +39,15 @@ class Stimuli:
 
 
 def default_ids(root: Path, files: list[Path]) -> dict[Path, str]:
-    """Ids of unrated images: the file stem where stems are unique, else the relative path without extension."""
+    """Ids of unrated images: the file stem where stems are unique, else the relative path without
+    extension, else (``a.png`` beside ``a.jpg``) the relative path with it — never two files one id."""
     stems = [p.stem for p in files]
-    unique = len(set(stems)) == len(stems)
-    return {p: p.stem if unique else p.relative_to(root).with_suffix("").as_posix() for p in files}
+    if len(set(stems)) == len(stems):
+        return {p: p.stem for p in files}
+    noext = [p.relative_to(root).with_suffix("").as_posix() for p in files]
+    if len(set(noext)) == len(noext):
+        return dict(zip(files, noext))
+    return {p: p.relative_to(root).as_posix() for p in files}
 
 
 def from_folder(images: str | Path, ratings: str | Path | None, id_column: str, rating_column: str,
