@@ -64,3 +64,15 @@ class FluencyVAE(nn.Module):
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
         return VAEOutput(self.decode(z), mu, logvar, z)
+
+
+def require_attention_layers(model: object, who: str) -> list[str]:
+    """The model's attention layers (``model.attention_layers()``), or an error naming ``who`` needs them."""
+    from fluency.core.errors import FluencyError
+
+    method = getattr(model, "attention_layers", None)
+    names = list(method()) if callable(method) else []
+    if not names:
+        raise FluencyError(f"{who}: this architecture has no attention layers; build it with attention, "
+                           'e.g. -o vae-small.attention=["enc3"]')
+    return names

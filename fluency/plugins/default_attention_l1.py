@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
+from fluency.core.architecture import require_attention_layers
 from fluency.core.errors import FluencyError
 
 
@@ -19,10 +20,7 @@ class AttentionL1(FluencyMetric):
     higher_is_more_fluent: ClassVar[bool | None] = None
 
     def layers(self, model: Any) -> list[str]:
-        available = list(model.attention_layers()) if hasattr(model, "attention_layers") else []
-        if not available:
-            raise FluencyError("attention-l1: this checkpoint's architecture has no attention layers; train one "
-                               "with attention, e.g. -o vae-small.attention='[\"enc3\",\"enc5\"]'")
+        available = require_attention_layers(model, "attention-l1")
         chosen = self.options.get("layers")
         unknown = [name for name in chosen or [] if name not in available]
         if unknown:

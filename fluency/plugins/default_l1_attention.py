@@ -24,20 +24,13 @@ from typing import Any
 
 from fluency import ConstraintSpec, Option, hookimpl
 from fluency.core.architecture import FluencyVAE
+from fluency.core.architecture import require_attention_layers
 from fluency.core.errors import FluencyError
 from fluency.plugins.default_l1_activation import L1Activation
 
-NEEDS_ATTENTION = ("l1-attention: the architecture has no attention layers; build it with attention, "
-                   'e.g. -o vae-small.attention=["enc3"]')
-
-
 def attention_layers_of(model: Any) -> list[str]:
     """``model.attention_layers()``, or a :class:`FluencyError` if the model has none."""
-    method = getattr(model, "attention_layers", None)
-    names = list(method()) if callable(method) else []
-    if not names:
-        raise FluencyError(NEEDS_ATTENTION)
-    return names
+    return require_attention_layers(model, "l1-attention")
 
 
 class L1Attention(L1Activation):
