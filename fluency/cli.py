@@ -133,6 +133,12 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
 @click.option("--lr", type=float, help="Learning rate (sets the optimizer's lr option).")
 @click.option("--schedule", type=click.Choice(["none", "cosine", "step", "linear-warmup-cosine"]),
               help="Learning-rate schedule (default none).")
+@click.option("--schedule-step-size", type=click.IntRange(min=1),
+              help="With --schedule step: epochs between decays (default a third of the run).")
+@click.option("--schedule-gamma", type=click.FloatRange(min=0, min_open=True),
+              help="With --schedule step: factor applied at each decay (default 0.1).")
+@click.option("--warmup-epochs", type=click.IntRange(min=0),
+              help="With --schedule linear-warmup-cosine: epochs of linear warm-up (default 1).")
 @click.option("--loss", "losses", multiple=True, metavar="NAME[:WEIGHT]",
               help="Reconstruction loss term: l2, l1, ssim, lpips, dfc (repeatable; default l2).")
 @click.option("--constraint", "constraints", multiple=True, help="Constraint plugin added to the loss (repeatable).")

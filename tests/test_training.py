@@ -76,12 +76,20 @@ def test_training_lowers_the_loss_and_is_reproducible(images: Path, tmp_path: Pa
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_resume_is_exact(images: Path, tmp_path: Path, manager) -> None:
-    """1 epoch, then --resume to 2 epochs, gives the same weights as 2 epochs straight."""
-    straight = training.train(config(images, tmp_path / "straight", epochs=2, beta_warmup=2), manager=manager)
-    training.train(config(images, tmp_path / "resumed", epochs=1, beta_warmup=2), manager=manager)
-    resumed = training.train(config(images, tmp_path / "resumed", epochs=2, beta_warmup=2), manager=manager,
-                             resume=True)
+@pytest.mark.parametrize("settings", [
+    {},
+    {"optimizer": "sam", "schedule": "linear-warmup-cosine", "warmup_epochs": 1},
+    {"optimizer": "sgd", "schedule": "step", "schedule_step_size": 1, "schedule_gamma": 0.5},
+], ids=["adam", "sam-warmup-cosine", "sgd-step"])
+def test_resume_is_exact(images: Path, tmp_path: Path, manager, settings: dict) -> None:
+    """1 epoch, then --resume to 2 epochs, gives the same weights as 2 epochs straight (optimizer and
+    scheduler state included)."""
+    straight = training.train(config(images, tmp_path / "straight", epochs=2, beta_warmup=2, **settings),
+                              manager=manager)
+    training.train(config(images, tmp_path / "resumed", epochs=1, beta_warmup=2, **settings), manager=manager)
+    resumed = training.train(config(images, tmp_path / "resumed", epochs=2, beta_warmup=2, **settings),
+                             manager=manager, resume=True)
+    assert straight.history[-1]["lr"] == resumed.history[-1]["lr"]
     sa, sb = read_checkpoint(straight.checkpoint)["state_dict"], read_checkpoint(resumed.checkpoint)["state_dict"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
@@ -167,3 +175,11 @@ def test_one_model_per_subgroup_and_small_groups_refused(images: Path, tmp_path:
     with pytest.raises(FluencyError, match="every subgroup is smaller"):
         training.train_by_group(config(images, tmp_path / "none", epochs=1), tmp_path / "groups.csv", "image_id",
                                 ["sex"], min_size=100, manager=manager)
+
+
+def test_schedule_options_reach_the_scheduler(images: Path, tmp_path: Path, manager) -> None:
+    """--schedule step with --schedule-step-size 1 --schedule-gamma 0.5 halves the rate every epoch
+    (history's lr is the rate in force at the end of each epoch)."""
+    result = training.train(config(images, tmp_path / "s", epochs=3, lr=0.01, schedule="step",
+                                   schedule_step_size=1, schedule_gamma=0.5), manager=manager)
+    assert [round(h["lr"], 8) for h in result.history] == [0.005, 0.0025, 0.00125]

@@ -69,6 +69,9 @@ class TrainConfig:
     beta: float = 1.0
     beta_warmup: int = 0
     schedule: str = "none"
+    schedule_step_size: int | None = None
+    schedule_gamma: float = 0.1
+    warmup_epochs: int = 1
     val_fraction: float = 0.1
     checkpoint_every: int = 0
     seed: int = 0
@@ -173,7 +176,9 @@ def _scheduler(optimizer: Any, cfg: TrainConfig, steps_per_epoch: int) -> Any:
         return None
     from fluency.core.schedules import build_scheduler
 
-    return build_scheduler(optimizer, cfg.schedule, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
+    return build_scheduler(optimizer, cfg.schedule, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+                           step_size=cfg.schedule_step_size, gamma=cfg.schedule_gamma,
+                           warmup_epochs=cfg.warmup_epochs)
 
 
 def train(config: TrainConfig | None = None, *, manager: PluginManager | None = None,
@@ -198,7 +203,8 @@ def train(config: TrainConfig | None = None, *, manager: PluginManager | None = 
         state = read_checkpoint(out / "last.pt")
         saved = dict(state.get("training", {}).get("config", {}))
         for key in ("architecture", "optimizer", "losses", "constraints", "image_size", "resize", "batch_size",
-                    "seed", "val_fraction", "beta", "beta_warmup", "schedule", "options", "lr"):
+                    "seed", "val_fraction", "beta", "beta_warmup", "schedule", "schedule_step_size",
+                    "schedule_gamma", "warmup_epochs", "options", "lr"):
             if key in saved and saved[key] != getattr(cfg, key):
                 console.print(f"[yellow]--resume:[/yellow] using the interrupted run's {key} = {saved[key]!r}")
                 setattr(cfg, key, saved[key])
