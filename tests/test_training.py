@@ -183,3 +183,17 @@ def test_schedule_options_reach_the_scheduler(images: Path, tmp_path: Path, mana
     result = training.train(config(images, tmp_path / "s", epochs=3, lr=0.01, schedule="step",
                                    schedule_step_size=1, schedule_gamma=0.5), manager=manager)
     assert [round(h["lr"], 8) for h in result.history] == [0.005, 0.0025, 0.00125]
+
+
+def test_checkpoint_of_an_unknown_architecture_names_the_missing_plugin(images: Path, tmp_path: Path,
+                                                                         manager) -> None:
+    from fluency.core.errors import CheckpointError
+
+    result = training.train(config(images, tmp_path / "m", epochs=1), manager=manager)
+    payload = read_checkpoint(result.checkpoint)
+    payload["architecture"]["name"] = "vae-from-another-package"
+    torch.save(payload, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match=r"needs the architecture plugin 'vae-from-another-package'"):
+        load_checkpoint(tmp_path / "foreign.pt", manager)
+    inspect = cli("checkpoints", "inspect", str(result.checkpoint))
+    assert inspect.returncode == 0 and "vae-small" in inspect.stdout
