@@ -345,3 +345,12 @@ def test_non_finite_options_and_failing_plugin_code_are_one_line_errors(tmp_path
     monkeypatch.setattr(Hoyer, "compute", lambda self, batch: 1 / 0)
     with pytest.raises(FluencyError, match=r"metric 'hoyer' \(fluency .*\) failed: ZeroDivisionError"):
         fluency.run(metrics=["hoyer"], out=tmp_path / "z", progress=False, store=False)
+
+
+def test_checkpoint_labels_name_the_model_folder_even_for_relative_paths(tmp_path, monkeypatch) -> None:
+    from fluency.core.runner import _labels
+
+    (tmp_path / "models" / "sparse").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "models" / "sparse")
+    assert _labels([Path("final.pt"), Path("../sparse/final.pt"), Path("epoch-003.pt")]) == \
+        ["sparse", "sparse-2", "epoch-003"]

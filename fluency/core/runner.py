@@ -109,7 +109,7 @@ def _labels(paths: Sequence[Path]) -> list[str]:
     for path in paths:
         label = "default" if path == DEFAULT_CHECKPOINT else path.stem
         if path.stem == "final" and path != DEFAULT_CHECKPOINT:
-            label = path.parent.name or label
+            label = path.resolve().parent.name or label  # '../final.pt' is named by its folder, not '..'
         base, k = label, 2
         while label in labels:
             label, k = f"{base}-{k}", k + 1
