@@ -264,7 +264,8 @@ def test_registered_through_the_plugin_manager() -> None:
     assert spec.factory == "fluency.plugins.default_gini:Gini" and spec.load() is Gini
     assert spec.needs == "activations" and spec.higher_is_more_fluent is True and Gini.higher_is_more_fluent
     assert "Hurley & Rickard 2009" in spec.summary
-    assert spec.resolve() == {"layers": None, "all_layers": True, "negative": "abs"}
+    assert spec.resolve() == {"layers": None, "all_layers": True, "layer_weighting": "units", "layer_weights": None,
+                              "per": "image", "negative": "abs"}
     assert spec.resolve({"negative": "shift"})["negative"] == "shift"
     with pytest.raises(FluencyError):
         spec.resolve({"negative": "clip"})

@@ -92,7 +92,8 @@ def test_registered_through_the_plugin_manager() -> None:
     assert spec.factory == "fluency.plugins.default_lepsilon:LEpsilon" and spec.load() is LEpsilon
     assert spec.needs == "activations" and spec.higher_is_more_fluent is False
     assert LEpsilon.higher_is_more_fluent is False
-    assert spec.resolve() == {"epsilon": 0.01, "mode": "absolute", "layers": None}
+    assert spec.resolve() == {"epsilon": 0.01, "mode": "absolute", "layers": None, "all_layers": False,
+                              "layer_weighting": "units", "layer_weights": None}
     with pytest.raises(FluencyError):
         spec.resolve({"epsilon": -0.5})
     with pytest.raises(FluencyError):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from fluency.core.errors import FluencyError
 from fluency.core.losses import kl_divergence, loss_from_config
 from fluency.core.metric import MetricBatch
 from fluency.plugins.default_sam import SAMSharpness, sam_perturbation, sharpness
@@ -68,7 +69,7 @@ def model_and_batch():
     return model, MetricBatch([f"i{k}" for k in range(5)], images, model=model, loss=loss_from_config({"beta": 1.0}))
 
 
-def independent_loop(model, images, rho):
+def independent_loop(model, images, rho, terms="loss"):
     """Per-image sharpness written out plainly, sharing no code with the plugin."""
     out = []
     params = list(model.parameters())
@@ -79,12 +80,12 @@ def independent_loop(model, images, rho):
             o = model(x, sample=False)
             recon = ((o.recon - x) ** 2).sum()
             kl = -0.5 * (1 + o.logvar - o.mu**2 - o.logvar.exp()).sum()
-            return recon + kl
+            return {"loss": recon + kl, "recon": recon, "kl": kl}[terms]
 
         model.zero_grad()
         base = loss()
         base.backward()
-        grads = [p.grad.clone() for p in params]
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
         norm = torch.sqrt(sum((g**2).sum() for g in grads))
         with torch.no_grad():
             old = [p.clone() for p in params]
@@ -122,3 +123,30 @@ def test_encoder_only_perturbs_fewer_weights(model_and_batch) -> None:
     full = SAMSharpness(rho=0.05).compute(batch)[0].as_numpy()
     enc = SAMSharpness(rho=0.05, parameters="encoder").compute(batch)[0].as_numpy()
     assert (enc > 0).all() and not (enc == full).all()
+
+
+@pytest.mark.parametrize("method", ["loop", "vmap"])
+@pytest.mark.parametrize("terms", ["recon", "kl"])
+def test_terms_option_measures_the_sharpness_of_one_loss_term(model_and_batch, method, terms) -> None:
+    model, batch = model_and_batch
+    expected = independent_loop(model, batch.images, 0.05, terms)
+    (values,) = SAMSharpness(rho=0.05, method=method, terms=terms, chunk_size=2).compute(batch)
+    torch.testing.assert_close(torch.as_tensor(values.values), expected, rtol=1e-7, atol=1e-9)
+    total = independent_loop(model, batch.images, 0.05, "loss")
+    assert not torch.allclose(expected, total)
+
+
+def test_kl_sharpness_does_not_depend_on_the_decoder(model_and_batch) -> None:
+    """The KL term reads only the encoder, so perturbing the whole model or the encoder alone agree."""
+    _, batch = model_and_batch
+    whole = SAMSharpness(rho=0.05, terms="kl").compute(batch)[0].as_numpy()
+    encoder = SAMSharpness(rho=0.05, terms="kl", parameters="encoder").compute(batch)[0].as_numpy()
+    assert whole == pytest.approx(encoder, rel=1e-9, abs=1e-12)
+
+
+def test_a_term_needs_a_loss_with_parts(model_and_batch) -> None:
+    model, batch = model_and_batch
+    plain = MetricBatch(batch.image_ids, batch.images, model=model, loss=lambda out, x: ((out.recon - x) ** 2).flatten(1).sum(1))
+    assert SAMSharpness(rho=0.05).compute(plain)[0].as_numpy().shape == (5,)
+    with pytest.raises(FluencyError, match="terms='kl' needs a loss with .parts"):
+        SAMSharpness(rho=0.05, terms="kl").compute(plain)

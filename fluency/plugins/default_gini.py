@@ -36,9 +36,9 @@ import torch
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
 from fluency.core.errors import FluencyError
+from fluency.core.layer_options import (ALL_LAYERS, all_layers_options, channel_rows, layer_weights, per_option,
+                                        wants_all_layers, weighted_mean)
 
-#: layer name of the Gini of all chosen layers concatenated
-ALL_LAYERS = "all"
 NEGATIVE_CHOICES = ("abs", "shift")
 #: values (rows × N) sorted at once: keeps the float64 working copy at 8 MiB (and measured a few % faster
 #: than one 64×65,536 block)
@@ -190,14 +190,13 @@ def gini(x: np.ndarray | torch.Tensor, negative: str = "abs") -> np.ndarray | to
 class Gini(FluencyMetric):
     """Per-layer Gini index of each image's activations, plus layer ``"all"``.
 
-    Options: ``layers`` (names, or None for the model's defaults), ``all_layers``
-    (default True: also report the Gini of all chosen layers concatenated per image,
-    under the layer name ``"all"``, when more than one layer is chosen) and ``negative``
-    (``"abs"`` or ``"shift"``, see :func:`gini`).
-
-    The ``"all"`` value concatenates the layers' activations as they are, so every unit
-    counts once and larger layers weigh more (a 32×32×32 layer outweighs a 512-unit one
-    64 to 1); it is not a mean of the per-layer values.
+    Options: ``layers`` (names, or None for the model's defaults), ``negative``
+    (``"abs"`` or ``"shift"``, see :func:`gini`), ``per`` (``"image"``: the whole layer;
+    ``"channel"``: the mean over channels of each feature map's Gini), and the "all
+    layers" value (:mod:`fluency.core.layer_options`): ``all_layers`` (default True),
+    ``layer_weighting`` (``"units"``: the Gini of the concatenated layers, every unit
+    counting once, so larger layers weigh more; ``"equal"``: the mean of the per-layer
+    values) or ``layer_weights`` (a weighted mean of the per-layer values).
     """
 
     higher_is_more_fluent: ClassVar[bool | None] = True
@@ -208,27 +207,57 @@ class Gini(FluencyMetric):
 
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
         negative = self.options.get("negative") or "abs"
-        all_layers = self.options.get("all_layers")
         names = self.batch_layers(batch)
-        flat = {name: self._rows(batch.activations[name]) for name in names}
-        with_all = (all_layers is None or bool(all_layers)) and len(names) > 1
-        if negative == "abs" and all(isinstance(v, np.ndarray) for v in flat.values()):
-            try:
-                per_layer, merged = gini_sparse_rows([flat[name] for name in names], with_all)
-            except NonFiniteError as exc:
-                bad = next(name for name in names if not np.isfinite(flat[name][exc.rows[0]]).all())
-                raise FluencyError(f"gini: NaN/Inf activations found in layer {bad!r} for images "
-                                   f"{[batch.image_ids[i] for i in exc.rows]}") from None
-            out = [MetricValues("gini", v, name) for name, v in zip(names, per_layer)]
-            if merged is not None:
-                out.append(MetricValues("gini", merged, ALL_LAYERS))
+        with_all = wants_all_layers(self.options, names, default=True)
+        weights = layer_weights("gini", self.options, names) if with_all else None
+        ids = list(batch.image_ids)
+        if (self.options.get("per") or "image") == "channel":
+            per_channel = [self._per_channel(batch.activations[name], negative, name, ids) for name in names]
+            out = [MetricValues("gini", v.mean(axis=1), name) for name, v in zip(names, per_channel)]
+            if with_all:  # pooled: every channel of every layer counts once
+                pooled = np.concatenate(per_channel, axis=1).mean(axis=1) if weights is None else \
+                    weighted_mean([v.mean(axis=1) for v in per_channel], weights)
+                out.append(MetricValues("gini", pooled, ALL_LAYERS))
             return out
-        out = [MetricValues("gini", self._safe(flat[name], negative, name, batch.image_ids), name) for name in names]
-        if (all_layers is None or all_layers) and len(names) > 1:
-            parts = [flat[name] for name in names]
-            both = torch.cat(parts, dim=1) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts, axis=1)
-            out.append(MetricValues("gini", self._safe(both, negative, ALL_LAYERS, batch.image_ids), ALL_LAYERS))
+        flat = {name: self._rows(batch.activations[name]) for name in names}
+        pooled_all = with_all and weights is None
+        if negative == "abs" and all(isinstance(v, np.ndarray) for v in flat.values()):
+            per_layer, merged = self._sparse([flat[name] for name in names], pooled_all, names, ids)
+        else:
+            per_layer = [self._safe(flat[name], negative, name, ids) for name in names]
+            merged = None
+            if pooled_all:
+                parts = [flat[name] for name in names]
+                both = torch.cat(parts, dim=1) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts, axis=1)
+                merged = self._safe(both, negative, ALL_LAYERS, ids)
+        out = [MetricValues("gini", v, name) for name, v in zip(names, per_layer)]
+        if with_all:
+            out.append(MetricValues("gini", merged if weights is None else weighted_mean(per_layer, weights),
+                                    ALL_LAYERS))
         return out
+
+    def _per_channel(self, activations: torch.Tensor, negative: str, layer: str, ids: Sequence[str]) -> np.ndarray:
+        """B×C Gini of each channel's feature map."""
+        rows, channels = channel_rows(activations.detach())
+        flat = self._rows(rows)
+        image_ids = [ids[i // channels] for i in range(len(ids) * channels)]
+        if negative == "abs" and isinstance(flat, np.ndarray):
+            (values,), _ = self._sparse([flat], False, [layer], image_ids)
+        else:
+            values = self._safe(flat, negative, layer, image_ids)
+        if isinstance(values, torch.Tensor):
+            values = values.cpu().numpy()
+        return np.asarray(values, dtype=np.float64).reshape(len(ids), channels)
+
+    @staticmethod
+    def _sparse(layers: list[np.ndarray], with_all: bool, names: Sequence[str],
+                ids: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray | None]:
+        try:
+            return gini_sparse_rows(layers, with_all)
+        except NonFiniteError as exc:
+            bad = next(name for name, layer in zip(names, layers) if not np.isfinite(layer[exc.rows[0]]).all())
+            images = list(dict.fromkeys(ids[i] for i in exc.rows))
+            raise FluencyError(f"gini: NaN/Inf activations found in layer {bad!r} for images {images[:10]}") from None
 
     @staticmethod
     def _rows(t: torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -245,12 +274,12 @@ class Gini(FluencyMetric):
         try:
             return gini(x, negative)
         except NonFiniteError as exc:
-            bad = [ids[i] for i in exc.rows if i < len(ids)] or list(ids)
+            bad = list(dict.fromkeys(ids[i] for i in exc.rows if i < len(ids))) or list(ids)
             more = " and more" if len(bad) > 10 else ""
             raise FluencyError(f"gini: NaN/Inf activations found in layer {layer!r} for images {bad[:10]}{more}") \
                 from None
         except ValueError as exc:
-            raise FluencyError(f"gini: {exc} in layer {layer!r} for images {list(ids)[:10]}") from None
+            raise FluencyError(f"gini: {exc} in layer {layer!r} for images {list(dict.fromkeys(ids))[:10]}") from None
 
 
 @hookimpl
@@ -265,8 +294,8 @@ def fluency_register_metrics() -> list[MetricSpec]:
             higher_is_more_fluent=True,
             options={
                 "layers": Option("list[str]", None, "layers to measure (default: the model's metric layers)"),
-                "all_layers": Option("bool", True, "also report the Gini of all chosen layers concatenated per "
-                                     "image (layer 'all'; larger layers weigh more; only with 2+ layers)"),
+                **all_layers_options(default=True),
+                **per_option("Gini"),
                 "negative": Option("str", "abs", "negative values: abs (|x|, Hurley & Rickard) or shift (subtract "
                                    "a negative minimum, as gini.py; only to compare with older results)",
                                    choices=NEGATIVE_CHOICES),

@@ -10,6 +10,12 @@ The count is not scale invariant: with ``mode="absolute"`` the threshold is ε i
 with ``mode="relative"`` it is ε × the largest |x| of that image in that layer (an
 all-zero layer then counts 0). A value exactly at the threshold is not counted.
 NaN or Inf activations are an error naming the layer and images, never a silent count.
+
+With ``all_layers=True`` layer ``"all"`` gives the count and fraction over all chosen
+layers: pooled (``layer_weighting="units"``: total count, and total count / total units)
+or a (weighted) mean of the per-layer values (:mod:`fluency.core.layer_options`). There is
+no ``per="channel"`` variant: the mean over channels of per-channel fractions is the
+layer's fraction itself.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
 from fluency.core.errors import FluencyError
+from fluency.core.layer_options import ALL_LAYERS, all_layers_options, layer_weights, wants_all_layers, weighted_mean
 
 MODES = ("absolute", "relative")
 
@@ -71,15 +78,32 @@ class LEpsilon(FluencyMetric):
 
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
         out: list[MetricValues] = []
-        for name in self.batch_layers(batch):
+        names = self.batch_layers(batch)
+        with_all = wants_all_layers(self.options, names, default=False)
+        weights = layer_weights("lepsilon", self.options, names) if with_all else None
+        counts, fractions, total_units = [], [], 0
+        for name in names:
             x = batch.activations[name].detach().flatten(1)
             try:
                 count = active_count(x, self.epsilon, self.mode).double()
             except ValueError as exc:
                 raise FluencyError(f"lepsilon: {exc} in layer {name!r} for images {self._bad(x, batch.image_ids)}") \
                     from None
+            fraction = count / max(x.shape[1], 1)
             out.append(MetricValues("lepsilon", count, name))
-            out.append(MetricValues("lepsilon-fraction", count / max(x.shape[1], 1), name))
+            out.append(MetricValues("lepsilon-fraction", fraction, name))
+            counts.append(count)
+            fractions.append(fraction)
+            total_units += x.shape[1]
+        if with_all:
+            if weights is None:
+                total = torch.stack(counts).sum(0)
+                all_count: Any = total
+                all_fraction: Any = total / max(total_units, 1)
+            else:
+                all_count, all_fraction = weighted_mean(counts, weights), weighted_mean(fractions, weights)
+            out.append(MetricValues("lepsilon", all_count, ALL_LAYERS))
+            out.append(MetricValues("lepsilon-fraction", all_fraction, ALL_LAYERS))
         return out
 
     @staticmethod
@@ -103,6 +127,7 @@ def fluency_register_metrics() -> list[MetricSpec]:
                 "mode": Option("str", "absolute", "absolute: |x| > ε; relative: |x| > ε · max|x| of the image's "
                                "layer", choices=MODES),
                 "layers": Option("list[str]", None, "layers to measure (default: the model's metric layers)"),
+                **all_layers_options(default=False),
             },
         )
     ]

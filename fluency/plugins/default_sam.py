@@ -8,7 +8,10 @@ mode so the loss is deterministic)::
     ε̂_i = ρ · W² ⊙ g_i / (‖ |W| ⊙ g_i ‖₂ + 1e-12)         (adaptive SAM, ASAM)
     s_i = L_i(W + ε̂_i) − L_i(W)
 
-using *the image's own gradient* (a batch gradient gives other numbers). A large
+using *the image's own gradient* (a batch gradient gives other numbers). ``terms`` picks the
+loss L_i: ``loss`` (the checkpoint's training loss, reconstruction + β·KL, the default),
+``recon`` (its reconstruction terms only) or ``kl`` (the unweighted KL term only), so the
+sharpness of reconstructing an image can be told apart from that of encoding it. A large
 s_i means the loss of that image is sharp around the trained weights: the model's
 understanding of it is fragile, so lower is more fluent. At small ρ, s_i ≈ ρ·‖g_i‖.
 
@@ -46,7 +49,7 @@ def sharpness(loss: Callable[[], torch.Tensor], params: Sequence[torch.nn.Parame
               adaptive: bool = False) -> tuple[float, float]:
     """``(L(W + ε̂) − L(W), ‖∇L‖)`` for a scalar loss closure over ``params``; the weights are restored exactly."""
     base = loss()
-    grads = torch.autograd.grad(base, params)
+    grads = torch.autograd.grad(base, params, allow_unused=True, materialize_grads=True)  # a term may skip weights
     saved = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, e in zip(params, sam_perturbation([p.detach() for p in params], grads, rho, adaptive)):
@@ -60,13 +63,36 @@ def sharpness(loss: Callable[[], torch.Tensor], params: Sequence[torch.nn.Parame
     return float(perturbed - base.detach()), float(gnorm)
 
 
+TERMS = ("loss", "recon", "kl")
+
+
 class SAMSharpness(FluencyMetric):
-    """Per-image SAM sharpness; options ``rho``, ``adaptive``, ``parameters``, ``method``, ``chunk_size``."""
+    """Per-image SAM sharpness; options ``rho``, ``adaptive``, ``terms``, ``parameters``, ``method``, ``chunk_size``."""
 
     higher_is_more_fluent: ClassVar[bool | None] = False
 
     def layers(self, model: Any) -> list[str]:
         return []
+
+    def _loss(self, batch: MetricBatch) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+        """The per-image loss the ``terms`` option names: the whole training loss, or one of its parts."""
+        loss_fn = batch.loss
+        if batch.model is None or loss_fn is None:
+            raise FluencyError(f"{self.name} needs the model and its loss (MetricSpec needs='model')")
+        term = self.options.get("terms") or "loss"
+        if term == "loss":
+            return loss_fn
+        if term not in TERMS:
+            raise FluencyError(f"{self.name}: terms={term!r}; use one of {list(TERMS)}")
+        parts = getattr(loss_fn, "parts", None)
+        if parts is None:
+            raise FluencyError(f"{self.name}: terms={term!r} needs a loss with .parts(output, images) (the "
+                               f"checkpoint's loss {type(loss_fn).__name__} has none); use terms=loss")
+        return lambda out, x: parts(out, x)[term]
+
+    @property
+    def name(self) -> str:
+        return "sam"
 
     def _params(self, model: Any) -> dict[str, torch.nn.Parameter]:
         if self.options.get("parameters", "all") == "encoder":
@@ -80,8 +106,7 @@ class SAMSharpness(FluencyMetric):
         return named
 
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
-        if batch.model is None or batch.loss is None:
-            raise FluencyError("sam needs the model and its loss (MetricSpec needs='model')")
+        self._loss(batch)  # fails early, naming the problem, when the model or the chosen loss term is missing
         method = self.options.get("method", "auto")
         if method == "auto":
             method = "vmap" if batch.images.device.type == "cuda" else "loop"
@@ -93,8 +118,8 @@ class SAMSharpness(FluencyMetric):
         return [MetricValues("sam", sharp)]
 
     def _loop(self, batch: MetricBatch) -> torch.Tensor:
-        model, loss_fn = batch.model, batch.loss
-        assert model is not None and loss_fn is not None
+        model, loss_fn = batch.model, self._loss(batch)
+        assert model is not None
         params = list(self._params(model).values())
         rho, adaptive = float(self.options["rho"]), bool(self.options.get("adaptive", False))
         values = []
@@ -105,8 +130,8 @@ class SAMSharpness(FluencyMetric):
         return torch.tensor(values, dtype=torch.float64)
 
     def _vmap(self, batch: MetricBatch) -> torch.Tensor:
-        model, loss_fn = batch.model, batch.loss
-        assert model is not None and loss_fn is not None
+        model, loss_fn = batch.model, self._loss(batch)
+        assert model is not None
         chosen = {n: p.detach() for n, p in self._params(model).items()}
         frozen = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
         frozen.update({n: b.detach() for n, b in model.named_buffers()})
@@ -133,17 +158,25 @@ class SAMSharpness(FluencyMetric):
 class GradNorm(SAMSharpness):
     """‖∇_W L_i(W)‖₂ per image, the first-order part of SAM sharpness (s_i ≈ ρ·‖g_i‖ at small ρ)."""
 
+    @property
+    def name(self) -> str:
+        return "grad-norm"
+
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
-        if batch.model is None or batch.loss is None:
-            raise FluencyError("grad-norm needs the model and its loss (MetricSpec needs='model')")
-        model, loss_fn = batch.model, batch.loss
+        model, loss_fn = batch.model, self._loss(batch)
+        assert model is not None
         params = list(self._params(model).values())
         values = []
         for i in range(len(batch.image_ids)):
             x = batch.images[i:i + 1]
-            grads = torch.autograd.grad(loss_fn(model(x, sample=False), x).sum(), params)
+            grads = torch.autograd.grad(loss_fn(model(x, sample=False), x).sum(), params, allow_unused=True,
+                                        materialize_grads=True)
             values.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
         return [MetricValues("grad-norm", torch.tensor(values, dtype=torch.float64))]
+
+
+TERMS_HELP = ("which loss: loss (the training loss, reconstruction + beta*KL), recon (its reconstruction "
+              "terms) or kl (the KL term, unweighted)")
 
 
 @hookimpl
@@ -155,7 +188,8 @@ def fluency_register_metrics() -> list[MetricSpec]:
             description="Per-image norm of the loss gradient over the weights (SAM sharpness ≈ ρ·grad-norm).",
             needs="model",
             higher_is_more_fluent=False,
-            options={"parameters": Option("str", "all", "which weights", choices=("all", "encoder"))},
+            options={"parameters": Option("str", "all", "which weights", choices=("all", "encoder")),
+                     "terms": Option("str", "loss", TERMS_HELP, choices=TERMS)},
         ),
         MetricSpec(
             name="sam",
@@ -166,6 +200,7 @@ def fluency_register_metrics() -> list[MetricSpec]:
             options={
                 "rho": Option("float", 0.05, "radius ρ of the weight perturbation", minimum=0.0),
                 "adaptive": Option("bool", False, "adaptive SAM (ASAM, Kwon et al. 2021; use a ~10x larger rho)"),
+                "terms": Option("str", "loss", TERMS_HELP, choices=TERMS),
                 "parameters": Option("str", "all", "which weights to perturb", choices=("all", "encoder")),
                 "method": Option("str", "auto", "loop (exact, one image at a time), vmap (torch.func "
                                  "per-sample gradients) or auto (vmap on GPU, loop on CPU)",
