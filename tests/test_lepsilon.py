@@ -9,7 +9,7 @@ import torch
 from fluency.core.errors import FluencyError
 from fluency.core.metric import MetricBatch
 from fluency.plugins import default_lepsilon
-from fluency.plugins.default_lepsilon import LEpsilon, active_count
+from fluency.plugins.default_lepsilon import LEpsilon, active_count, _count_torch
 
 #: |X| row 0 = [0, 0.005, 0.02, 0.5, 3, 0.01, 0.2, 0.04]; row 1 all zero
 X = torch.tensor([[0.0, 0.005, -0.02, 0.5, -3.0, 0.01, 0.2, -0.04],
@@ -101,3 +101,29 @@ def test_registered_through_the_plugin_manager() -> None:
     (direct,) = default_lepsilon.fluency_register_metrics()
     direct.check()
     assert direct.name == "lepsilon"
+
+
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_numpy_path_equals_the_device_path(mode, dtype) -> None:
+    """The CPU counts with numpy; the GPU path (torch ops, forced here on a CPU tensor) must agree exactly,
+    values sitting exactly at ±threshold included."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 500, generator=gen, dtype=dtype).mul(0.05)
+    x[0, :10] = 0.01  # exactly at the absolute threshold: not counted
+    x[1, :10] = -0.01
+    x[2] = 0.0
+    x[3, 0] = 2.0  # relative threshold 0.02 for this row
+    x[3, 1:5] = torch.tensor(2.0, dtype=dtype) * torch.tensor(0.01, dtype=dtype)
+    cpu = active_count(x, 0.01, mode)
+    device = _count_torch(x, 0.01, mode)
+    assert cpu.dtype == torch.int64 and torch.equal(cpu, device)
+    with pytest.raises(ValueError, match=r"rows \[4\]"):
+        y = x.clone()
+        y[4, 3] = float("nan")
+        active_count(y, 0.01, mode)
+
+
+def test_finite_rows_whose_sum_overflows_are_not_called_non_finite() -> None:
+    x = torch.full((2, 4), 3e38, dtype=torch.float32)  # the float32 row sum overflows to inf
+    assert active_count(x, 0.01).tolist() == [4, 4]
