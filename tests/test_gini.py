@@ -291,3 +291,20 @@ def test_sparse_fast_path_equals_the_dense_one() -> None:
     for layer, values in zip(layers, per_layer):
         assert np.allclose(values, gini_numpy(layer), atol=1e-12)
     assert np.allclose(merged, gini_numpy(np.concatenate(layers, axis=1)), atol=1e-12)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threads_do_not_change_the_result_or_the_error(threads) -> None:
+    from fluency.plugins.default_gini import gini_sparse_rows
+
+    rng = np.random.default_rng(8)
+    x = np.maximum(rng.normal(size=(9, 400)), 0).astype(np.float32)
+    expected = np.array([mean_abs_difference(row) for row in x])
+    assert np.allclose(gini(x, threads=threads), expected, atol=1e-9)
+    assert np.allclose(gini(x, "shift", threads=threads), gini(x, "shift", threads=1), rtol=0, atol=0)
+    (per_layer,), _ = gini_sparse_rows([x], False, threads=threads)
+    assert np.array_equal(per_layer, gini(x, threads=1))
+    x[7, 3] = np.nan
+    with pytest.raises(NonFiniteError) as info:
+        gini(x, threads=threads)
+    assert info.value.rows == [7]

@@ -28,7 +28,8 @@ the float64 working copy stays small even for the ``all`` concatenation of big l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import numpy as np
@@ -102,59 +103,88 @@ def _as_float(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _gini_numpy(x: np.ndarray, negative: str = "abs") -> np.ndarray:
+def _threads(threads: int | None, rows: int) -> int:
+    """Worker threads for ``rows`` rows: ``threads``, else torch's intra-op setting (OMP_NUM_THREADS)."""
+    return max(1, min(rows, int(threads) if threads else torch.get_num_threads()))
+
+
+def _over_rows(work: Callable[[int, int], None], rows: int, threads: int | None) -> None:
+    """Run ``work(start, stop)`` on contiguous blocks of rows, in threads when more than one is allowed:
+    numpy releases the GIL while it sorts, and every row writes only its own output slot."""
+    n = _threads(threads, rows)
+    if n == 1:
+        work(0, rows)
+        return
+    bounds = np.linspace(0, rows, n + 1).astype(int)
+    with ThreadPoolExecutor(n) as pool:
+        for future in [pool.submit(work, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+            future.result()
+
+
+def _gini_numpy(x: np.ndarray, negative: str = "abs", threads: int | None = None) -> np.ndarray:
     """Gini index of each row of a 2-D numpy array (the CPU path); float64 result of length B.
 
-    One row at a time: a per-row ``np.sort`` of float32 measured faster than a batched
-    ``sort(axis=1)`` and keeps the working copy to one row.
+    One row at a time (rows split over ``threads``): a per-row ``np.sort`` of float32
+    measured faster than a batched ``sort(axis=1)`` and keeps the working copy to one row.
     """
     _check_negative(negative)
     x = _as_float(x)
     b, n = x.shape
     out = np.zeros(b, dtype=np.float64)
-    for i in range(b if n else 0):
-        row = x[i]
-        if negative == "shift":
-            low = row.min()
-            with np.errstate(invalid="ignore"):  # −inf − (−inf): caught below as non-finite
-                c = row - low if low < 0 else row.copy()
-            if not np.isfinite(low):
-                raise NonFiniteError([i])
-        else:
-            c = np.abs(row)
-        try:
+
+    def work(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            row = x[i]
+            if negative == "shift":
+                low = row.min()
+                with np.errstate(invalid="ignore"):  # −inf − (−inf): caught below as non-finite
+                    c = row - low if low < 0 else row.copy()
+                if not np.isfinite(low):
+                    raise NonFiniteError([i])
+            else:
+                c = np.abs(row)
             out[i] = _gini_of_sorted_nonzero(_sorted_nonzero(c), n)
+
+    if n:
+        try:
+            _over_rows(work, b, threads)
         except NonFiniteError:
             raise NonFiniteError(np.flatnonzero(~np.isfinite(x).all(axis=1)).tolist()) from None
     return out
 
 
-def gini_sparse_rows(layers: Sequence[np.ndarray], with_all: bool) -> tuple[list[np.ndarray], np.ndarray | None]:
+def gini_sparse_rows(layers: Sequence[np.ndarray], with_all: bool,
+                     threads: int | None = None) -> tuple[list[np.ndarray], np.ndarray | None]:
     """Per-layer Gini of |x| for B×N_l float arrays, and optionally of all layers concatenated.
 
     The CPU fast path for ``negative="abs"``: each row of each layer is sorted once; the
     all-layers value sorts only the concatenated *non-zero* tails (ReLU layers are mostly
-    zeros, which take the lowest ranks and add nothing). Exactly equal to :func:`gini`
-    of each layer and of the concatenation (tested).
+    zeros, which take the lowest ranks and add nothing). Rows are split over ``threads``
+    (default: ``torch.get_num_threads()``). Exactly equal to :func:`gini` of each layer
+    and of the concatenation (tested).
     """
     layers = [_as_float(layer) for layer in layers]
     b = layers[0].shape[0]
     values = [np.zeros(b) for _ in layers]
     merged = np.zeros(b) if with_all else None
     n_all = sum(layer.shape[1] for layer in layers)
-    for i in range(b):
-        tails = []
-        for k, layer in enumerate(layers):
-            try:
-                tail = _sorted_nonzero(np.abs(layer[i]))
-            except NonFiniteError:
-                raise NonFiniteError([i]) from None
-            values[k][i] = _gini_of_sorted_nonzero(tail, layer.shape[1])
-            tails.append(tail)
-        if merged is not None:
-            both = np.concatenate(tails)
-            both.sort()
-            merged[i] = _gini_of_sorted_nonzero(both, n_all)
+
+    def work(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            tails = []
+            for k, layer in enumerate(layers):
+                try:
+                    tail = _sorted_nonzero(np.abs(layer[i]))
+                except NonFiniteError:
+                    raise NonFiniteError([i]) from None
+                values[k][i] = _gini_of_sorted_nonzero(tail, layer.shape[1])
+                tails.append(tail)
+            if merged is not None:
+                both = np.concatenate(tails)
+                both.sort()
+                merged[i] = _gini_of_sorted_nonzero(both, n_all)
+
+    _over_rows(work, b, threads)
     return values, merged
 
 
@@ -193,14 +223,16 @@ def _gini_torch(x: torch.Tensor, negative: str = "abs") -> torch.Tensor:
     return out.clamp_min(0.0)
 
 
-def gini(x: np.ndarray | torch.Tensor, negative: str = "abs") -> np.ndarray | torch.Tensor:
+def gini(x: np.ndarray | torch.Tensor, negative: str = "abs", threads: int | None = None) -> np.ndarray | torch.Tensor:
     """Hurley & Rickard's Gini index of |x| for each row of a B×N batch (float64, G(0) = 0).
 
     A numpy array or CPU tensor is sorted with numpy and gives a numpy array; a tensor
     on another device (a GPU) is sorted there with ``torch.sort`` and gives a tensor on
     that device. ``negative`` is ``"abs"`` (Hurley & Rickard) or ``"shift"`` (subtract a
     negative row minimum, as ``gini.py``; only for comparing with older results).
-    Raises :class:`NonFiniteError` (a ``ValueError``) if x holds NaN or Inf.
+    On the CPU the rows are split over ``threads`` (default ``torch.get_num_threads()``);
+    the result does not depend on it. Raises :class:`NonFiniteError` (a ``ValueError``)
+    if x holds NaN or Inf.
     """
     if isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
@@ -209,7 +241,7 @@ def gini(x: np.ndarray | torch.Tensor, negative: str = "abs") -> np.ndarray | to
         if x.dtype in (torch.bfloat16, torch.float16):
             x = x.float()
         x = x.numpy()
-    return _gini_numpy(x, negative)
+    return _gini_numpy(x, negative, threads)
 
 
 class Gini(FluencyMetric):
