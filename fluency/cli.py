@@ -71,19 +71,24 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Reuse an existing --out run folder.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Relations shown in the summary.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
+@click.option("--interpolate", "interpolate", multiple=True, metavar="ID_A,ID_B",
+              help="Draw a latent interpolation strip between these two images (repeatable); default: the "
+                   "lowest- and highest-rated image.")
+@click.option("--no-figures", is_flag=True,
+              help="Skip the model figures (latent means, reconstructions, interpolations, training curves).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def run(images: Path | None, ratings: Path | None, id_column: str, rating_column: str, checkpoints: tuple[Path, ...],
         metrics: tuple[str, ...], analyses: tuple[str, ...], layers: tuple[str, ...], out: Path | None, device: str,
         batch_size: int, seed: int, options: tuple[str, ...], config: Path | None, store_dtype: str, no_store: bool,
         strict: bool, by: str | None, min_group_size: int, overwrite: bool, top: int, no_report: bool,
-        as_json: bool) -> None:
+        interpolate: tuple[str, ...], no_figures: bool, as_json: bool) -> None:
     """Compute per-image fluency metrics and relate them to ratings.
 
     With no --images and no --checkpoint, runs on the embedded default (generated, rated stimuli and a
     small shipped model). Example: fluency run --metric gini --metric sam
     """
     from fluency.core.runner import run as run_pipeline
-    from fluency.core.summary import print_matching, relations_table
+    from fluency.core.summary import print_matching, print_unreadable, relations_table
 
     result = run_pipeline(
         metrics=_split(metrics), images=images, ratings=ratings, id_column=id_column, rating_column=rating_column,
@@ -91,6 +96,7 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         device=device, batch_size=batch_size, seed=seed, options=options, config=config, store=not no_store,
         store_dtype=store_dtype, strict=strict, overwrite=overwrite, console=err,
         by=[c.strip() for c in by.split(",") if c.strip()] if by else (), min_group_size=min_group_size,
+        interpolate=interpolate, figures=not no_figures,
     )
     if not no_report:
         from fluency.core.report import build_report
@@ -101,9 +107,12 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         _emit_json({"run": str(result.path), "status": result.manifest["status"],
                     "n_images": int(result.metrics["image_id"].nunique()), "metric_rows": len(result.metrics),
                     "strongest": _jsonable(strongest) if len(strongest) else [],
-                    "matching": result.manifest.get("matching"), "timings": result.manifest["timings"]})
+                    "matching": result.manifest.get("matching"), "unreadable_images": result.unreadable,
+                    "timings": result.manifest["timings"]})
         return
     out_console = Console()
+    if result.report is None:  # with ratings, the matching report lists them
+        print_unreadable(err, result.unreadable)
     print_matching(err, result.report)
     for g in result.manifest.get("subgroups", {}).get("groups", []):
         if not g["analysed"]:
@@ -115,7 +124,8 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         out_console.print(relations_table(strongest, result.manifest["metric_columns"]))
     else:
         out_console.print("No analyses ran (pass --ratings to relate the metrics to ratings).")
-    written = [name for name in ("report.html", "metrics.parquet", "analyses/", "activations/", "manifest.json")
+    written = [name for name in ("report.html", "metrics.parquet", "analyses/", "activations/", "latents/",
+                                 "figures/", "manifest.json")
                if (result.path / name.rstrip("/")).exists()]
     out_console.print(f"Results in [bold]{result.path}[/bold]: {', '.join(written)}")
 
@@ -249,7 +259,11 @@ def plugins(pattern: str, kind: str | None, as_json: bool) -> None:
 @cli.command()
 @click.argument("target", required=False)
 def schema(target: str | None) -> None:
-    """Print the options of every plugin (or of KIND.NAME) as JSON: type, default, help, choices."""
+    """Print the options of every plugin (or of KIND.NAME) as JSON: type, default, help, choices.
+
+    ``default`` is what a run uses (registry.toml over the plugin's own); ``declared_default`` is the
+    plugin's own where the two differ.
+    """
     manager: PluginManager = get_plugin_manager()
     records = [r for r in manager.list() if r.spec is not None and r.status == "ok"]
     if target:

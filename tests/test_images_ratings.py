@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from fluency.core.errors import InputError
-from fluency.core.images import (FolderSource, Preprocessing, TensorSource, find_images, iter_batches,
-                                 load_image)
-from fluency.core.ratings import check_strict, empty_rating_ids, match_ids, read_ratings, read_table
+from fluency.core.images import (FolderSource, Preprocessing, TensorSource, find_images, find_unreadable,
+                                 image_problem, iter_batches, load_image)
+from fluency.core.ratings import (check_any_matched, check_strict, empty_rating_ids, match_ids, read_ratings,
+                                  read_table)
 
 
 def make_image(path: Path, value: int = 128, size: tuple[int, int] = (12, 8), mode: str = "RGB") -> Path:
@@ -287,6 +288,48 @@ def test_truncated_and_fake_images_raise_input_error(tmp_path):
         load_image(fake, 8)
 
 
+def test_unreadable_images_are_found_up_front_with_the_reason(tmp_path):
+    good = tmp_path / "good.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(good)
+    (tmp_path / "cut.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    png = make_image(tmp_path / "ok.png")
+    (tmp_path / "cut.png").write_bytes(png.read_bytes()[:-20])
+    (tmp_path / "fake.png").write_text("this is not an image")
+    assert image_problem(good) is None and image_problem(png) is None
+    problems = find_unreadable(find_images(tmp_path))
+    assert [p.name for p in problems] == ["cut.jpg", "cut.png", "fake.png"]
+    assert "truncated" in problems[tmp_path / "cut.jpg"].lower()
+    assert problems[tmp_path / "fake.png"].startswith("UnidentifiedImageError: ")
+    assert all("\n" not in why for why in problems.values())
+
+
+def test_unreadable_images_leave_the_match_report(tmp_path):
+    files = folder(tmp_path, ["a.png", "b.png", "c.png"])
+    report = match_ids(["a", "b"], tmp_path, files)
+    report.drop_unreadable(tmp_path, {tmp_path / "b.png": "OSError: bad", tmp_path / "c.png": "OSError: worse"})
+    assert list(report.matched) == ["a"] and report.unreadable_ids == ["b"] and report.unrated_images == []
+    assert report.unreadable_images == {"b.png": "OSError: bad", "c.png": "OSError: worse"} and not report.ok
+    assert report.as_dict()["unreadable_images"]["c.png"] == "OSError: worse"
+    lines = report.summary_lines()
+    assert lines[0].startswith("1 of 2 rated ids matched a readable image") and "b.png (OSError: bad)" in lines[1]
+    check_any_matched(report, "r.csv")  # 'a' names a readable image
+    report.drop_unreadable(tmp_path, {tmp_path / "a.png": "OSError: also bad"})
+    with pytest.raises(InputError, match=r"every image its ids name cannot be read, e\.g\. .*a\.png \(OSError"):
+        check_any_matched(report, "r.csv")
+
+
+def test_a_table_naming_no_image_is_an_error_with_examples_and_hint(tmp_path):
+    files = folder(tmp_path, ["x/IMG_1.png", "x/IMG_2.png"])
+    expected = r"(?s)'subject'.*'face1', 'face2'.*x/IMG_1\.png, x/IMG_2\.png.*stems.*--id-column"
+    with pytest.raises(InputError, match=expected):
+        check_any_matched(match_ids(["face1", "face2"], tmp_path, files), "r.csv", "subject")
+    with pytest.raises(InputError, match="if case were ignored"):
+        check_any_matched(match_ids(["img_1"], tmp_path, files), "r.csv")
+    with pytest.raises(InputError, match="has no rows"):
+        check_any_matched(match_ids([], tmp_path, files), "r.csv")
+    check_any_matched(match_ids(["IMG_1", "nope"], tmp_path, files), "r.csv")  # one match is enough
+
+
 # --- sources and batches --------------------------------------------------------------------------------------
 
 def test_fingerprint_changes_with_content_and_names(tmp_path):
@@ -320,6 +363,19 @@ def test_iter_batches_propagates_the_bad_file(tmp_path):
     source = FolderSource(tmp_path, {p.stem: p for p in files}, Preprocessing(4))
     with pytest.raises(InputError, match="c.png"):
         list(iter_batches(source, 2))
+
+
+def test_iter_batches_can_skip_the_bad_file(tmp_path):
+    files = folder(tmp_path, ["a.png", "b.png", "c.png", "d.png"])
+    (tmp_path / "b.png").write_text("broken")
+    (tmp_path / "c.png").write_text("broken")
+    source = FolderSource(tmp_path, {p.stem: p for p in files}, Preprocessing(4))
+    skipped: list[tuple[int, str]] = []
+    batches = list(iter_batches(source, 2, on_error=lambda i, exc: skipped.append((i, str(exc)))))
+    assert [ids for ids, _ in batches] == [["a"], ["d"]] and [x.shape[0] for _, x in batches] == [1, 1]
+    assert [i for i, _ in skipped] == [1, 2] and "b.png" in skipped[0][1]
+    only_bad = FolderSource(tmp_path, {"b": tmp_path / "b.png"}, Preprocessing(4))
+    assert list(iter_batches(only_bad, 2, on_error=lambda i, exc: None)) == []
 
 
 def test_tensor_source():

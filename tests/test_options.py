@@ -87,3 +87,33 @@ def test_same_name_in_two_kinds_needs_the_kind() -> None:
         resolve_plugin_options(pm, used, ["sam2.rho=0.1"])
     out = resolve_plugin_options(pm, used, ["optimizer.sam2.rho=0.1"])
     assert out[("optimizer", "sam2")]["rho"] == 0.1 and out[("metric", "sam2")]["rho"] == 0.05
+
+
+def test_schema_shows_the_default_a_run_uses(monkeypatch) -> None:
+    """registry.toml overrides a plugin's declared default: `fluency schema` shows that value, and the declared one."""
+    import copy
+    import json
+
+    from click.testing import CliRunner
+
+    from fluency.cli import cli
+    from fluency.core import plugins
+    from fluency.core.plugins import PluginManager
+
+    registry = copy.deepcopy(plugins.read_registry())
+    registry["defaults"]["metric"]["sam"] = {"rho": 0.1}
+    registry["defaults"]["metric"]["lepsilon"] = {"epsilon": 1}  # an int for a float option
+    monkeypatch.setattr(plugins, "read_registry", lambda: registry)
+    monkeypatch.setenv("FLUENCY_DISABLE_PLUGIN_AUTOLOAD", "1")
+    res = CliRunner().invoke(cli, ["schema", "metric.sam"])
+    assert res.exit_code == 0, res.output
+    rho = json.loads(res.stdout)["metric.sam"]["rho"]
+    assert (rho["default"], rho["declared_default"]) == (0.1, 0.05)
+    assert "declared_default" not in json.loads(res.stdout)["metric.sam"]["adaptive"]
+    used = [("metric", "sam"), ("metric", "lepsilon")]
+    resolved = resolve_plugin_options(PluginManager(autoload=False), used)
+    assert resolved[("metric", "sam")]["rho"] == rho["default"]
+    epsilon = json.loads(CliRunner().invoke(cli, ["schema", "lepsilon"]).stdout)["metric.lepsilon"]["epsilon"]
+    assert epsilon["default"] == 1.0 == resolved[("metric", "lepsilon")]["epsilon"] and "declared_default" in epsilon
+    listing = json.loads(CliRunner().invoke(cli, ["plugins", "sam", "--kind", "metric", "--json"]).stdout)
+    assert listing[0]["options"]["rho"]["default"] == 0.1

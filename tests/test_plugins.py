@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -148,7 +149,7 @@ def test_clashing_names_are_an_error_naming_both_packages(site: Path) -> None:
 
 
 def test_blocking_and_disabling_autoload(site: Path) -> None:
-    listing = rows(site, {"FLUENCY_BLOCK_PLUGINS": "fluency-clash"})
+    listing = rows(site, {"FLUENCY_BLOCK_PLUGINS": " Fluency_Clash ,  no-such-package"})  # normalised names
     assert find(listing, name="clash")[0]["status"] == "blocked"
     assert find(listing, name="gini", kind="metric")[0]["status"] == "ok"
     listing = rows(site, {"FLUENCY_DISABLE_PLUGIN_AUTOLOAD": "1"})
@@ -217,3 +218,51 @@ def test_every_builtin_kind_has_a_plugin_and_every_builtin_option_default_valida
     for record in manager.list():
         assert record.kind in KINDS
         record.spec.resolve(manager.option_defaults(record.kind, record.name))
+
+
+def metric_plugin(name: str) -> object:
+    """An in-process plugin object registering one metric ``name``."""
+    class Plugin:
+        @hookimpl
+        def fluency_register_metrics(self):
+            return [MetricSpec(name=name, factory=dict, description=f"{name} (a test plugin).")]
+
+    return Plugin()
+
+
+def fake_entry_points(monkeypatch: pytest.MonkeyPatch, *eps: tuple[str, str, str, object]) -> None:
+    """Make the entry-point group ``fluency`` hold exactly ``(name, distribution, version, plugin)`` entries."""
+    from fluency.core import plugins
+
+    fakes = [SimpleNamespace(name=name, value=f"{dist}:plugin", group="fluency", load=lambda p=plugin: p,
+                             dist=SimpleNamespace(metadata={"Name": dist}, version=version))
+             for name, dist, version, plugin in eps]
+    monkeypatch.setattr(plugins.md, "entry_points", lambda group: [e for e in fakes if e.group == group])
+
+
+def test_one_entry_point_name_in_two_distributions_keeps_the_first_and_names_both(monkeypatch) -> None:
+    fake_entry_points(monkeypatch, ("dup", "fluency-one", "1.0", metric_plugin("one-metric")),
+                      ("dup", "fluency-two", "2.0", metric_plugin("two-metric")))
+    pm = PluginManager()
+    assert pm.get("metric", "one-metric").name == "one-metric" and "two-metric" not in pm.names("metric")
+    (broken,) = [r for r in pm.list() if r.status == "broken"]
+    assert (broken.name, broken.package, broken.version) == ("dup", "fluency-two", "2.0")
+    assert "fluency-one 1.0 and fluency-two 2.0" in broken.error and "already registered" not in broken.error
+    assert "FLUENCY_BLOCK_PLUGINS" in broken.error
+    with pytest.raises(PluginError, match=r"fluency-two 2\.0 failed to load: .*'dup' .*fluency-one 1\.0"):
+        PluginManager(strict=True)
+    monkeypatch.setenv("FLUENCY_BLOCK_PLUGINS", "fluency-one")  # blocking the first lets the second in
+    assert "two-metric" in PluginManager().names("metric")
+
+
+def test_blocked_names_are_normalised_and_match_distributions_and_entry_points(monkeypatch) -> None:
+    fake_entry_points(monkeypatch, ("good-one", "Fluency_Good.Pkg", "1.0", metric_plugin("m-one")),
+                      ("good_two", "fluency-other", "1.0", metric_plugin("m-two")),
+                      ("kept", "fluency-kept", "1.0", metric_plugin("m-kept")))
+    monkeypatch.setenv("FLUENCY_BLOCK_PLUGINS", " fluency-good-pkg ,GOOD-TWO,, ")
+    pm = PluginManager()
+    status = {r.name: r.status for r in pm.list()}
+    assert status["good-one"] == status["good_two"] == "blocked" and status["m-kept"] == "ok"
+    assert not {"m-one", "m-two"} & set(pm.names("metric"))
+    blocked = PluginManager(blocked=["FLUENCY.GOOD_PKG", "Kept"])
+    assert {r.name for r in blocked.list() if r.status == "blocked"} == {"good-one", "kept"}

@@ -95,7 +95,8 @@ def test_python_api_same_as_cli(tmp_path: Path) -> None:
     assert set(result.metrics["layer"]) == {"enc1", "enc2"}
     assert set(result.analyses) == {"pearson", "spearman"} and "p_fdr" in result.analyses["pearson"]
     assert result.manifest["options"]["metric.lepsilon"] == {"epsilon": 0.1, "mode": "relative",
-                                                            "layers": ["enc1", "enc2"]}
+                                                            "layers": ["enc1", "enc2"], "all_layers": False,
+                                                            "layer_weighting": "units", "layer_weights": None}
     assert len(result.strongest(3)) >= 3
 
 
@@ -220,10 +221,108 @@ def test_missing_rating_column_lists_the_columns(small_set: Path, tmp_path: Path
                     rating_column="beuty", out=tmp_path / "o", progress=False)
 
 
-def test_corrupt_image_is_named(small_set: Path, tmp_path: Path) -> None:
+def test_corrupt_images_are_skipped_and_reported_strict_stops(small_set: Path, tmp_path: Path) -> None:
+    good = (small_set / "images" / "b" / "5.png").read_bytes()
     (small_set / "images" / "a" / "2.png").write_bytes(b"not a png at all")
-    with pytest.raises(InputError, match=r"2\.png"):
-        run_small(small_set, tmp_path)
+    (small_set / "images" / "b" / "5.png").write_bytes(good[: len(good) // 2])  # truncated
+    result = run_small(small_set, tmp_path)
+    assert sorted(result.metrics["image_id"].unique()) == ["1", "3", "4", "6"]
+    assert (result.analyses["pearson"]["n"] == 4).all()
+    assert set(result.unreadable) == {"a/2.png", "b/5.png"} and "Truncated" in result.unreadable["b/5.png"]
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and set(manifest["unreadable_images"]) == {"a/2.png", "b/5.png"}
+    assert set(manifest["matching"]["unreadable_images"]) == {"a/2.png", "b/5.png"}
+    assert sorted(manifest["matching"]["unreadable_ids"]) == ["2", "5"] and manifest["matching"]["n_matched"] == 4
+    assert not manifest["matching"]["missing_images"] and not manifest["matching"]["unrated_images"]
+    assert any("a/2.png (UnidentifiedImageError" in line for line in result.report.summary_lines())
+    with pytest.raises(InputError, match=r"--strict: 2 images cannot be read: .*2\.png \(Unidentified"):
+        run_small(small_set, tmp_path / "strict", strict=True)
+    unrated = fluency.run(metrics=["gini"], images=small_set / "images", out=tmp_path / "unrated", progress=False,
+                          store=False)
+    assert set(unrated.unreadable) == {"a/2.png", "b/5.png"} and unrated.metrics["image_id"].nunique() == 4
+
+
+def test_terminal_summary_lists_unreadable_images(small_set: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fluency.cli import cli as fluency_cli
+
+    (small_set / "images" / "a" / "2.png").write_bytes(b"\x89PNG garbage")
+    for extra in ([], ["--ratings", str(small_set / "r.csv"), "--id-column", "id", "--rating-column", "beauty"]):
+        out = tmp_path / f"o{len(extra)}"
+        res = CliRunner().invoke(fluency_cli, ["run", "--metric", "gini", "--images", str(small_set / "images"),
+                                               *extra, "--no-store", "--no-report", "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert "cannot be read" in res.stderr and "a/2.png" in res.stderr, res.stderr
+
+
+def test_an_image_failing_while_measuring_is_left_out_of_every_checkpoint(small_set: Path, tmp_path: Path,
+                                                                        monkeypatch, manager) -> None:
+    """A file that passes the up-front check but fails later (changed on disk) loses no finished work."""
+    from fluency.core import runner, stimuli
+    from fluency.core.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
+    from fluency.core.images import FolderSource
+
+    loaded = load_checkpoint(DEFAULT_CHECKPOINT, manager)
+    save_checkpoint(tmp_path / "other.pt", loaded.model, "vae-small",
+                    **{k: v for k, v in loaded.info.items() if k not in ("format", "format_version", "architecture")},
+                    note="a second, different file")
+    monkeypatch.setattr(stimuli, "find_unreadable", lambda paths: {})
+    current: list[str] = []  # the label of the checkpoint being measured
+    broken_for = {"other"}  # the checkpoints for which image 3 fails to load
+    load_ckpt, load_image = runner.load_checkpoint, FolderSource.load
+
+    def tracking(path: Path, manager, label: str):
+        current.append(label)
+        return load_ckpt(path, manager, label)
+
+    def flaky(self: FolderSource, index: int) -> torch.Tensor:
+        if self.ids[index] == "3" and current[-1] in broken_for:
+            raise InputError(f"cannot read image {self.paths[index]}: OSError: gone") from OSError("gone")
+        return load_image(self, index)
+
+    monkeypatch.setattr(runner, "load_checkpoint", tracking)
+    monkeypatch.setattr(FolderSource, "load", flaky)
+    result = run_small(small_set, tmp_path, checkpoints=[DEFAULT_CHECKPOINT, tmp_path / "other.pt"])
+    assert result.manifest["status"] == "complete" and result.unreadable == {"a/3.png": "OSError: gone"}
+    assert set(result.metrics["checkpoint"]) == {"default", "other"}
+    assert sorted(result.metrics["image_id"].unique()) == ["1", "2", "4", "5", "6"]
+    assert sorted(pd.read_parquet(result.path / "metrics.parquet")["image_id"].unique()) == ["1", "2", "4", "5", "6"]
+    assert (result.analyses["pearson"]["n"] == 5).all()
+    assert result.manifest["matching"]["unreadable_ids"] == ["3"] and "3" not in result.report.matched
+    broken_for.add("default")
+    with pytest.raises(InputError, match=r"3\.png"):
+        run_small(small_set, tmp_path / "strict", strict=True)
+
+
+def test_a_ratings_table_matching_no_image_is_an_error_with_examples(small_set: Path, tmp_path: Path) -> None:
+    pd.DataFrame({"id": ["face_01", "face_02"], "beauty": [1.0, 2]}).to_csv(small_set / "none.csv", index=False)
+    with pytest.raises(InputError, match=r"(?s)no rated id in column 'id'.*'face_01'.*a/1\.png.*--id-column"):
+        run_small(small_set, tmp_path, "none.csv")
+    pd.DataFrame({"id": ["A/1", "A/2"], "beauty": [1.0, 2]}).to_csv(small_set / "case.csv", index=False)
+    with pytest.raises(InputError, match="if case were ignored"):
+        run_small(small_set, tmp_path, "case.csv")
+
+
+def test_a_checkpoint_given_twice_is_measured_once(tmp_path: Path, monkeypatch) -> None:
+    from fluency.core.checkpoint import DEFAULT_CHECKPOINT
+
+    shutil.copy(DEFAULT_CHECKPOINT, tmp_path / "a.pt")
+    shutil.copy(DEFAULT_CHECKPOINT, tmp_path / "copy.pt")   # another file, the same bytes
+    os.link(tmp_path / "a.pt", tmp_path / "hard.pt")        # another name for the same file
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    result = fluency.run(metrics=["gini"], checkpoints=[tmp_path / "a.pt", Path("../a.pt"), tmp_path / "hard.pt",
+                                                        tmp_path / "copy.pt"],
+                         out=tmp_path / "o", progress=False, store=False, analyses=[])
+    assert set(result.metrics["checkpoint"]) == {"a"} and len(result.manifest["inputs"]["checkpoints"]) == 1
+    notes = result.manifest["inputs"]["duplicate_checkpoints"]
+    assert [(n["path"], n["same_as"]) for n in notes] == [("../a.pt", str(tmp_path / "a.pt")),
+                                                          (str(tmp_path / "hard.pt"), str(tmp_path / "a.pt")),
+                                                          (str(tmp_path / "copy.pt"), str(tmp_path / "a.pt"))]
+    assert [n["why"] for n in notes] == ["same path", "same file", "same content"]
+    assert notes[2]["text"].startswith(f"--checkpoint {tmp_path / 'copy.pt'} has the same content as")
+    assert result.metrics.groupby("image_id").size().nunique() == 1  # one value set per image, not several
 
 
 def test_analysis_without_ratings_is_an_error(small_set: Path, tmp_path: Path) -> None:

@@ -20,14 +20,43 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
+def _save(fig: Any, path: Path | Sequence[Path]) -> None:
+    """Write ``fig`` atomically to one path or to several (e.g. PNG for the report and SVG for papers), then close it.
+
+    SVG and PDF carry no creation date, so the same figure gives the same bytes.
+    """
+    for target in [path] if isinstance(path, Path) else list(path):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fmt = target.suffix.lstrip(".") or "png"
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight",
+                        metadata={"Date": None} if fmt in ("svg", "pdf") else None)
     _pyplot().close(fig)
 
 
-def training_curves(history: Sequence[Mapping[str, float]], path: Path) -> None:
+def _mosaic(rows: Sequence[Sequence[torch.Tensor]], pad: int = 2) -> Any:
+    """Tile rows of equally sized ``C×H×W`` images in [0, 1] into one RGB array with white gaps.
+
+    One ``imshow`` of a mosaic draws many times faster than one axes per image.
+    """
+    import numpy as np
+
+    c, h, w = rows[0][0].shape
+    n_cols = max(len(r) for r in rows)
+    canvas = np.ones((len(rows) * (h + pad) - pad, n_cols * (w + pad) - pad, 3), dtype=np.float32)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            pixels = img.detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy()
+            canvas[i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = (
+                np.repeat(pixels, 3, axis=2) if c == 1 else pixels)
+    return canvas
+
+
+def _tile_centre(index: int, size: int, pad: int = 2) -> float:
+    return index * (size + pad) + (size - 1) / 2
+
+
+def training_curves(history: Sequence[Mapping[str, float]], path: Path | Sequence[Path]) -> None:
     """One panel per loss term (train solid, validation dashed) over epochs."""
     plt = _pyplot()
     skip = {"epoch", "beta", "lr", "seconds"}
@@ -46,25 +75,75 @@ def training_curves(history: Sequence[Mapping[str, float]], path: Path) -> None:
 
 
 @torch.no_grad()
-def reconstruction_grid(model: Any, source: Any, indices: Sequence[int], path: Path, device: torch.device) -> None:
-    """Images (top row) above their reconstructions with z = mu (bottom row)."""
+def reconstruction_grid(model: Any, source: Any, indices: Sequence[int], path: Path | Sequence[Path],
+                        device: torch.device, labels: Sequence[str] | None = None, title: str | None = None) -> None:
+    """Images (top row) above their reconstructions with z = mu (bottom row); ``labels`` name the columns."""
     plt = _pyplot()
     was_training = model.training
     model.eval()
     images = torch.stack([source.load(i) for i in indices]).to(device)
     recon = model(images, sample=False).recon.clamp(0, 1)
     model.train(was_training)
-    fig, axes = plt.subplots(2, len(indices), figsize=(1.3 * len(indices), 2.8), squeeze=False)
-    for col, (a, b) in enumerate(zip(images.cpu(), recon.cpu())):
-        for row, img in enumerate((a, b)):
-            ax = axes[row][col]
-            pixels = img.permute(1, 2, 0).numpy()
-            ax.imshow(pixels[..., 0] if pixels.shape[2] == 1 else pixels, cmap="gray" if pixels.shape[2] == 1 else None,
-                      vmin=0, vmax=1)
-            ax.axis("off")
-    axes[0][0].set_title("images", fontsize="small", loc="left")
-    axes[1][0].set_title("reconstructions", fontsize="small", loc="left")
+    _, h, w = images.shape[1:]
+    fig, ax = plt.subplots(figsize=(1.3 * len(indices), 2.8 + 0.3 * bool(title) + 0.25 * (labels is not None)))
+    ax.imshow(_mosaic([list(images.cpu()), list(recon.cpu())]), interpolation="nearest")
+    ax.axis("off")
+    for col, text in enumerate(labels or []):
+        ax.text(_tile_centre(col, w), -3, text, ha="center", va="bottom", fontsize=6)
+    ax.text(-4, _tile_centre(0, h), "images", ha="right", va="center", rotation=90, fontsize=7)
+    ax.text(-4, _tile_centre(1, h), "reconstructions", ha="right", va="center", rotation=90, fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=8, pad=22 if labels is not None else 6)
     _save(fig, path)
+
+
+def interpolation_strip(image_a: torch.Tensor, image_b: torch.Tensor, decoded: torch.Tensor, ts: Sequence[float],
+                        path: Path | Sequence[Path], title: str) -> None:
+    """One row: image A, the decodings along the line from mu_A to mu_B (at ``ts``), image B."""
+    plt = _pyplot()
+    _, _, w = image_a.shape
+    n = len(decoded)
+    fig, ax = plt.subplots(figsize=(1.0 * (n + 2), 1.7))
+    ax.imshow(_mosaic([[image_a, *decoded, image_b]]), interpolation="nearest")
+    ax.axis("off")
+    names = ["image A"] + [f"t={t:.2f}" for t in ts] + ["image B"]
+    for col, name in enumerate(names):
+        ax.text(_tile_centre(col, w), -3, name, ha="center", va="bottom", fontsize=6,
+                fontweight="bold" if name.startswith("image") else None)
+    ax.set_title(title, fontsize=8, pad=14)
+    _save(fig, path)
+
+
+def latent_projection(coords: Any, paths: Path | Sequence[Path], title: str, axis_labels: tuple[str, str],
+                      values: Any = None, value_label: str = "", groups: Any = None) -> None:
+    """2-D scatter of projected latent means, coloured by ``values`` (colour bar) or by ``groups`` (legend).
+
+    Points without a value (NaN, e.g. unrated images) are grey.
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 3.8))
+    if groups is not None:
+        groups = np.asarray(groups, dtype=object)
+        for k, g in enumerate(sorted(set(groups), key=str)):
+            sel = groups == g
+            ax.scatter(coords[sel, 0], coords[sel, 1], s=10, alpha=0.75, color=f"C{k % 10}", label=str(g))
+        ax.legend(fontsize=6, markerscale=1.5, loc="best", frameon=False)
+    elif values is not None:
+        values = np.asarray(values, dtype=float)
+        known = np.isfinite(values)
+        if (~known).any():
+            ax.scatter(coords[~known, 0], coords[~known, 1], s=8, color="0.75", label="no rating")
+            ax.legend(fontsize=6, frameon=False)
+        points = ax.scatter(coords[known, 0], coords[known, 1], c=values[known], s=10, cmap="viridis", alpha=0.85)
+        fig.colorbar(points, ax=ax).set_label(value_label, fontsize=8)
+    else:
+        ax.scatter(coords[:, 0], coords[:, 1], s=10, alpha=0.75)
+    ax.set_xlabel(axis_labels[0], fontsize=8)
+    ax.set_ylabel(axis_labels[1], fontsize=8)
+    ax.set_title(title, fontsize=8)
+    _save(fig, paths)
 
 
 def correlation_heatmap(table: Any, path: Path, title: str, alpha: float = 0.05) -> None:

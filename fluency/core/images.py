@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -185,6 +185,34 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def image_problem(path: str | Path) -> str | None:
+    """Why the file at ``path`` cannot be decoded (``"Type: message"``, one line), or None if it decodes.
+
+    ``PIL.Image.verify`` checks the file's structure, then a full decode catches
+    truncated pixel data (verify alone misses it for JPEG). About 0.7 ms per
+    256×256 JPEG, an eighth of what :func:`load_image` costs.
+    """
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            img.load()
+            img.getexif()
+            if img.width == 0 or img.height == 0:
+                return f"it is empty ({img.width}×{img.height} pixels)"
+    except Exception as exc:  # as in load_image: PIL raises many types for bad files
+        text = " ".join(str(exc).split())
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return None
+
+
+def find_unreadable(paths: Sequence[Path], workers: int = _PREFETCH_WORKERS) -> dict[Path, str]:
+    """The files among ``paths`` that cannot be decoded, with the decoder's reason, in the given order."""
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="fluency-check") as pool:
+        problems = list(pool.map(image_problem, paths))
+    return {Path(p): why for p, why in zip(paths, problems) if why is not None}
+
+
 class ImageSource:
     """Images by index, with their ids; what a run measures and what training reads.
 
@@ -275,13 +303,16 @@ class TensorSource(ImageSource):
         return {**self.description, "shape": list(self.images.shape)}
 
 
-def iter_batches(source: ImageSource, batch_size: int,
-                 workers: int = _PREFETCH_WORKERS) -> Iterator[tuple[list[str], torch.Tensor]]:
+def iter_batches(source: ImageSource, batch_size: int, workers: int = _PREFETCH_WORKERS,
+                 on_error: Callable[[int, InputError], None] | None = None,
+                 ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """``(ids, B×C×H×W images)`` in the source's order, decoding the next batch while this one is used.
 
     Decoding runs on a few threads (PIL releases the GIL); at most two batches are
     in memory. An unreadable image raises its :class:`InputError` (naming the
-    file) when its batch is reached.
+    file) when its batch is reached; with ``on_error`` it is left out of its batch
+    and ``on_error(index, error)`` is called instead (which may raise). A batch
+    left empty is not yielded.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, not {batch_size}")
@@ -295,7 +326,17 @@ def iter_batches(source: ImageSource, batch_size: int,
     try:
         for start in range(0, n, batch_size):
             current, pending = pending, submit(start + batch_size) if start + batch_size < n else []
-            images = [f.result() for f in current]
-            yield source.ids[start:start + len(images)], torch.stack(images)
+            ids, images = [], []
+            for index, future in enumerate(current, start):
+                try:
+                    images.append(future.result())
+                except InputError as exc:
+                    if on_error is None:
+                        raise
+                    on_error(index, exc)
+                    continue
+                ids.append(source.ids[index])
+            if images:
+                yield ids, torch.stack(images)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -28,6 +28,9 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
+_DECLARED: Any = object()  # "no other default": describe() shows the declared one
+
+
 @dataclass(frozen=True)
 class Option:
     """One option of a plugin.
@@ -75,9 +78,16 @@ class Option:
             raise OptionError(f"{where}: {value!r} is above the maximum {self.maximum}")
         return value
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-ready description (for ``fluency plugins --json`` and ``fluency schema``)."""
-        out: dict[str, Any] = {"type": self.type, "default": self.default, "help": self.help}
+    def describe(self, default: Any = _DECLARED) -> dict[str, Any]:
+        """A JSON-ready description (for ``fluency plugins --json`` and ``fluency schema``).
+
+        ``default`` is the effective default where another layer (``registry.toml``) sets one;
+        when it differs from the declared default, that is given too, as ``declared_default``.
+        """
+        effective = self.default if default is _DECLARED else default
+        out: dict[str, Any] = {"type": self.type, "default": effective, "help": self.help}
+        if effective != self.default or type(effective) is not type(self.default):
+            out["declared_default"] = self.default
         if self.choices is not None:
             out["choices"] = list(self.choices)
         if self.minimum is not None:

@@ -7,7 +7,9 @@ check the returned specs and index them by (kind, name).
 
 A plugin that fails at any step (import error, a hook pluggy rejects, an exception
 or a malformed spec from a hook, a name another plugin already uses) is recorded as
-``broken`` with its package, version and error; the rest keep working. Asking for a
+``broken`` with its package, version and error; the rest keep working. Two specs
+of one kind and name make both broken; two distributions advertising one
+entry-point name keep the first loaded and mark the other broken. Asking for a
 name it provides, or might have provided, raises a one-line :class:`PluginError`.
 
 Environment variables:
@@ -15,7 +17,9 @@ Environment variables:
 ``FLUENCY_DISABLE_PLUGIN_AUTOLOAD=1``
     do not load third-party entry points at all;
 ``FLUENCY_BLOCK_PLUGINS=pkg1,pkg2``
-    skip these distributions (or entry-point names); they are listed as ``blocked``;
+    skip these distributions (or entry-point names); they are listed as ``blocked``.
+    Names are compared as pip compares distribution names (:func:`normalise_name`:
+    any case, ``-``, ``_`` and ``.`` alike, spaces around commas ignored);
 ``FLUENCY_STRICT_PLUGINS=1``
     raise on the first broken plugin instead of recording it.
 """
@@ -26,6 +30,7 @@ import fnmatch
 import importlib
 import importlib.metadata as md
 import os
+import re
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,7 +41,7 @@ from typing import Any, Literal
 import pluggy
 
 from fluency.core import hookspecs
-from fluency.core.errors import PluginError
+from fluency.core.errors import OptionError, PluginError
 from fluency.core.specs import KINDS, SPEC_TYPES, Kind, PluginSpec
 
 ENTRY_POINT_GROUP = "fluency"
@@ -59,9 +64,26 @@ class PluginRecord:
     plugin: str = ""  # the pluggy plugin name (module or entry point)
 
     def as_dict(self) -> dict[str, Any]:
+        """JSON-ready; each option's ``default`` is the effective one (``registry.toml`` over the declared)."""
         out = {k: getattr(self, k) for k in ("kind", "name", "package", "version", "status", "description", "error")}
-        out["options"] = {k: o.describe() for k, o in self.spec.options.items()} if self.spec else {}
+        out["options"] = {}
+        if self.spec is not None and self.kind is not None:
+            registry = registry_defaults(self.kind, self.name)
+            for key, opt in self.spec.options.items():
+                if key not in registry:
+                    out["options"][key] = opt.describe()
+                    continue
+                try:
+                    value = opt.validate(registry[key], f"registry.toml [defaults.{self.kind}.{self.name}].{key}")
+                except OptionError:  # shown as written; a run reports it
+                    value = registry[key]
+                out["options"][key] = opt.describe(value)
         return out
+
+
+def normalise_name(name: str) -> str:
+    """A distribution or entry-point name as compared (PEP 503): stripped, lower case, runs of ``-_.`` as ``-``."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
 
 
 def _env_flag(name: str) -> bool:
@@ -73,6 +95,11 @@ def read_registry() -> dict[str, Any]:
     """The parsed ``registry.toml`` (built-in plugin modules, option defaults, default analyses)."""
     with open(REGISTRY_PATH, "rb") as fh:
         return tomllib.load(fh)
+
+
+def registry_defaults(kind: Kind, name: str) -> dict[str, Any]:
+    """Defaults for a plugin's options from ``registry.toml`` (``[defaults.KIND.NAME]``)."""
+    return dict(read_registry().get("defaults", {}).get(kind, {}).get(name, {}))
 
 
 def _error_text(exc: BaseException, limit: int = 300) -> str:
@@ -89,12 +116,13 @@ class PluginManager:
                  blocked: Iterable[str] | None = None, load: bool = True) -> None:
         self.autoload = not _env_flag("FLUENCY_DISABLE_PLUGIN_AUTOLOAD") if autoload is None else autoload
         self.strict = _env_flag("FLUENCY_STRICT_PLUGINS") if strict is None else strict
-        env_blocked = [b.strip() for b in os.environ.get("FLUENCY_BLOCK_PLUGINS", "").split(",") if b.strip()]
-        self.blocked = set(env_blocked if blocked is None else blocked)
+        names = os.environ.get("FLUENCY_BLOCK_PLUGINS", "").split(",") if blocked is None else blocked
+        self.blocked = {normalise_name(b) for b in names if b.strip()}
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.records: list[PluginRecord] = []
         self._index: dict[tuple[Kind, str], PluginRecord] = {}
+        self._owners: dict[str, tuple[str, str]] = {}  # pluggy plugin name -> (package, version) that took it
         if load:
             self.load_builtins()
             if self.autoload:
@@ -112,8 +140,9 @@ class PluginManager:
             dist = ep.dist
             package = dist.metadata["Name"] if dist is not None else ep.value.split(":")[0]
             version = dist.version if dist is not None else "?"
-            if package in self.blocked or ep.name in self.blocked:
-                self.pm.set_blocked(ep.name)
+            if normalise_name(package) in self.blocked or normalise_name(ep.name) in self.blocked:
+                if normalise_name(ep.name) in self.blocked:
+                    self.pm.set_blocked(ep.name)
                 self.records.append(PluginRecord(None, ep.name, package, version, "blocked",
                                                  "blocked by FLUENCY_BLOCK_PLUGINS", plugin=ep.name))
                 continue
@@ -124,6 +153,14 @@ class PluginManager:
         self._load(lambda: plugin, name, package, version)
 
     def _load(self, get: Any, name: str, package: str, version: str) -> None:
+        first = self._owners.get(name)
+        if first is not None:  # pluggy would say only "Plugin name already registered"
+            self._broken(None, name, package, version,
+                         f"the plugin (entry-point) name {name!r} is registered by both {first[0]} {first[1]} and "
+                         f"{package} {version}; {first[0]} {first[1]} is used: uninstall one or block it with "
+                         "FLUENCY_BLOCK_PLUGINS", name)
+            return
+        self._owners[name] = (package, version)
         plugin = None
         try:
             plugin = get()
@@ -215,7 +252,7 @@ class PluginManager:
 
     def option_defaults(self, kind: Kind, name: str) -> dict[str, Any]:
         """Defaults for a plugin's options from ``registry.toml`` (``[defaults.KIND.NAME]``)."""
-        return dict(read_registry().get("defaults", {}).get(kind, {}).get(name, {}))
+        return registry_defaults(kind, name)
 
 
 _manager: PluginManager | None = None

@@ -21,7 +21,12 @@ Mismatches are reported (:class:`MatchReport`) and the run goes on; with
 * an id that names several files (one stem in several folders, or one name
   with several extensions) is left out, never resolved by guessing;
 * empty ratings (an empty cell, ``NA``, ``NaN``, ``null``…) are kept as NaN and
-  left out of the analyses.
+  left out of the analyses;
+* images that cannot be decoded are left out of metrics and analyses
+  (:meth:`MatchReport.drop_unreadable`).
+
+A table none of whose ids names an image is an error (:func:`check_any_matched`):
+it almost always means the ids are of another form or the id column is wrong.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import difflib
 import io
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -235,7 +240,9 @@ class MatchReport:
     lists rated ids without a file; ``unrated_images`` the relative paths of images
     without a row (those in ``ambiguous`` are listed there only); ``ambiguous`` maps
     an id that names several files to their relative paths; ``empty_ratings`` lists
-    the ids whose rating is empty.
+    the ids whose rating is empty; ``unreadable_images`` maps the relative paths of
+    files that cannot be decoded to the decoder's reason and ``unreadable_ids`` lists
+    the rated ids of those files (neither is in ``matched`` nor ``unrated_images``).
     """
 
     mode: str
@@ -244,16 +251,32 @@ class MatchReport:
     unrated_images: list[str] = field(default_factory=list)
     ambiguous: dict[str, list[str]] = field(default_factory=dict)
     empty_ratings: list[str] = field(default_factory=list)
+    unreadable_images: dict[str, str] = field(default_factory=dict)
+    unreadable_ids: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """True when every rated id names exactly one image, every image is rated and no rating is empty."""
-        return not (self.missing_images or self.unrated_images or self.ambiguous or self.empty_ratings)
+        """True when every rated id names exactly one readable image, every image is rated and no rating is empty."""
+        return not (self.missing_images or self.unrated_images or self.ambiguous or self.empty_ratings
+                    or self.unreadable_images)
+
+    def drop_unreadable(self, root: str | Path, problems: Mapping[Path, str]) -> None:
+        """Move the files in ``problems`` (path → reason) out of ``matched`` and ``unrated_images``."""
+        if not problems:
+            return
+        rels = {_relpath(Path(p), Path(root)): why for p, why in problems.items()}
+        self.unreadable_images.update(rels)
+        for image_id, path in list(self.matched.items()):
+            if _relpath(Path(path), Path(root)) in rels:
+                del self.matched[image_id]
+                self.unreadable_ids.append(image_id)
+        self.unrated_images = [rel for rel in self.unrated_images if rel not in rels]
 
     def summary_lines(self) -> list[str]:
         """The outcome in a few human-readable lines, the problems with examples."""
-        n_ids = len(self.matched) + len(self.missing_images) + len(self.ambiguous)
-        lines = [f"{len(self.matched)} of {n_ids} rated ids matched an image "
+        n_ids = len(self.matched) + len(self.missing_images) + len(self.ambiguous) + len(self.unreadable_ids)
+        image = "a readable image" if self.unreadable_ids else "an image"
+        lines = [f"{len(self.matched)} of {n_ids} rated ids matched {image} "
                  f"(ids read as {_MODE_WORDS[self.mode]})"]
         if self.missing_images:
             lines.append(f"{len(self.missing_images)} rated ids have no image and are left out: "
@@ -262,6 +285,10 @@ class MatchReport:
             items = [f"{k!r} → {', '.join(v)}" for k, v in self.ambiguous.items()]
             lines.append(f"{len(self.ambiguous)} rated ids name several images and are left out "
                          f"(use paths relative to the image folder as ids): {_listing(items, 5)}")
+        if self.unreadable_images:
+            items = [f"{rel} ({why})" for rel, why in self.unreadable_images.items()]
+            lines.append(f"{len(self.unreadable_images)} images cannot be read and are left out of metrics and "
+                         f"analyses: {_listing(items, 5)}")
         if self.unrated_images:
             lines.append(f"{len(self.unrated_images)} images have no rating (metrics only, left out of the "
                          f"analyses): {_listing(self.unrated_images)}")
@@ -280,7 +307,8 @@ class MatchReport:
                 "matched": {k: str(v) for k, v in self.matched.items()},
                 "missing_images": list(self.missing_images), "unrated_images": list(self.unrated_images),
                 "ambiguous": {k: list(v) for k, v in self.ambiguous.items()},
-                "empty_ratings": list(self.empty_ratings)}
+                "empty_ratings": list(self.empty_ratings),
+                "unreadable_images": dict(self.unreadable_images), "unreadable_ids": list(self.unreadable_ids)}
 
 
 _MODE_WORDS = {"relpath": "paths relative to the image folder", "relpath-noext":
@@ -365,6 +393,27 @@ def match_ids(ids: Sequence[str], root: str | Path, files: Sequence[Path],
     return MatchReport(mode=mode, matched={k: Path(files[i]) for k, i in matched.items()},
                        missing_images=missing, unrated_images=unrated, ambiguous=ambiguous,
                        empty_ratings=[str(i) for i in empty_ratings])
+
+
+def check_any_matched(report: MatchReport, path: str | Path, id_column: str = "image_id") -> None:
+    """Raise :class:`InputError` when no rated id names a readable image, with examples of both and what to check."""
+    if report.matched or report.ambiguous:
+        return
+    if report.unreadable_ids:
+        raise InputError(f"ratings table {path}: every image its ids name cannot be read, e.g. "
+                         + "; ".join(f"{rel} ({why})" for rel, why in list(report.unreadable_images.items())[:3]))
+    if not report.missing_images:
+        raise InputError(f"ratings table {path} has no rows")
+    ids = report.missing_images
+    images = report.unrated_images or list(report.unreadable_images)
+    folded = {_key(rel, mode).lower() for rel in images for mode in MODES}
+    case = ("; they would match if case were ignored: write them in the file names' case"
+            if any(normalise_id(i).lower() in folded for i in ids) else "")
+    raise InputError(
+        f"no rated id in column {id_column!r} of {path} names an image: ids look like "
+        f"{_listing([repr(i) for i in ids], 3)}; images like {_listing(images, 3)}{case}. Ids must be file "
+        "names without extension (stems, e.g. 'X001') or paths relative to the image folder, with or without "
+        "extension (e.g. 'women/X001.jpg'); check that --id-column names the column of image ids")
 
 
 def check_strict(report: MatchReport, path: str | Path) -> None:

@@ -24,8 +24,8 @@ import secrets
 import sys
 import time
 import traceback
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,21 +34,23 @@ import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from fluency import __version__
 from fluency.core.analysis import AnalysisData
 from fluency.core.atomic import atomic_path, atomic_write_json
 from fluency.core.capture import capture_activations
-from fluency.core.checkpoint import DEFAULT_CHECKPOINT, LoadedCheckpoint, load_checkpoint
+from fluency.core.checkpoint import DEFAULT_CHECKPOINT, LoadedCheckpoint, file_sha256, load_checkpoint
 from fluency.core.config import read_config, resolve_plugin_options
 from fluency.core.devices import resolve_device
-from fluency.core.errors import FluencyError
-from fluency.core.images import Preprocessing, iter_batches
+from fluency.core.errors import FluencyError, InputError
+from fluency.core.images import FolderSource, ImageSource, Preprocessing, iter_batches
 from fluency.core.losses import loss_from_config
 from fluency.core.metric import FluencyMetric, MetricBatch
 from fluency.core.plugins import PluginManager, get_plugin_manager, read_registry
 from fluency.core.progress import progress_bar
 from fluency.core.ratings import MatchReport
+from fluency.core.run_figures import interpolation_pairs, write_checkpoint_figures
 from fluency.core.stats import fdr_bh
 from fluency.core.stimuli import Stimuli, embedded, from_folder
 from fluency.core.store import ActivationStoreWriter, MetricTableWriter, read_metric_table
@@ -63,6 +65,7 @@ class RunResult:
     analyses: dict[str, pd.DataFrame] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     report: MatchReport | None = None
+    unreadable: dict[str, str] = field(default_factory=dict)  # image path (relative) -> why it was skipped
 
     def strongest(self, top: int | None = 10) -> pd.DataFrame:
         """Analysis rows, strongest first (smallest FDR-corrected p, then largest |estimate|).
@@ -96,7 +99,7 @@ def _prepare_out(out: str | Path | None, overwrite: bool) -> Path:
             raise FluencyError(f"--out {path}: refusing to overwrite a folder that is not a fluency run")
         import shutil
 
-        for name in ("activations", "analyses", "state", "figures"):  # no stale table may survive
+        for name in ("activations", "analyses", "state", "figures", "latents"):  # no stale table may survive
             shutil.rmtree(path / name, ignore_errors=True)
         for name in ("metrics.parquet", "metrics.parquet.partial", "ratings.parquet", "report.html"):
             (path / name).unlink(missing_ok=True)
@@ -115,6 +118,63 @@ def _labels(paths: Sequence[Path]) -> list[str]:
             label, k = f"{base}-{k}", k + 1
         labels.append(label)
     return labels
+
+
+def _unique_checkpoints(paths: Sequence[Path]) -> tuple[list[Path], list[dict[str, str]]]:
+    """``paths`` without repeats, and one note per path left out (``path``, ``same_as``, ``why``, ``text``).
+
+    A path is left out when it names the same file as an earlier one (``why``: ``"same
+    path"`` once resolved, or ``"same file"``, e.g. a hard link) or a file with the same
+    bytes (``"same content"``; sha256, computed only for files of equal size). Missing
+    files are kept, for the loader to report.
+    """
+    kept: list[Path] = []
+    notes: list[dict[str, str]] = []
+    by_inode: dict[tuple[int, int], Path] = {}
+    by_size: dict[int, list[Path]] = {}
+    digests: dict[Path, str] = {}
+
+    def digest(path: Path) -> str:
+        if path not in digests:
+            digests[path] = file_sha256(path)
+        return digests[path]
+
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            kept.append(path)
+            continue
+        first = by_inode.get((st.st_dev, st.st_ino))
+        if first is not None:
+            same_path = first.resolve() == path.resolve()
+            text = (f"--checkpoint {path} is given more than once" if str(path) == str(first) else
+                    f"--checkpoint {path} is {'the same path' if same_path else 'the same file'} as {first}")
+            notes.append({"path": str(path), "same_as": str(first), "why": "same path" if same_path else "same file",
+                          "text": f"{text}: measured once"})
+            continue
+        twin = next((k for k in by_size.get(st.st_size, []) if digest(k) == digest(path)), None)
+        if twin is not None:
+            notes.append({"path": str(path), "same_as": str(twin), "why": "same content", "sha256": digest(path),
+                          "text": f"--checkpoint {path} has the same content as {twin} (sha256 "
+                                  f"{digest(path)[:12]}…): measured once, as {twin}"})
+            continue
+        by_inode[(st.st_dev, st.st_ino)] = path
+        by_size.setdefault(st.st_size, []).append(path)
+        kept.append(path)
+    return kept, notes
+
+
+def _drop_images(path: Path, image_ids: Sequence[str]) -> None:
+    """Rewrite the metric table at ``path`` without the rows of ``image_ids``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    data = pq.read_table(path)
+    data = data.filter(pc.invert(pc.is_in(data["image_id"], value_set=pa.array(list(image_ids), pa.string()))))
+    with atomic_path(path) as tmp:
+        pq.write_table(data, tmp)
 
 
 def _check_finite(acts: dict[str, torch.Tensor], ids: Sequence[str], label: str) -> None:
@@ -147,6 +207,8 @@ def run(
     overwrite: bool = False,
     by: Sequence[str] = (),
     min_group_size: int = 10,
+    interpolate: Sequence[str | tuple[str, str]] = (),
+    figures: bool = True,
     progress: bool = True,
     manager: PluginManager | None = None,
     console: Console | None = None,
@@ -154,7 +216,9 @@ def run(
     """Compute ``metrics`` for every image and checkpoint, then run ``analyses`` against the ratings.
 
     With neither ``images`` nor ``checkpoints`` it uses the embedded default. ``options``
-    are ``[KIND.]PLUGIN.KEY=VALUE`` strings as for ``-o``. Returns a :class:`RunResult`.
+    are ``[KIND.]PLUGIN.KEY=VALUE`` strings as for ``-o``. With ``figures`` (default) each checkpoint also
+    gets ``latents/`` and its model figures (:mod:`fluency.core.run_figures`), with latent interpolations
+    between the ``interpolate`` pairs (``"ID_A,ID_B"``). Returns a :class:`RunResult`.
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -181,26 +245,44 @@ def run(
             if "layers" in spec.options and not resolved[("metric", name)].get("layers"):
                 resolved[("metric", name)]["layers"] = list(layers)
 
-    ckpt_paths = [Path(c) for c in checkpoints] or [DEFAULT_CHECKPOINT]
+    ckpt_paths, duplicates = _unique_checkpoints([Path(c) for c in checkpoints] or [DEFAULT_CHECKPOINT])
+    for note in duplicates:
+        console.print(f"[yellow]note:[/yellow] {escape(note['text'])}", highlight=False)
     if images is not None and not checkpoints:
         console.print("[yellow]note:[/yellow] no --checkpoint: using the embedded default model, trained on "
                       "generated shapes at 64×64; train one on images like yours with `fluency train`.")
     if not DEFAULT_CHECKPOINT.exists() and not checkpoints:
         raise FluencyError(f"the embedded default checkpoint {DEFAULT_CHECKPOINT} is missing; reinstall fluency "
                            "or pass --checkpoint")
+    pairs = interpolation_pairs(interpolate, stimuli) if figures else []  # unknown ids fail before any work
     dev = resolve_device(device)
+    unreadable = dict(stimuli.unreadable)  # relative path -> reason; grows if a file fails while measuring
+    late: dict[str, str] = {}  # image id -> relative path, for files that failed while measuring
+
+    def skip_image(source: ImageSource, index: int, exc: InputError) -> None:
+        """A file that passed the up-front check but failed to load: leave it out (``strict``: stop)."""
+        if strict:
+            raise exc
+        cause = exc.__cause__
+        image_id = source.ids[index]
+        rel = source.relpath(index) if isinstance(source, FolderSource) else image_id
+        unreadable[rel] = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+        late[image_id] = rel
+        console.print(f"[yellow]warning:[/yellow] {escape(str(exc))}; left out", highlight=False)
+
     out_dir = _prepare_out(out, overwrite)
     run_id = out_dir.name
     manifest: dict[str, Any] = {
         "run_id": run_id, "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": sys.argv if Path(sys.argv[0]).name == "fluency" else None,
-        "inputs": {"stimuli": stimuli.description, "checkpoints": []},
+        "inputs": {"stimuli": stimuli.description, "checkpoints": [], "duplicate_checkpoints": duplicates},
         "metrics": metric_names, "analyses": analysis_names, "metric_columns": {},
         "options": {f"{k}.{n}": v for (k, n), v in resolved.items()},
         "settings": {"layers": list(layers) if layers else None, "device": str(dev), "batch_size": batch_size,
                      "seed": seed, "store": store, "store_dtype": store_dtype, "strict": strict},
         "versions": _versions(manager, used),
         "matching": stimuli.report.as_dict() if stimuli.report is not None else None,
+        "unreadable_images": unreadable,
         "timings": timings,
     }
     atomic_write_json(out_dir / "manifest.json", manifest)
@@ -216,8 +298,21 @@ def run(
                     {"label": label, "path": str(path.resolve()), "sha256": loaded.sha256,
                      "architecture": loaded.info["architecture"], "epoch": loaded.info.get("epoch")})
                 _measure(loaded, stimuli, metric_specs, resolved, table, out_dir, dev, batch_size, seed,
-                         store, store_dtype, manager, bars, manifest["metric_columns"])
+                         store, store_dtype, manager, bars, manifest["metric_columns"], skip_image)
+                if late:  # later steps and checkpoints do not try them again
+                    stimuli = _without(stimuli, late)
                 timings[f"metrics[{label}]"] = round(time.perf_counter() - t0, 3)
+                if figures:
+                    t0 = time.perf_counter()
+                    captions = write_checkpoint_figures(loaded, stimuli, out_dir, dev, pairs, batch_size)
+                    manifest.setdefault("figures", {"interpolate": [list(p) for p in pairs], "checkpoints": {}})
+                    manifest["figures"]["checkpoints"][label] = captions
+                    timings[f"figures[{label}]"] = round(time.perf_counter() - t0, 3)
+        if late:  # left out of every checkpoint's metrics and of the analyses, as if found unreadable up front
+            _drop_images(out_dir / "metrics.parquet", list(late))
+            if stimuli.report is not None:
+                _report_late(stimuli.report, late, unreadable)
+                manifest["matching"] = stimuli.report.as_dict()
         metric_table = read_metric_table(out_dir / "metrics.parquet")
 
         t0 = time.perf_counter()
@@ -227,7 +322,7 @@ def run(
         manifest.update(status="complete", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         outputs=sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()))
         atomic_write_json(out_dir / "manifest.json", manifest)
-        return RunResult(out_dir, metric_table, results, manifest, stimuli.report)
+        return RunResult(out_dir, metric_table, results, manifest, stimuli.report, unreadable)
     except BaseException as exc:
         manifest.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
                         error="".join(traceback.format_exception_only(type(exc), exc)).strip())
@@ -239,10 +334,12 @@ def run(
 def _measure(loaded: LoadedCheckpoint, stimuli: Stimuli, specs: dict[str, Any], resolved: dict[Any, dict[str, Any]],
              table: MetricTableWriter, out_dir: Path, dev: torch.device,
              batch_size: int, seed: int, store: bool, store_dtype: str, manager: PluginManager, bars: Any,
-             directions: dict[str, Any]) -> None:
+             directions: dict[str, Any],
+             on_error: Callable[[ImageSource, int, InputError], None] | None = None) -> None:
     """Stream the stimuli through one checkpoint, feeding the store and every metric batch by batch.
 
-    ``directions`` collects, per metric name in the table, its plugin and whether higher is more fluent.
+    ``directions`` collects, per metric name in the table, its plugin and whether higher is more fluent;
+    ``on_error(source, index, error)`` is called for an image that fails to load (default: raise).
     """
     model = loaded.model.to(dev).eval()
     instances: dict[str, FluencyMetric] = {}
@@ -260,7 +357,8 @@ def _measure(loaded: LoadedCheckpoint, stimuli: Stimuli, specs: dict[str, Any], 
                                    overwrite=True) if store and capture else None
     task = bars.add_task(f"metrics [{loaded.label}]", total=len(source), status="")
     try:
-        for ids, x in iter_batches(source, batch_size):
+        skip = None if on_error is None else (lambda index, exc: on_error(source, index, exc))
+        for ids, x in iter_batches(source, batch_size, on_error=skip):
             x = x.to(dev)
             with torch.no_grad(), capture_activations(model, capture) as acts:
                 model(x, sample=False)
@@ -295,6 +393,32 @@ def _measure(loaded: LoadedCheckpoint, stimuli: Stimuli, specs: dict[str, Any], 
         raise
     if writer is not None:
         writer.close()
+
+
+def _without(stimuli: Stimuli, late: dict[str, str]) -> Stimuli:
+    """``stimuli`` without the images (ids in ``late``) that failed to load: in its source and its ratings."""
+    make, skip = stimuli.make_source, set(late)
+
+    def make_source(pre: Preprocessing) -> ImageSource:
+        source = make(pre)
+        if isinstance(source, FolderSource) and skip & set(source.ids):
+            return FolderSource(source.root, {i: p for i, p in zip(source.ids, source.paths) if i not in skip}, pre)
+        return source
+
+    ratings = stimuli.ratings
+    if ratings is not None:
+        ratings = ratings[~ratings["image_id"].isin(list(skip))].reset_index(drop=True)
+    return replace(stimuli, make_source=make_source, ratings=ratings)
+
+
+def _report_late(report: MatchReport, late: dict[str, str], unreadable: dict[str, str]) -> None:
+    """Move the images that failed to load (``late``: id -> relative path) to the report's unreadable lists."""
+    for image_id, rel in late.items():
+        report.unreadable_images[rel] = unreadable[rel]
+        if report.matched.pop(image_id, None) is not None:
+            report.unreadable_ids.append(image_id)
+        elif rel in report.unrated_images:
+            report.unrated_images.remove(rel)
 
 
 def _subgroups(ratings: pd.DataFrame, by: Sequence[str], min_size: int) -> tuple[list[tuple[str, pd.DataFrame]],

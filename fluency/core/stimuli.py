@@ -8,7 +8,7 @@ Either a folder of images (with an optional ratings table, matched by
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,10 @@ import torch
 
 from fluency.core import demo
 from fluency.core.errors import InputError
-from fluency.core.images import FolderSource, ImageSource, Preprocessing, TensorSource, find_images
-from fluency.core.ratings import MatchReport, check_strict, empty_rating_ids, match_ids, read_ratings
+from fluency.core.images import (FolderSource, ImageSource, Preprocessing, TensorSource, find_images,
+                                 find_unreadable)
+from fluency.core.ratings import (MatchReport, check_any_matched, check_strict, empty_rating_ids, match_ids,
+                                  read_ratings)
 
 
 @dataclass
@@ -28,7 +30,8 @@ class Stimuli:
 
     ``ratings`` has one row per analysable image (matched to a file, finite rating)
     with ``image_id``, ``rating_column`` and the table's other columns; it is None
-    when the run has no ratings.
+    when the run has no ratings. ``unreadable`` maps the relative paths of image
+    files that cannot be decoded (left out of the source) to the decoder's reason.
     """
 
     make_source: Callable[[Preprocessing], ImageSource]
@@ -36,6 +39,7 @@ class Stimuli:
     rating_column: str
     report: MatchReport | None
     description: dict[str, Any]
+    unreadable: dict[str, str] = field(default_factory=dict)
 
 
 def default_ids(root: Path, files: list[Path]) -> dict[Path, str]:
@@ -52,15 +56,30 @@ def default_ids(root: Path, files: list[Path]) -> dict[Path, str]:
 
 def from_folder(images: str | Path, ratings: str | Path | None, id_column: str, rating_column: str,
                 strict: bool = False) -> Stimuli:
-    """Stimuli from a folder of images and an optional ratings table (CSV or Parquet)."""
+    """Stimuli from a folder of images and an optional ratings table (CSV or Parquet).
+
+    Every image is decoded once up front; files that cannot be are left out and listed
+    in ``unreadable`` (and the report), or with ``strict`` are an :class:`InputError`.
+    """
     root = Path(images)
-    files = find_images(root)
+    found = find_images(root)
+    problems = find_unreadable(found)
+    if problems and strict:
+        raise InputError(f"--strict: {len(problems)} image{'s' if len(problems) > 1 else ''} cannot be read: "
+                         + "; ".join(f"{path} ({why})" for path, why in problems.items()))
+    files = [p for p in found if p not in problems]
+    if not files:
+        raise InputError(f"no readable images in {root}: all {len(found)} cannot be read, e.g. "
+                         + "; ".join(f"{path} ({why})" for path, why in list(problems.items())[:3]))
+    unreadable = {p.relative_to(root).as_posix(): why for p, why in problems.items()}
     ids = default_ids(root, files)
     table, report = None, None
     if ratings is not None:
         table = read_ratings(ratings, id_column, rating_column)
-        report = match_ids(list(table["image_id"]), root, files,
+        report = match_ids(list(table["image_id"]), root, found,  # unreadable files too, so ids are not misread
                            empty_ratings=empty_rating_ids(table, rating_column))
+        report.drop_unreadable(root, problems)
+        check_any_matched(report, ratings, id_column)
         if strict:
             check_strict(report, ratings)
         for image_id, path in report.matched.items():
@@ -75,9 +94,11 @@ def from_folder(images: str | Path, ratings: str | Path | None, id_column: str, 
         table = table[analysable].reset_index(drop=True)
     ordered = {ids[p]: p for p in files}
     description = {"kind": "folder", "images": str(root.resolve()), "n_images": len(files),
+                   "n_unreadable": len(unreadable),
                    "ratings": str(Path(ratings).resolve()) if ratings is not None else None,
                    "id_column": id_column, "rating_column": rating_column}
-    return Stimuli(lambda pre: FolderSource(root, ordered, pre), table, rating_column, report, description)
+    return Stimuli(lambda pre: FolderSource(root, ordered, pre), table, rating_column, report, description,
+                   unreadable)
 
 
 def embedded(n: int = demo.DEFAULT_N, seed: int = demo.DEFAULT_SEED) -> Stimuli:

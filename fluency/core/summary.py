@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fluency.core.ratings import MatchReport
@@ -53,11 +55,24 @@ def relations_table(strongest: pd.DataFrame, directions: dict[str, Any], alpha: 
     return table
 
 
+def print_unreadable(console: Console, unreadable: Mapping[str, str], limit: int = 10) -> None:
+    """Print the image files a run left out because they cannot be decoded, with the decoder's reason."""
+    if not unreadable:
+        return
+    n = len(unreadable)
+    console.print(f"[yellow]{n} image{'s' if n > 1 else ''} cannot be read and {'were' if n > 1 else 'was'} "
+                  "left out of metrics and analyses (--strict stops instead):[/yellow]")
+    for rel, why in list(unreadable.items())[:limit]:
+        console.print(f"  [yellow]•[/yellow] {escape(rel)}: {escape(why)}", highlight=False)
+    if n > limit:
+        console.print(f"  … and {n - limit} more (see manifest.json)")
+
+
 def print_matching(console: Console, report: MatchReport | None) -> None:
     """Print the id-matching report when anything did not match."""
     if report is None or report.ok:
         return
     console.print(f"[yellow]Ratings ↔ images ({report.mode} ids):[/yellow]")
     for line in report.summary_lines():
-        console.print(f"  [yellow]•[/yellow] {line}")
+        console.print(f"  [yellow]•[/yellow] {escape(line)}", highlight=False)
     console.print("  Unmatched images and unusable rows are left out of the analyses (use --strict to stop instead).")
