@@ -113,3 +113,19 @@ def test_lepsilon_all_layers(batch) -> None:
                    "lepsilon-fraction")["all"]
     assert equal == pytest.approx(sum(fractions[n] for n in layers) / 3)
     assert not np.allclose(equal, fractions["all"])
+
+
+@pytest.mark.parametrize("per", ["image", "channel"])
+def test_gini_tensor_branch_used_on_a_gpu_agrees(batch, per, monkeypatch) -> None:
+    """On a GPU the rows stay tensors (sorted with torch.sort); force that branch on the CPU."""
+    from fluency.plugins import default_gini
+
+    layers = ["enc1", "enc2"]
+    expected = values(Gini(layers=layers, per=per).compute(batch))
+    monkeypatch.setattr(default_gini.Gini, "_rows", staticmethod(lambda t: t.detach().flatten(1)))
+    monkeypatch.setattr(default_gini, "gini", lambda x, negative="abs", threads=None: default_gini._gini_torch(
+        torch.as_tensor(x), negative))
+    got = values(Gini(layers=layers, per=per).compute(batch))
+    assert set(got) == set(expected) == {"enc1", "enc2", "all"}
+    for layer in got:
+        assert got[layer] == pytest.approx(expected[layer], abs=1e-12)
