@@ -117,3 +117,18 @@ def test_schema_shows_the_default_a_run_uses(monkeypatch) -> None:
     assert epsilon["default"] == 1.0 == resolved[("metric", "lepsilon")]["epsilon"] and "declared_default" in epsilon
     listing = json.loads(CliRunner().invoke(cli, ["plugins", "sam", "--kind", "metric", "--json"]).stdout)
     assert listing[0]["options"]["rho"]["default"] == 0.1
+
+
+def test_list_options_from_the_command_line_accept_commas_and_unquoted_brackets() -> None:
+    """``-o partial.covariates=[luminance,rms-contrast]`` is not TOML (unquoted strings) and reaches the option
+    as one string; it must become the list the user meant, not a one-item list of the whole text."""
+    from fluency.core.options import Option, OptionError
+
+    names = Option("list[str]")
+    assert names.validate("[luminance,rms-contrast]", "x") == ["luminance", "rms-contrast"]
+    assert names.validate("enc1, enc2", "x") == ["enc1", "enc2"]
+    assert names.validate("enc1", "x") == ["enc1"] and names.validate(["a b"], "x") == ["a b"]
+    weights = Option("list[float]")
+    assert weights.validate("[1,2,0.5]", "x") == [1.0, 2.0, 0.5] and weights.validate(3, "x") == [3.0]
+    with pytest.raises(OptionError, match=r"x\[1\]: expected float, got str 'a'"):
+        weights.validate("[1,a]", "x")

@@ -59,7 +59,13 @@ class Option:
         if self.type == "float" and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if self.type.startswith("list["):
-            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            if isinstance(value, str):  # from the command line: "a,b" or "[a, b]" with unquoted items
+                text = value.strip()
+                if text.startswith("[") and text.endswith("]"):
+                    text = text[1:-1]
+                items = [item.strip() for item in text.split(",") if item.strip()]
+                value = items if self.type == "list[str]" else [parse_value(item) for item in items]
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = [value]
             if not isinstance(value, list):
                 raise OptionError(f"{where}: expected a list, got {value!r}")
