@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 from fluency.core.analysis import Analysis, AnalysisData
 from fluency.core.errors import FluencyError
 from fluency.core.hookspecs import hookimpl
-from fluency.core.metric import FluencyMetric, MetricBatch, MetricValues
+from fluency.core.metric import FluencyMetric, MetricBatch, MetricValues, units_as_rows
 from fluency.core.options import Option
 from fluency.core.specs import AnalysisSpec, ArchitectureSpec, ConstraintSpec, MetricSpec, OptimizerSpec
 
@@ -49,4 +49,5 @@ __all__ = [
     "__version__",
     "hookimpl",
     "run",
+    "units_as_rows",
 ]

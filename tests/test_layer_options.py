@@ -129,3 +129,29 @@ def test_gini_tensor_branch_used_on_a_gpu_agrees(batch, per, monkeypatch) -> Non
     assert set(got) == set(expected) == {"enc1", "enc2", "all"}
     for layer in got:
         assert got[layer] == pytest.approx(expected[layer], abs=1e-12)
+
+
+def test_units_as_rows_is_a_view_of_a_channels_last_layer() -> None:
+    from fluency import units_as_rows
+
+    x = torch.randn(3, 4, 5, 6)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    rows = units_as_rows(cl)
+    assert rows.shape == (3, 120) and rows.data_ptr() == cl.data_ptr()  # no copy
+    for i in range(3):  # the same units per image, in another order
+        assert torch.equal(rows[i].sort().values, x[i].flatten().sort().values)
+    assert torch.equal(units_as_rows(x), x.flatten(1))
+    assert torch.equal(units_as_rows(torch.ones(2, 7)), torch.ones(2, 7))
+
+
+def test_metrics_agree_on_channels_last_and_contiguous_activations(batch) -> None:
+    layers = ["enc1", "enc2"]
+    last = {k: (v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v)
+            for k, v in batch.activations.items()}
+    other = MetricBatch(batch.image_ids, batch.images, last)
+    for metric in (Gini(layers=layers), Gini(layers=layers, per="channel"), Hoyer(layers=layers, all_layers=True),
+                   LEpsilon(layers=layers, all_layers=True)):
+        a, b = metric.compute(batch), metric.compute(other)
+        assert [(v.metric, v.layer) for v in a] == [(v.metric, v.layer) for v in b]
+        for u, v in zip(a, b):
+            assert u.as_numpy() == pytest.approx(v.as_numpy(), abs=1e-12)

@@ -50,6 +50,19 @@ class MetricValues:
         return np.asarray(v, dtype=np.float64).reshape(-1)
 
 
+def units_as_rows(activations: torch.Tensor) -> torch.Tensor:
+    """A layer's B×… activations as B×N rows *in memory order*: a view, no copy, for contiguous and
+    channels-last tensors (``flatten(1)`` copies a channels-last tensor to NCHW order first).
+
+    For metrics that do not depend on the order of a layer's units (Gini, Hoyer, counts, norms);
+    a per-channel or spatial computation must keep the B×C×H×W layout instead.
+    """
+    t = activations.detach()
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+    return t.flatten(1)
+
+
 class FluencyMetric:
     """Base class of metrics. Subclasses take their validated options as keyword arguments.
 

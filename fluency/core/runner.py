@@ -46,7 +46,7 @@ from fluency.core.devices import resolve_device
 from fluency.core.errors import FluencyError, InputError
 from fluency.core.images import FolderSource, ImageSource, Preprocessing, iter_batches
 from fluency.core.losses import loss_from_config
-from fluency.core.metric import FluencyMetric, MetricBatch
+from fluency.core.metric import FluencyMetric, MetricBatch, units_as_rows
 from fluency.core.plugins import PluginManager, get_plugin_manager, read_registry
 from fluency.core.progress import progress_bar
 from fluency.core.ratings import MatchReport
@@ -179,7 +179,7 @@ def _drop_images(path: Path, image_ids: Sequence[str]) -> None:
 
 def _check_finite(acts: dict[str, torch.Tensor], ids: Sequence[str], label: str) -> None:
     for layer, tensor in acts.items():
-        finite = torch.isfinite(tensor.flatten(1)).all(dim=1)
+        finite = torch.isfinite(units_as_rows(tensor)).all(dim=1)
         if not bool(finite.all()):
             bad = [i for i, ok in zip(ids, finite.tolist()) if not ok]
             raise FluencyError(f"checkpoint {label}: NaN/Inf activations in layer {layer!r} for images {bad[:10]}"

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
+from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl, units_as_rows
 from fluency.core.errors import FluencyError
 from fluency.core.layer_options import (ALL_LAYERS, all_layers_options, channel_rows, layer_weights, per_option,
                                         wants_all_layers, weighted_mean)
@@ -318,8 +318,9 @@ class Gini(FluencyMetric):
 
     @staticmethod
     def _rows(t: torch.Tensor) -> np.ndarray | torch.Tensor:
-        """B×… → B×N: a numpy view on the CPU (sorted with numpy), the tensor itself on a GPU."""
-        t = t.detach().flatten(1)
+        """B×… → B×N (units in memory order: the Gini does not depend on it): a numpy view on the CPU (sorted
+        with numpy), the tensor itself on a GPU."""
+        t = units_as_rows(t)
         if t.device.type != "cpu":
             return t
         if t.dtype in (torch.bfloat16, torch.float16):

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
+from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl, units_as_rows
 from fluency.core.errors import FluencyError
 from fluency.core.layer_options import (ALL_LAYERS, all_layers_options, channel_rows, layer_weights, per_option,
                                         wants_all_layers, weighted_mean)
@@ -60,7 +60,7 @@ class Hoyer(FluencyMetric):
                 norms.append(values)
                 values = values.mean(1)
             else:
-                flat = a.flatten(1).double()
+                flat = units_as_rows(a).double()
                 norms.append((flat.abs().sum(1), flat.pow(2).sum(1), flat.shape[1]))
                 values = hoyer_from_norms(norms[-1][0], norms[-1][1].sqrt(), flat.shape[1])
             out.append(MetricValues("hoyer", values, name))

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
+from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl, units_as_rows
 from fluency.core.errors import FluencyError
 from fluency.core.layer_options import ALL_LAYERS, all_layers_options, layer_weights, wants_all_layers, weighted_mean
 
@@ -66,21 +66,28 @@ def _count_torch(x: torch.Tensor, epsilon: float, mode: str) -> torch.Tensor:
 
 
 def _count_numpy(a: np.ndarray, epsilon: float, mode: str) -> np.ndarray:
-    """The CPU path of :func:`active_count`: two comparisons and no |x| copy (measured ~10x faster than the
-    torch ops here). A row's sum is finite unless the row holds NaN/Inf (or overflows, then checked exactly)."""
-    if a.shape[1] == 0:
-        return np.zeros(a.shape[0], dtype=np.int64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        suspect = ~np.isfinite(a.sum(axis=1))
-    if suspect.any():
-        bad = np.flatnonzero(suspect & ~np.isfinite(a).all(axis=1))
-        if len(bad):
-            raise ValueError(f"NaN/Inf activations found (rows {bad.tolist()[:10]})")
+    """The CPU path of :func:`active_count`, measured ~10x faster than the torch ops here: NaN/Inf found
+    from the array's min and max (both NaN-propagating), one comparison per sign (none for x < −t when
+    no value is that negative, as in ReLU layers) and a per-row ``count_nonzero`` (SIMD; with ``axis=1``
+    it is ~3x slower)."""
+    b, n = a.shape
+    if n == 0 or b == 0:
+        return np.zeros(b, dtype=np.int64)
+    low, high = a.min(), a.max()
+    if not (np.isfinite(low) and np.isfinite(high)):
+        bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
+        raise ValueError(f"NaN/Inf activations found (rows {bad.tolist()[:10]})")
+    eps = a.dtype.type(epsilon)
     if mode == "relative":
-        threshold = (np.maximum(a.max(axis=1), -a.min(axis=1)) * a.dtype.type(epsilon))[:, None]
+        threshold: Any = (np.maximum(a.max(axis=1), -a.min(axis=1)) * eps)[:, None]
+        above, below = a > threshold, a < -threshold
     else:
-        threshold = a.dtype.type(epsilon)
-    return (np.count_nonzero(a > threshold, axis=1) + np.count_nonzero(a < -threshold, axis=1)).astype(np.int64)
+        above = a > eps
+        below = a < -eps if low < -eps else None
+    counts = np.fromiter((np.count_nonzero(row) for row in above), dtype=np.int64, count=b)
+    if below is not None:
+        counts += np.fromiter((np.count_nonzero(row) for row in below), dtype=np.int64, count=b)
+    return counts
 
 
 class LEpsilon(FluencyMetric):
@@ -108,7 +115,7 @@ class LEpsilon(FluencyMetric):
         weights = layer_weights("lepsilon", self.options, names) if with_all else None
         counts, fractions, total_units = [], [], 0
         for name in names:
-            x = batch.activations[name].detach().flatten(1)
+            x = units_as_rows(batch.activations[name])  # counts do not depend on the order of units
             try:
                 count = active_count(x, self.epsilon, self.mode).double()
             except ValueError as exc:
