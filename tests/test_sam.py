@@ -150,3 +150,18 @@ def test_a_term_needs_a_loss_with_parts(model_and_batch) -> None:
     assert SAMSharpness(rho=0.05).compute(plain)[0].as_numpy().shape == (5,)
     with pytest.raises(FluencyError, match="terms='kl' needs a loss with .parts"):
         SAMSharpness(rho=0.05, terms="kl").compute(plain)
+
+
+def test_auto_takes_the_batched_path_on_the_cpu_only_when_a_chunk_fits(model_and_batch, monkeypatch) -> None:
+    from fluency.plugins import default_sam
+
+    _, batch = model_and_batch
+    taken: list[str] = []
+    for name in ("_loop", "_vmap"):
+        original = getattr(SAMSharpness, name)
+        monkeypatch.setattr(SAMSharpness, name, lambda self, b, _o=original, _n=name: (taken.append(_n), _o(self, b))[1])
+    auto = SAMSharpness(rho=0.05, method="auto", chunk_size=4).compute(batch)[0].as_numpy()
+    monkeypatch.setattr(default_sam, "VMAP_CPU_BYTES", 0)
+    fallback = SAMSharpness(rho=0.05, method="auto", chunk_size=4).compute(batch)[0].as_numpy()
+    assert taken == ["_vmap", "_loop"]
+    assert auto == pytest.approx(fallback, rel=1e-7, abs=1e-9)
