@@ -316,7 +316,8 @@ def run(
         metric_table = read_metric_table(out_dir / "metrics.parquet")
 
         t0 = time.perf_counter()
-        results = _analyse(metric_table, stimuli, analysis_specs, resolved, out_dir, by, min_group_size, manifest)
+        results = _analyse(metric_table, stimuli, analysis_specs, resolved, out_dir, by, min_group_size, manifest,
+                           console)
         timings["analyses"] = round(time.perf_counter() - t0, 3)
         timings["total"] = round(time.perf_counter() - started, 3)
         manifest.update(status="complete", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -455,9 +456,11 @@ def _guarded(manager: PluginManager, kind: str, name: str, call: Any) -> Any:
 
 def _analyse(metric_table: pd.DataFrame, stimuli: Stimuli, specs: dict[str, Any],
              resolved: dict[Any, dict[str, Any]], out_dir: Path, by: Sequence[str] = (),
-             min_group_size: int = 10, manifest: dict[str, Any] | None = None) -> dict[str, pd.DataFrame]:
+             min_group_size: int = 10, manifest: dict[str, Any] | None = None,
+             console: Console | None = None) -> dict[str, pd.DataFrame]:
     """Run every analysis on the rated images (and within each ``by`` subgroup), add run-wide
-    BH-corrected p-values across every test, write one table per analysis."""
+    BH-corrected p-values across every test, write one table per analysis; seconds per analysis go
+    to ``manifest["timings"]``."""
     if stimuli.ratings is None or not specs:
         return {}
     ratings = stimuli.ratings
@@ -467,14 +470,22 @@ def _analyse(metric_table: pd.DataFrame, stimuli: Stimuli, specs: dict[str, Any]
     if manifest is not None and by:
         manifest["subgroups"] = {"by": list(by), "min_group_size": min_group_size, "groups": report}
     results: dict[str, pd.DataFrame] = {}
-    for name, spec in specs.items():
-        analysis = spec.load()(**resolved[("analysis", name)])
-        parts = []
-        for label, rows in groups:
-            data = AnalysisData(metric_table[metric_table["image_id"].isin(set(rows["image_id"]))], rows,
-                                stimuli.rating_column)
-            parts.append(analysis.run(data).assign(group=label))
-        results[name] = pd.concat(parts, ignore_index=True)
+    timings = manifest.setdefault("timings", {}) if manifest is not None else {}
+    with progress_bar(console) as bars:
+        task = bars.add_task("analyses", total=len(specs) * len(groups), status="")
+        for name, spec in specs.items():
+            t0 = time.perf_counter()
+            analysis = spec.load()(**resolved[("analysis", name)])
+            parts = []
+            for label, rows in groups:
+                bars.update(task, status=name if label == "all" else f"{name} [{label}]")
+                data = AnalysisData(metric_table[metric_table["image_id"].isin(set(rows["image_id"]))], rows,
+                                    stimuli.rating_column)
+                parts.append(analysis.run(data).assign(group=label))
+                bars.advance(task)
+            results[name] = pd.concat(parts, ignore_index=True)
+            timings[f"analysis[{name}]"] = round(time.perf_counter() - t0, 3)
+        bars.update(task, status="")
     sizes = [len(r) for r in results.values()]
     p_fdr = fdr_bh(np.concatenate([r["p"].to_numpy(float) for r in results.values()])) if sum(sizes) else []
     (out_dir / "analyses").mkdir(exist_ok=True)
