@@ -51,6 +51,20 @@ def test_ridge_is_seeded() -> None:
     assert a["estimate"].equals(b["estimate"]) and a["p"].equals(b["p"])
 
 
+def test_permutation_null_fitted_at_once_equals_one_fit_per_shuffle() -> None:
+    """The multi-target RidgeCV (penalty per column) gives what fitting every shuffle on its own gives."""
+    from fluency.plugins.default_ridge import cross_validated_r2, permutation_null
+
+    data, rating = planted(n=60, signal=0.5, seed=2)
+    x = data.metrics.pivot(index="image_id", columns="layer", values="value").loc[data.ratings["image_id"]].to_numpy()
+    alphas = np.logspace(-3, 4, 30)
+    null = permutation_null(x, rating, 25, 5, 7, alphas)
+    rng = np.random.default_rng(7)
+    one_by_one = [cross_validated_r2(x, rng.permutation(rating), 5, 1, 7, alphas)[0] for _ in range(25)]
+    assert null.shape == (25,) and np.allclose(null, one_by_one, rtol=0, atol=1e-10)
+    assert len(set(np.round(null, 12))) > 20  # the shuffles really differ
+
+
 def test_ols_matches_statsmodels_with_covariates_and_groups() -> None:
     data, rating = planted()
     out = OLS(covariates=["age"], groups=["sex"]).run(data)
