@@ -6,11 +6,19 @@ and a percentile bootstrap confidence interval (``n_boot`` resamples of the imag
 regressing both the metric and the rating on ``covariates`` (columns of the ratings table,
 or other metrics of the run written ``metric`` or ``metric@layer``), with n − 2 − k degrees
 of freedom. fluency adds ``p_fdr``, Benjamini–Hochberg across every test of the run.
+
+With two or more checkpoints, ``pearson`` and ``spearman`` also compare them: for every (metric,
+layer) and pair of checkpoints (A, B) a row with ``statistic`` ``r_diff`` (``rho_diff``),
+``checkpoint`` ``"A−B"``, ``estimate`` = r_A − r_B and the two-sided p of the test of equal
+*dependent, overlapping* correlations (the same images, the same rating; Steiger 1980 by default,
+see :func:`fluency.core.stats.dependent_correlation_test`), on the images measured by both; Spearman's
+on ranks. These rows join the run-wide Benjamini–Hochberg correction like every other test.
 """
 
 from __future__ import annotations
 
 import warnings
+from itertools import combinations
 from typing import Any, ClassVar
 
 import numpy as np
@@ -20,6 +28,7 @@ from scipy import stats
 from fluency import Analysis, AnalysisData, AnalysisSpec, Option, hookimpl
 from fluency.core.analysis import RESULT_COLUMNS
 from fluency.core.errors import FluencyError
+from fluency.core.stats import DEPENDENT_METHODS, dependent_correlation_test
 
 MIN_N = 3
 BOOT_OPTIONS = {
@@ -27,6 +36,13 @@ BOOT_OPTIONS = {
     "ci": Option("float", 0.95, "confidence level of the interval", minimum=0.5, maximum=0.999),
     "seed": Option("int", 0, "seed of the bootstrap resampling"),
 }
+COMPARE_OPTIONS = {
+    "diff_test": Option("str", "steiger", "test of r_A − r_B between checkpoints (dependent correlations): "
+                        "steiger (Steiger 1980 Z), williams (Williams' t), meng (Meng et al. 1992 Z) or none",
+                        choices=(*DEPENDENT_METHODS, "none")),
+}
+#: names of the dependent-correlation tests, for the ``note`` of each comparison row
+TEST_NAMES = {"steiger": "Steiger (1980) Z", "williams": "Williams' t (n−3 df)", "meng": "Meng et al. (1992) Z"}
 
 
 def _rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -67,6 +83,8 @@ class Correlation(Analysis):
     name: ClassVar[str]
     statistic: ClassVar[str]
     rank: ClassVar[bool]
+    #: add r_A − r_B rows for every pair of checkpoints (not for ``partial``)
+    compares_checkpoints: ClassVar[bool] = False
 
     def covariates(self, data: AnalysisData, rows: pd.DataFrame) -> np.ndarray | None:
         return None
@@ -110,19 +128,62 @@ class Correlation(Analysis):
             out.append({"analysis": self.name, "checkpoint": checkpoint, "metric": metric,
                         "layer": None if pd.isna(layer) else layer, "n": len(x), "statistic": self.statistic,
                         "estimate": estimate, "p": p, "ci_low": lo, "ci_high": hi, "note": note})
+        method = str(self.options.get("diff_test", "steiger"))
+        if self.compares_checkpoints and method != "none" and joined["checkpoint"].nunique() > 1:
+            out += self.compare_checkpoints(joined, method)
         return pd.DataFrame(out, columns=[*RESULT_COLUMNS, "ci_low", "ci_high", "note"])
+
+    def compare_checkpoints(self, joined: pd.DataFrame, method: str) -> list[dict[str, Any]]:
+        """One row per (metric, layer, pair of checkpoints A < B): r_A − r_B and its dependent-correlation test.
+
+        The two correlations share the rating and are measured on the same images, so they are
+        tested as dependent overlapping correlations using r_AB, the correlation of the metric under A
+        with the metric under B over the images that have finite values under both (Spearman: of the
+        ranks, re-ranked on those images).
+        """
+        out: list[dict[str, Any]] = []
+        for (metric, layer), group in joined.groupby(["metric", "layer"], dropna=False, sort=True):
+            wide = group.pivot_table(index="image_id", columns="checkpoint", values="value", aggfunc="first")
+            rating = group.groupby("image_id")["rating"].first().reindex(wide.index)
+            for a, b in combinations(sorted(wide.columns), 2):
+                keep = np.isfinite(wide[a]) & np.isfinite(wide[b]) & np.isfinite(rating)
+                xa, xb, y = (v[keep].to_numpy(float) for v in (wide[a], wide[b], rating))
+                estimate = p = np.nan
+                note = ""
+                if len(y) <= MIN_N:
+                    note = f"fewer than {MIN_N + 1} images measured by both checkpoints"
+                elif np.ptp(xa) == 0 or np.ptp(xb) == 0 or np.ptp(y) == 0:
+                    note = "constant values"
+                else:
+                    if self.rank:
+                        xa, xb, y = stats.rankdata(xa), stats.rankdata(xb), stats.rankdata(y)
+                    r = np.corrcoef(np.vstack([y, xa, xb]))
+                    r_a, r_b, r_ab = float(r[0, 1]), float(r[0, 2]), float(r[1, 2])
+                    if np.array_equal(xa, xb):  # the same values: the same correlation, r_AB = 1 exactly
+                        r_b, r_ab = r_a, 1.0
+                    estimate = r_a - r_b
+                    statistic, p = dependent_correlation_test(r_a, r_b, r_ab, len(y), method)
+                    note = (f"{TEST_NAMES[method]} = {statistic:.3f}; r between checkpoints = {r_ab:.3f}"
+                            if np.isfinite(statistic) else "test undefined (|r| = 1)")
+                out.append({"analysis": self.name, "checkpoint": f"{a}−{b}", "metric": metric,
+                            "layer": None if pd.isna(layer) else layer, "n": len(y),
+                            "statistic": f"{self.statistic}_diff", "estimate": estimate, "p": p,
+                            "ci_low": np.nan, "ci_high": np.nan, "note": note})
+        return out
 
 
 class Pearson(Correlation):
     """Pearson's r with its two-sided p-value and a bootstrap confidence interval."""
 
     name, statistic, rank = "pearson", "r", False
+    compares_checkpoints = True
 
 
 class Spearman(Correlation):
     """Spearman's rho (Pearson's r of the ranks) with its two-sided p-value and a bootstrap interval."""
 
     name, statistic, rank = "spearman", "rho", True
+    compares_checkpoints = True
 
 
 class Partial(Correlation):
@@ -158,9 +219,9 @@ class Partial(Correlation):
 @hookimpl
 def fluency_register_analyses() -> list[AnalysisSpec]:
     return [
-        AnalysisSpec(name="pearson", factory=Pearson, options=dict(BOOT_OPTIONS),
+        AnalysisSpec(name="pearson", factory=Pearson, options={**BOOT_OPTIONS, **COMPARE_OPTIONS},
                      description="Pearson correlation r of each metric and layer with the rating (p, bootstrap CI)."),
-        AnalysisSpec(name="spearman", factory=Spearman, options=dict(BOOT_OPTIONS),
+        AnalysisSpec(name="spearman", factory=Spearman, options={**BOOT_OPTIONS, **COMPARE_OPTIONS},
                      description="Spearman rank correlation rho of each metric and layer with the rating (p, bootstrap CI)."),
         AnalysisSpec(name="partial", factory=Partial,
                      description="Partial correlation of each metric with the rating, controlling for covariates.",
