@@ -222,3 +222,11 @@ def test_run_over_checkpoints_compares_them_and_corrects_every_test(tmp_path: Pa
     every = pd.concat(result.analyses.values(), ignore_index=True)
     assert np.allclose(every["p_fdr"], fdr_bh(every["p"].to_numpy(float)), equal_nan=True)
     assert np.isfinite(every.loc[every.statistic.str.endswith("_diff"), "p_fdr"]).all()
+    r = result.analyses["pearson"]
+    r_of = {(row.checkpoint, row.layer): row.estimate for row in r[r.statistic == "r"].itertuples()}
+    for row in r[(r.statistic == "r_diff") & (r.checkpoint == "default−noisy")].itertuples():
+        assert row.estimate == pytest.approx(r_of[("default", row.layer)] - r_of[("noisy", row.layer)], abs=1e-12)
+    from fluency.core.report import build_report
+
+    page = build_report(result.path).read_text()
+    assert (result.path / "figures" / "heatmap-pearson-diff.png").exists() and 'alt="heatmap-pearson-diff"' in page

@@ -181,9 +181,18 @@ def build_report(run_dir: str | Path, top_scatter: int = 6) -> Path:
         for name in correlations:
             table = analyses[name]
             table = table[table.get("group", pd.Series("all", index=table.index)).fillna("all") == "all"]
-            figures.correlation_heatmap(table, fig_dir / f"heatmap-{name}.png", name)
-            figures.correlation_heatmap(table, fig_dir / f"heatmap-{name}.svg", name)
+            is_diff = table["statistic"].astype(str).str.endswith("_diff")
+            figures.correlation_heatmap(table[~is_diff], fig_dir / f"heatmap-{name}.png", name)
+            figures.correlation_heatmap(table[~is_diff], fig_dir / f"heatmap-{name}.svg", name)
             parts.append(_img(fig_dir / f"heatmap-{name}.png"))
+            if is_diff.any():  # checkpoints compared: r_A − r_B per pair, tested as dependent correlations
+                for suffix in ("png", "svg"):
+                    figures.correlation_heatmap(table[is_diff], fig_dir / f"heatmap-{name}-diff.{suffix}",
+                                                f"{name}: r_A − r_B")
+                parts.append(_img(fig_dir / f"heatmap-{name}-diff.png",
+                                  "Difference between the checkpoints' correlations with the rating, per pair "
+                                  "(A−B); * marks p_fdr < 0.05 by the dependent-correlation test (Steiger 1980), "
+                                  "which accounts for both correlations sharing the rating."))
     if "ridge" in analyses and analyses["ridge"]["estimate"].notna().any():
         ridge = analyses["ridge"][analyses["ridge"].get("group", "all") == "all"]
         figures.r2_bars(ridge, fig_dir / "ridge-r2.png")
