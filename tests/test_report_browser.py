@@ -1,8 +1,15 @@
-"""The HTML report in a real headless browser (Debian's ``chromium``): every figure decodes, every table
-has rows, the sortable tables sort when a header is clicked, and nothing is fetched from a network.
+"""The HTML report in a real headless browser (Debian's ``chromium``).
 
-``.ci/run`` installs chromium when it is missing and then sets ``FLUENCY_REQUIRE_BROWSER=1``, which
-turns the skip (no browser here) into a failure, so CI cannot pass without running this test.
+``test_report.py`` checks the page's text; only a browser shows whether it works when opened. Here a small
+run's ``report.html`` is loaded from a ``file://`` copy with a check script appended, and the DOM that
+chromium dumps afterwards says: every figure decoded (complete, non-zero natural size, laid out, a
+``data:`` URI), the expected figures are all there, every table has rows as wide as its header, a click on
+a numeric header sorts ascending and a second click descending, the provenance block holds the run's
+manifest, and nothing is fetched or referenced over a network (hosts are unresolvable while it runs).
+A screenshot shows the page paints something.
+
+``.ci/run`` installs chromium when it is missing and then sets ``FLUENCY_REQUIRE_BROWSER=1``, which turns
+the skip (no browser here) into a failure, so CI cannot pass without running this test.
 """
 
 from __future__ import annotations
@@ -12,22 +19,30 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import fluency
 from fluency.core.report import build_report
 
 #: where Debian's package puts it, in case it is not on PATH
 CHROMIUM = Path("/usr/bin/chromium")
+#: seconds one chromium call may take before its whole process group is killed
+TIMEOUT = 60
+#: figure families this run must show (alt text = file stem; ``*`` = the checkpoint label or an index)
+EXPECTED_FIGURES = ("heatmap-pearson", "heatmap-spearman", "ridge-r2", "scatter-*", "activations-*", "recon-*",
+                    "curves-*", "latents-pca-*", "interp-*")
 
 #: runs after the page's own script, once every image has loaded; writes what it saw into <pre id=browser-check>
 CHECK_JS = """
 window.addEventListener('load', function () {
-  var out = {images: [], tables: [], resources: []};
+  var out = {images: [], tables: [], resources: [], provenance: null};
   Array.from(document.images).forEach(function (img) {
     var box = img.getBoundingClientRect();
     out.images.push({alt: img.alt, complete: img.complete, width: img.naturalWidth, height: img.naturalHeight,
@@ -53,6 +68,12 @@ window.addEventListener('load', function () {
     }
     out.tables.push(entry);
   });
+  var heading = Array.from(document.querySelectorAll('h2')).filter(function (h) {
+    return h.textContent === 'Provenance'; })[0];
+  if (heading && heading.nextElementSibling && heading.nextElementSibling.tagName === 'PRE') {
+    out.provenance = heading.nextElementSibling.textContent;
+  }
+  out.external = document.querySelectorAll('[src^="http"],[href^="http"],[src^="//"],[href^="//"]').length;
   out.resources = performance.getEntriesByType('resource').map(function (e) { return e.name; });
   var pre = document.createElement('pre');
   pre.id = 'browser-check';
@@ -83,41 +104,60 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_report(out)
 
 
-def render(chromium: str, page: Path, profile: Path) -> str:
-    """The DOM after the page's scripts ran, from headless chromium with every host unresolvable."""
-    proc = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-         "--disable-extensions", "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={profile}",
-         "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=90)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
+def chromium(binary: str, profile: Path, *args: str) -> str:
+    """Run headless chromium (fresh profile, every host unresolvable) and return its stdout.
+
+    It runs in its own process group, killed as a whole afterwards, so no renderer or zygote outlives it,
+    not even after a timeout.
+    """
+    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+               "--disable-extensions", "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={profile}",
+               *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"chromium took more than {TIMEOUT} s: {' '.join(command)}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the whole group is gone already
+            pass
+    assert proc.returncode == 0, stderr[-2000:]
+    return stdout
 
 
 def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> None:
-    chromium = find_chromium()
+    binary = find_chromium()
     source = report.read_text()
     assert "</body>" in source
     page = tmp_path / "report-checked.html"  # a copy with the check script added; the report itself is untouched
     page.write_text(source.replace("</body>", f"<script>{CHECK_JS}</script></body>"))
-    dom = render(chromium, page, tmp_path / "profile")
+    dom = chromium(binary, tmp_path / "profile", "--virtual-time-budget=5000", "--dump-dom", page.as_uri())
     found = re.search(r'<pre id="browser-check">(.*?)</pre>', dom, re.S)
     assert found, f"the check script did not run; DOM starts {dom[:300]!r}"
     seen = json.loads(html.unescape(found.group(1)))
 
-    # every figure: decoded (complete, non-zero natural size), laid out, embedded as data: URI
+    # every figure: decoded (complete, non-zero natural size), laid out, embedded as data: URI; all expected there
     n_img = len(re.findall(r"<img\b", source))
-    assert n_img >= 8 and len(seen["images"]) == n_img
+    assert len(seen["images"]) == n_img
     bad = [i for i in seen["images"] if not (i["complete"] and i["width"] > 0 and i["height"] > 0 and i["shown"])]
     assert not bad, f"figures that did not render: {bad}"
     assert {i["scheme"] for i in seen["images"]} == {"data"}
+    alts = [i["alt"] for i in seen["images"]]
+    missing = [f for f in EXPECTED_FIGURES if not any(re.fullmatch(f.replace("*", ".+"), a) for a in alts)]
+    assert not missing, f"figures missing from the report: {missing} (it has {alts})"
+    assert n_img >= 12, alts  # 2 heatmaps, ridge bars, 6 scatter plots, activations, 4 model views
 
     # every table: the expected ones, each with rows, each row as wide as the header
     tables = {t["id"]: t for t in seen["tables"]}
     assert {"table-pearson", "table-spearman", "table-ridge", "table-metrics"} <= set(tables)
     for t in seen["tables"]:
-        assert t["rows"] > 0 and t["heads"], t["id"]
+        assert t["sortable"] and t["rows"] > 0 and t["heads"], t["id"]
         assert set(t["cells"]) == {len(t["heads"])}, t["id"]
 
     # sorting: the first click sorts ascending, the second descending, the rows are only reordered
@@ -126,16 +166,35 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     moved = 0
     for t in checked:
         first, second = [float(v) for v in t["first"]], [float(v) for v in t["second"]]
-        assert first == sorted(first), (t["id"], t["key"])
-        assert second == sorted(second, reverse=True), (t["id"], t["key"])
+        assert first == sorted(first), (t["id"], t["key"], "not ascending after one click")
+        assert second == sorted(second, reverse=True), (t["id"], t["key"], "not descending after two clicks")
         assert sorted(t["before"]) == sorted(t["first"]) == sorted(t["second"])
         moved += t["before"] != t["first"]
     assert moved, "no table changed order when sorted"
 
+    # provenance: the page shows the run's manifest
+    assert seen["provenance"], "no <pre> after the Provenance heading"
+    manifest = json.loads((report.parent / "manifest.json").read_text())
+    assert json.loads(seen["provenance"])["run_id"] == manifest["run_id"]
+
     # self-contained: nothing fetched, no http(s) reference anywhere in the page
+    assert seen["external"] == 0
     assert not [r for r in seen["resources"] if re.match(r"https?:", r)], seen["resources"]
     assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", source, re.I)
     assert "http://" not in source and "https://" not in source
+
+
+def test_report_screenshot_is_not_blank(report: Path, tmp_path: Path) -> None:
+    binary = find_chromium()
+    shot = tmp_path / "report.png"
+    chromium(binary, tmp_path / "profile", "--virtual-time-budget=5000", "--hide-scrollbars",
+             f"--screenshot={shot}", "--window-size=1200,2000", report.as_uri())
+    assert shot.exists(), "chromium wrote no screenshot"
+    with Image.open(shot) as image:
+        assert image.size == (1200, 2000)
+        pixels = np.asarray(image.convert("L"), dtype=np.float64)
+    assert pixels.std() > 10, "the screenshot is (nearly) one colour"
+    assert (pixels < 128).mean() > 0.01, "hardly anything dark is painted: no text or figures"
 
 
 def test_a_missing_browser_skips_here_and_fails_where_it_is_required(monkeypatch: pytest.MonkeyPatch,
