@@ -224,7 +224,8 @@ def build_report(run_dir: str | Path, top_scatter: int = 6) -> Path:
         parts += _model_views(run, label, manifest, ratings, rating_col)
     for name, table in analyses.items():
         columns = [c for c in ["group", "checkpoint", "metric", "layer", "n", "statistic", "estimate", "ci_low",
-                               "ci_high", "r2_fold_mean", "r2_fold_sd", "se", "r2", "p", "p_fdr", "note"]
+                               "ci_high", "r_a", "r_b", "r_ab", "r2_fold_mean", "r2_fold_sd", "se", "r2", "p",
+                               "p_fdr", "note"]
                    if c in table.columns]
         parts += [f"<h2>Analysis: {html.escape(name)}</h2>", _table(table, columns, f"table-{name}")]
     if metrics is not None:

@@ -4,6 +4,7 @@ difference between two dependent correlations (one metric under two checkpoints 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
@@ -47,7 +48,8 @@ def dependent_correlation_test(r_jk: float, r_jh: float, r_kh: float, n: int,
 
     Degenerate cases are explicit rather than a division by zero: r_kh = 1 (within
     :data:`IDENTICAL_TOL`: k and h are the same variable, so r_jk = r_jh) gives (0, 1); n ≤ 3, a
-    non-finite input, or |r_jk| or |r_jh| = 1 with Fisher's z (steiger, meng) gives (NaN, NaN).
+    non-finite input, or |r_jk| or |r_jh| = 1 with Fisher's z (steiger, meng; unless r_jk = r_jh, which
+    gives (0, 1)) gives (NaN, NaN).
     """
     if method not in DEPENDENT_METHODS:
         raise ValueError(f"method {method!r}: use one of {DEPENDENT_METHODS}")
@@ -81,3 +83,54 @@ def dependent_correlation_test(r_jk: float, r_jh: float, r_kh: float, n: int,
         return math.nan, math.nan
     z = dz * math.sqrt((n - 3) / var)
     return z, float(2 * stats.norm.sf(abs(z)))
+
+
+class CorrelationComparison(NamedTuple):
+    """Result of :func:`compare_dependent_correlations`: ``difference`` = r_a − r_b, the test's ``statistic``
+    (Z, or t for Williams) and two-sided ``p``, on ``n`` complete cases, with the three correlations used."""
+
+    difference: float
+    statistic: float
+    p: float
+    n: int
+    r_a: float
+    r_b: float
+    r_ab: float
+
+
+def compare_dependent_correlations(rating: np.ndarray, a: np.ndarray, b: np.ndarray, method: str = "steiger",
+                                   rank: bool = False) -> CorrelationComparison:
+    """Compare r(a, rating) with r(b, rating) measured on the same cases (two *dependent, overlapping* correlations).
+
+    Used for one metric under two checkpoints: the images and the rating are shared, so the two
+    correlations are correlated through r_ab = r(a, b) and the independent-samples Fisher z test
+    (which assumes r_ab = 0) is miscalibrated — far too conservative when the checkpoints agree. The
+    test is :func:`dependent_correlation_test` (default Steiger 1980, eq. 14/15: Fisher z of both
+    correlations, covariance from the pooled r̄ = (r_a + r_b)/2).
+
+    Only cases finite in all three arrays count (pairwise-complete: an image missing under either
+    checkpoint is dropped). ``rank=True`` ranks the complete cases first and compares Spearman
+    coefficients with the same formulas: the common large-sample approximation, not an exact test
+    (for one coefficient Fieller, Hartley & Pearson 1957 give var(atanh ρ_s) ≈ 1.06/(n − 3) rather
+    than 1/(n − 3), so it can be slightly liberal).
+
+    Degenerate cases, explicitly: identical values (a == b, or identical ranks) give difference 0,
+    statistic 0, p = 1 (the same correlation twice); r_ab = 1 up to :data:`IDENTICAL_TOL` (an affine
+    copy) gives statistic 0, p = 1; fewer than 4 complete cases, a constant variable, or |r_a| or
+    |r_b| = 1 (Fisher z infinite) give NaN statistic and p.
+    """
+    rating, a, b = (np.asarray(v, dtype=float) for v in (rating, a, b))
+    keep = np.isfinite(rating) & np.isfinite(a) & np.isfinite(b)
+    y, a, b = rating[keep], a[keep], b[keep]
+    n = int(keep.sum())
+    nan = math.nan
+    if n <= 3 or np.ptp(y) == 0 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return CorrelationComparison(nan, nan, nan, n, nan, nan, nan)
+    if rank:
+        y, a, b = stats.rankdata(y), stats.rankdata(a), stats.rankdata(b)
+    r = np.corrcoef(np.vstack([y, a, b]))
+    r_a, r_b, r_ab = float(r[0, 1]), float(r[0, 2]), float(r[1, 2])
+    if np.array_equal(a, b):  # the same variable twice: the same correlation, exactly
+        return CorrelationComparison(0.0, 0.0, 1.0, n, r_a, r_a, 1.0)
+    statistic, p = dependent_correlation_test(r_a, r_b, r_ab, n, method)
+    return CorrelationComparison(r_a - r_b, statistic, p, n, r_a, r_b, r_ab)

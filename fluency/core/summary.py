@@ -34,7 +34,9 @@ def supports_fluency(estimate: float, higher_is_more_fluent: bool | None, statis
 def relations_table(strongest: pd.DataFrame, directions: dict[str, Any], alpha: float = 0.05) -> Table:
     """A compact rich table of analysis rows (already sorted), with FDR significance and the fluency direction.
 
-    The checkpoint column appears only when the rows come from several checkpoints.
+    The checkpoint column appears only when the rows come from several checkpoints; a comparison of two
+    checkpoints (``r_diff``, ``rho_diff``: estimate r_A − r_B, checkpoint ``A−B``) names its statistic in
+    the test column so that it is not read as a correlation.
     """
     several = strongest["checkpoint"].nunique() > 1
     grouped = "group" in strongest.columns and strongest["group"].nunique() > 1
@@ -47,7 +49,8 @@ def relations_table(strongest: pd.DataFrame, directions: dict[str, Any], alpha: 
     for row in strongest.itertuples(index=False):
         direction = directions.get(row.metric, {}).get("higher_is_more_fluent")
         sig = isinstance(row.p_fdr, float) and row.p_fdr < alpha
-        cells = [row.analysis, *([row.checkpoint] if several else []), *([row.group] if grouped else []), row.metric,
+        test = f"{row.analysis} {row.statistic}" if str(row.statistic).endswith("_diff") else row.analysis
+        cells = [test, *([row.checkpoint] if several else []), *([row.group] if grouped else []), row.metric,
                  "(whole)" if pd.isna(row.layer) else row.layer, str(row.n),
                  f"{row.estimate:+.3f}" if math.isfinite(row.estimate) else "–", _fmt_p(row.p),
                  _fmt_p(row.p_fdr) + ("*" if sig else ""), supports_fluency(row.estimate, direction, row.statistic)]

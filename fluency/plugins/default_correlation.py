@@ -11,8 +11,10 @@ With two or more checkpoints, ``pearson`` and ``spearman`` also compare them: fo
 layer) and pair of checkpoints (A, B) a row with ``statistic`` ``r_diff`` (``rho_diff``),
 ``checkpoint`` ``"A−B"``, ``estimate`` = r_A − r_B and the two-sided p of the test of equal
 *dependent, overlapping* correlations (the same images, the same rating; Steiger 1980 by default,
-see :func:`fluency.core.stats.dependent_correlation_test`), on the images measured by both; Spearman's
-on ranks. These rows join the run-wide Benjamini–Hochberg correction like every other test.
+see :func:`fluency.core.stats.compare_dependent_correlations`), on the images measured by both;
+Spearman's on ranks. Those rows also fill ``r_a``, ``r_b`` (the two correlations on those images) and
+``r_ab`` (the metric under A against the metric under B). They join the run-wide Benjamini–Hochberg
+correction like every other test; subgroups (``--by``) get their own comparison rows.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from scipy import stats
 from fluency import Analysis, AnalysisData, AnalysisSpec, Option, hookimpl
 from fluency.core.analysis import RESULT_COLUMNS
 from fluency.core.errors import FluencyError
-from fluency.core.stats import DEPENDENT_METHODS, dependent_correlation_test
+from fluency.core.stats import DEPENDENT_METHODS, compare_dependent_correlations
 
 MIN_N = 3
 BOOT_OPTIONS = {
@@ -41,6 +43,8 @@ COMPARE_OPTIONS = {
                         "steiger (Steiger 1980 Z), williams (Williams' t), meng (Meng et al. 1992 Z) or none",
                         choices=(*DEPENDENT_METHODS, "none")),
 }
+#: columns of the comparison rows only (NaN on the others): the two correlations and r between the checkpoints
+COMPARE_COLUMNS = ("r_a", "r_b", "r_ab")
 #: names of the dependent-correlation tests, for the ``note`` of each comparison row
 TEST_NAMES = {"steiger": "Steiger (1980) Z", "williams": "Williams' t (n−3 df)", "meng": "Meng et al. (1992) Z"}
 
@@ -131,7 +135,8 @@ class Correlation(Analysis):
         method = str(self.options.get("diff_test", "steiger"))
         if self.compares_checkpoints and method != "none" and joined["checkpoint"].nunique() > 1:
             out += self.compare_checkpoints(joined, method)
-        return pd.DataFrame(out, columns=[*RESULT_COLUMNS, "ci_low", "ci_high", "note"])
+        extra = COMPARE_COLUMNS if any("r_ab" in row for row in out) else ()
+        return pd.DataFrame(out, columns=[*RESULT_COLUMNS, "ci_low", "ci_high", "note", *extra])
 
     def compare_checkpoints(self, joined: pd.DataFrame, method: str) -> list[dict[str, Any]]:
         """One row per (metric, layer, pair of checkpoints A < B): r_A − r_B and its dependent-correlation test.
@@ -146,29 +151,21 @@ class Correlation(Analysis):
             wide = group.pivot_table(index="image_id", columns="checkpoint", values="value", aggfunc="first")
             rating = group.groupby("image_id")["rating"].first().reindex(wide.index)
             for a, b in combinations(sorted(wide.columns), 2):
-                keep = np.isfinite(wide[a]) & np.isfinite(wide[b]) & np.isfinite(rating)
-                xa, xb, y = (v[keep].to_numpy(float) for v in (wide[a], wide[b], rating))
-                estimate = p = np.nan
-                note = ""
-                if len(y) <= MIN_N:
+                test = compare_dependent_correlations(rating.to_numpy(float), wide[a].to_numpy(float),
+                                                      wide[b].to_numpy(float), method, rank=self.rank)
+                if test.n <= MIN_N:
                     note = f"fewer than {MIN_N + 1} images measured by both checkpoints"
-                elif np.ptp(xa) == 0 or np.ptp(xb) == 0 or np.ptp(y) == 0:
+                elif not np.isfinite(test.r_ab):
                     note = "constant values"
+                elif np.isfinite(test.statistic):
+                    note = f"{TEST_NAMES[method]} = {test.statistic:.3f}; r between checkpoints = {test.r_ab:.3f}"
                 else:
-                    if self.rank:
-                        xa, xb, y = stats.rankdata(xa), stats.rankdata(xb), stats.rankdata(y)
-                    r = np.corrcoef(np.vstack([y, xa, xb]))
-                    r_a, r_b, r_ab = float(r[0, 1]), float(r[0, 2]), float(r[1, 2])
-                    if np.array_equal(xa, xb):  # the same values: the same correlation, r_AB = 1 exactly
-                        r_b, r_ab = r_a, 1.0
-                    estimate = r_a - r_b
-                    statistic, p = dependent_correlation_test(r_a, r_b, r_ab, len(y), method)
-                    note = (f"{TEST_NAMES[method]} = {statistic:.3f}; r between checkpoints = {r_ab:.3f}"
-                            if np.isfinite(statistic) else "test undefined (|r| = 1)")
+                    note = "test undefined (|r| = 1)"
                 out.append({"analysis": self.name, "checkpoint": f"{a}−{b}", "metric": metric,
-                            "layer": None if pd.isna(layer) else layer, "n": len(y),
-                            "statistic": f"{self.statistic}_diff", "estimate": estimate, "p": p,
-                            "ci_low": np.nan, "ci_high": np.nan, "note": note})
+                            "layer": None if pd.isna(layer) else layer, "n": test.n,
+                            "statistic": f"{self.statistic}_diff", "estimate": test.difference, "p": test.p,
+                            "ci_low": np.nan, "ci_high": np.nan, "note": note,
+                            "r_a": test.r_a, "r_b": test.r_b, "r_ab": test.r_ab})
         return out
 
 
