@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -84,9 +84,16 @@ def grid_indices(ids: Sequence[str], stimuli: Stimuli, n: int = GRID_IMAGES) -> 
     return [position[rated[k]] for k in picks]
 
 
+class Latents(NamedTuple):
+    """The latent means of a stimulus set under one checkpoint: ``ids``, N×k float32 ``mu``, one mean's ``shape``."""
+
+    ids: list[str]
+    mu: np.ndarray
+    shape: tuple[int, ...]
+
+
 @torch.no_grad()
-def latent_means(model: Any, source: ImageSource, device: torch.device,
-                 batch_size: int = 64) -> tuple[list[str], np.ndarray, tuple[int, ...]]:
+def latent_means(model: Any, source: ImageSource, device: torch.device, batch_size: int = 64) -> Latents:
     """``(ids, N×k float32 means, shape of one mean)``: μ of every image, batch by batch, in eval mode."""
     was_training = model.training
     model.eval()
@@ -101,7 +108,7 @@ def latent_means(model: Any, source: ImageSource, device: torch.device,
             ids += batch_ids
     finally:
         model.train(was_training)
-    return ids, (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)), shape
+    return Latents(ids, np.concatenate(parts) if parts else np.zeros((0, 0), np.float32), shape)
 
 
 @torch.no_grad()
@@ -134,12 +141,13 @@ def _short(text: str, width: int = 14) -> str:
 
 
 def write_checkpoint_figures(loaded: LoadedCheckpoint, stimuli: Stimuli, out_dir: Path, device: torch.device,
-                             pairs: Sequence[tuple[str, str]], batch_size: int = 64,
+                             pairs: Sequence[tuple[str, str]], batch_size: int = 64, latents: Latents | None = None,
                              steps: int = INTERPOLATION_STEPS) -> dict[str, str]:
     """Write the latents table and the model figures of one checkpoint (see the module docstring).
 
-    ``pairs`` come from :func:`interpolation_pairs`. Returns ``{figure path relative to out_dir: caption}``
-    for the report.
+    ``pairs`` come from :func:`interpolation_pairs`; ``latents`` are the means if the caller has them
+    (the run reads them off its measuring pass), else they are computed here. Returns
+    ``{figure path relative to out_dir: caption}`` for the report.
     """
     label, model = loaded.label, loaded.model.to(device)
     channels, size, _ = model.input_shape
@@ -147,7 +155,7 @@ def write_checkpoint_figures(loaded: LoadedCheckpoint, stimuli: Stimuli, out_dir
     fig_dir = out_dir / "figures"
     written: dict[str, str] = {}
 
-    ids, mu, mu_shape = latent_means(model, source, device, batch_size)
+    ids, mu, mu_shape = latents if latents is not None else latent_means(model, source, device, batch_size)
     write_latents(out_dir / "latents" / f"{label}.parquet", ids, mu)
 
     ratings = {} if stimuli.ratings is None else dict(zip(stimuli.ratings["image_id"].astype(str),

@@ -50,7 +50,7 @@ from fluency.core.metric import FluencyMetric, MetricBatch, units_as_rows
 from fluency.core.plugins import PluginManager, get_plugin_manager, read_registry
 from fluency.core.progress import progress_bar
 from fluency.core.ratings import MatchReport
-from fluency.core.run_figures import interpolation_pairs, write_checkpoint_figures
+from fluency.core.run_figures import Latents, interpolation_pairs, write_checkpoint_figures
 from fluency.core.stats import fdr_bh
 from fluency.core.stimuli import Stimuli, embedded, from_folder
 from fluency.core.store import ActivationStoreWriter, MetricTableWriter, read_metric_table
@@ -297,14 +297,14 @@ def run(
                 manifest["inputs"]["checkpoints"].append(
                     {"label": label, "path": str(path.resolve()), "sha256": loaded.sha256,
                      "architecture": loaded.info["architecture"], "epoch": loaded.info.get("epoch")})
-                _measure(loaded, stimuli, metric_specs, resolved, table, out_dir, dev, batch_size, seed,
-                         store, store_dtype, manager, bars, manifest["metric_columns"], skip_image)
+                latents = _measure(loaded, stimuli, metric_specs, resolved, table, out_dir, dev, batch_size, seed,
+                                   store, store_dtype, manager, bars, manifest["metric_columns"], skip_image)
                 if late:  # later steps and checkpoints do not try them again
                     stimuli = _without(stimuli, late)
                 timings[f"metrics[{label}]"] = round(time.perf_counter() - t0, 3)
                 if figures:
                     t0 = time.perf_counter()
-                    captions = write_checkpoint_figures(loaded, stimuli, out_dir, dev, pairs, batch_size)
+                    captions = write_checkpoint_figures(loaded, stimuli, out_dir, dev, pairs, batch_size, latents)
                     manifest.setdefault("figures", {"interpolate": [list(p) for p in pairs], "checkpoints": {}})
                     manifest["figures"]["checkpoints"][label] = captions
                     timings[f"figures[{label}]"] = round(time.perf_counter() - t0, 3)
@@ -336,11 +336,13 @@ def _measure(loaded: LoadedCheckpoint, stimuli: Stimuli, specs: dict[str, Any], 
              table: MetricTableWriter, out_dir: Path, dev: torch.device,
              batch_size: int, seed: int, store: bool, store_dtype: str, manager: PluginManager, bars: Any,
              directions: dict[str, Any],
-             on_error: Callable[[ImageSource, int, InputError], None] | None = None) -> None:
+             on_error: Callable[[ImageSource, int, InputError], None] | None = None) -> Latents:
     """Stream the stimuli through one checkpoint, feeding the store and every metric batch by batch.
 
     ``directions`` collects, per metric name in the table, its plugin and whether higher is more fluent;
     ``on_error(source, index, error)`` is called for an image that fails to load (default: raise).
+    Returns the latent means μ of the images measured, read off the same forward passes (the figures
+    need them; a second pass over the images would decode every file again).
     """
     model = loaded.model.to(dev).eval()
     instances: dict[str, FluencyMetric] = {}
@@ -359,10 +361,14 @@ def _measure(loaded: LoadedCheckpoint, stimuli: Stimuli, specs: dict[str, Any], 
     task = bars.add_task(f"metrics [{loaded.label}]", total=len(source), status="")
     try:
         skip = None if on_error is None else (lambda index, exc: on_error(source, index, exc))
+        latent_ids: list[str] = []
+        latent_parts: list[np.ndarray] = []
         for ids, x in iter_batches(source, batch_size, on_error=skip):
             x = x.to(dev)
             with torch.no_grad(), capture_activations(model, capture) as acts:
-                model(x, sample=False)
+                mu = model(x, sample=False).mu
+            latent_ids += ids
+            latent_parts.append(mu.flatten(1).float().cpu().numpy())
             acts = {k: v.float() for k, v in acts.items()}
             _check_finite(acts, ids, loaded.label)
             if writer is not None:
@@ -394,6 +400,8 @@ def _measure(loaded: LoadedCheckpoint, stimuli: Stimuli, specs: dict[str, Any], 
         raise
     if writer is not None:
         writer.close()
+    return Latents(latent_ids, np.concatenate(latent_parts) if latent_parts else np.zeros((0, 0), np.float32),
+                   tuple(mu.shape[1:]) if latent_parts else ())
 
 
 def _without(stimuli: Stimuli, late: dict[str, str]) -> Stimuli:
