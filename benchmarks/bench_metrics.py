@@ -21,12 +21,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from fluency.core import demo
-from fluency.core.capture import capture_activations
-from fluency.core.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from fluency.core.losses import loss_from_config
-from fluency.core.metric import MetricBatch
-from fluency.core.plugins import PluginManager
+from fluency.core.inputs import demo
+from fluency.core.model.capture import capture_activations
+from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from fluency.core.model.losses import loss_from_config
+from fluency.core.plugin.metric import MetricBatch
+from fluency.core.plugin.manager import PluginManager
 from fluency.plugins.default_gini import Gini, gini
 from fluency.plugins.default_lepsilon import LEpsilon
 from fluency.plugins.default_sam import SAMSharpness

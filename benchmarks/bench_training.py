@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from fluency.core.losses import vae_loss_terms
-from fluency.core.plugins import PluginManager
+from fluency.core.model.losses import loss_from_config
+from fluency.core.plugin.manager import PluginManager
 
 
 def images_per_second(pm: PluginManager, arch: str, size: int, optimizer: str, batch: int, steps: int,
@@ -33,10 +33,11 @@ def images_per_second(pm: PluginManager, arch: str, size: int, optimizer: str, b
     kwargs = {"model": model} if optimizer == "sam" else {}
     opt = factory(model.parameters(), **spec_opts, **kwargs)
     x = torch.rand(batch, 3, size, size)
+    vae_loss = loss_from_config({})  # fluency train's default: l2 summed over pixels + 1·KL, per image
 
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        loss = vae_loss_terms(model(x), x)["loss"].mean()
+        loss = vae_loss(model(x), x).mean()
         loss.backward()
         return loss
 

@@ -11,11 +11,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from fluency import __version__
-from fluency.core.devices import DEVICES
+from fluency.core.version import __version__
+from fluency.core.model.devices import DEVICES
 from fluency.core.errors import FluencyError
-from fluency.core.plugins import PluginManager, get_plugin_manager
-from fluency.core.specs import KINDS
+from fluency.core.plugin.manager import PluginManager, get_plugin_manager
+from fluency.core.plugin.specs import KINDS
 
 err = Console(stderr=True)
 
@@ -64,6 +64,9 @@ def cli() -> None:
 @click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Precision of the stored activations (metrics always use float32).")
 @click.option("--no-store", is_flag=True, help="Do not write the activation store.")
+@click.option("--store-layers", multiple=True, metavar="all|LAYER,...",
+              help="Layers kept in the activation store (default: those the metrics read plus the model's "
+                   "default metric layers; 'all': every layer).")
 @click.option("--strict", is_flag=True, help="Stop on any mismatch between images and ratings.")
 @click.option("--by", help="Also run every analysis within each subgroup of these ratings columns (e.g. face_sex,face_eth).")
 @click.option("--min-group-size", type=click.IntRange(min=3), default=10, show_default=True,
@@ -80,28 +83,35 @@ def cli() -> None:
 def run(images: Path | None, ratings: Path | None, id_column: str, rating_column: str, checkpoints: tuple[Path, ...],
         metrics: tuple[str, ...], analyses: tuple[str, ...], layers: tuple[str, ...], out: Path | None, device: str,
         batch_size: int, seed: int, options: tuple[str, ...], config: Path | None, store_dtype: str, no_store: bool,
-        strict: bool, by: str | None, min_group_size: int, overwrite: bool, top: int, no_report: bool,
+        store_layers: tuple[str, ...], strict: bool, by: str | None, min_group_size: int, overwrite: bool, top: int, no_report: bool,
         interpolate: tuple[str, ...], no_figures: bool, as_json: bool) -> None:
     """Compute per-image fluency metrics and relate them to ratings.
 
     With no --images and no --checkpoint, runs on the embedded default (generated, rated stimuli and a
     small shipped model). Example: fluency run --metric gini --metric sam
     """
-    from fluency.core.runner import run as run_pipeline
-    from fluency.core.summary import print_matching, print_unreadable, relations_table
+    from fluency.jobs import run as run_job
 
-    result = run_pipeline(
+    result = run_job(
         metrics=_split(metrics), images=images, ratings=ratings, id_column=id_column, rating_column=rating_column,
         checkpoints=checkpoints, analyses=_split(analyses) or None, layers=_split(layers) or None, out=out,
         device=device, batch_size=batch_size, seed=seed, options=options, config=config, store=not no_store,
-        store_dtype=store_dtype, strict=strict, overwrite=overwrite, console=err,
-        by=[c.strip() for c in by.split(",") if c.strip()] if by else (), min_group_size=min_group_size,
-        interpolate=interpolate, figures=not no_figures,
+        store_dtype=store_dtype, store_layers=_split(store_layers) or None, strict=strict, overwrite=overwrite,
+        console=err, by=_split((by,)) if by else (), min_group_size=min_group_size, interpolate=interpolate,
+        figures=not no_figures,
     )
     if not no_report:
-        from fluency.core.report import build_report
+        from fluency.core.outputs.report import build_report
 
         build_report(result.path)
+    _print_result(result, top, as_json)
+
+
+def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = None) -> None:
+    """The summary of a run or measure (``seconds``: how long it took, default the run's total): relations
+    table (or JSON), notes, and where the results are."""
+    from fluency.core.outputs.summary import print_matching, print_unreadable, relations_table
+
     strongest = result.strongest(top)
     if as_json:
         _emit_json({"run": str(result.path), "status": result.manifest["status"],
@@ -118,8 +128,9 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         if not g["analysed"]:
             err.print(f"[yellow]subgroup {g['group']}:[/yellow] {g['n']} images, {g['note']}; not analysed")
     n_images = result.metrics["image_id"].nunique()
-    out_console.print(f"[bold]{len(result.metrics)}[/bold] metric values for [bold]{n_images}[/bold] images "
-                      f"in {result.manifest['timings']['total']:.1f} s.")
+    seconds = result.manifest["timings"].get("total") if seconds is None else seconds
+    took = f" in {seconds:.1f} s" if seconds is not None else ""
+    out_console.print(f"[bold]{len(result.metrics)}[/bold] metric values for [bold]{n_images}[/bold] images{took}.")
     if len(strongest):
         out_console.print(relations_table(strongest, result.manifest["metric_columns"]))
     else:
@@ -128,6 +139,96 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
                                  "figures/", "manifest.json")
                if (result.path / name.rstrip("/")).exists()]
     out_console.print(f"Results in [bold]{result.path}[/bold]: {', '.join(written)}")
+
+
+@cli.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--metric", "metrics", multiple=True, required=True,
+              help="Activation metric plugin (repeatable or comma-separated).")
+@click.option("--analysis", "analyses", multiple=True,
+              help="Analysis plugin (default: the run's analyses, else the registry's defaults).")
+@click.option("--ratings", type=click.Path(path_type=Path),
+              help="Ratings table whose ids are the store's image ids (default: the run's ratings).")
+@click.option("--id-column", default="image_id", show_default=True, help="Column of image ids in the ratings table.")
+@click.option("--rating-column", help="Column of ratings (default: the run's, else 'rating').")
+@click.option("--images", type=click.Path(path_type=Path),
+              help="Folder of the stored images, for metrics that read images (image-stats).")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Folder for the results; default: the run folder itself, or a new folder under runs/.")
+@click.option("-o", "--option", "options", multiple=True, metavar="[KIND.]PLUGIN.KEY=VALUE",
+              help="Plugin option (repeatable), e.g. -o gini.layers=[enc5].")
+@click.option("--config", type=click.Path(path_type=Path), help="TOML file with one [PLUGIN] table of options each.")
+@click.option("--replace", is_flag=True, help="Replace a metric the run already has with other options.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per batch read from the store.")
+@click.option("--by", help="Also run every analysis within each subgroup of these ratings columns.")
+@click.option("--min-group-size", type=click.IntRange(min=3), default=10, show_default=True)
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Relations shown in the summary.")
+@click.option("--no-report", is_flag=True, help="Do not write report.html.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+def measure(target: Path, metrics: tuple[str, ...], analyses: tuple[str, ...], ratings: Path | None, id_column: str,
+            rating_column: str | None, images: Path | None, out: Path | None, options: tuple[str, ...],
+            config: Path | None, replace: bool, batch_size: int, by: str | None, min_group_size: int, top: int,
+            no_report: bool, as_json: bool) -> None:
+    """Compute activation metrics (then analyses) from a completed activation store or run folder.
+
+    No model and no images are needed: TARGET is a store (e.g. RUN/activations/default) or a run folder,
+    to which the new metrics are added. Example: fluency measure runs/my-run --metric hoyer
+    """
+    from fluency.jobs import measure as measure_job
+
+    result = measure_job(str(target), _split(metrics), analyses=_split(analyses) or None, ratings=ratings,
+                         id_column=id_column, rating_column=rating_column, images=images, out=out, options=options,
+                         config=config, replace=replace, batch_size=batch_size, by=_split((by,)) if by else (),
+                         min_group_size=min_group_size, console=err, report=False if no_report else True)
+    _print_result(result, top, as_json, result.manifest["measured"][-1]["timings"]["total"])
+
+
+@cli.group()
+def store() -> None:
+    """Activation stores: import activations saved by other tools, describe a store."""
+
+
+@store.command("import")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--ids", "ids", required=True, type=click.Path(path_type=Path),
+              help="Text file with one image id per line, in the order of the activations' rows.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder of the new store.")
+@click.option("--layers", multiple=True, help="Layers to import, in this order (default: all, sorted by name).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True,
+              help="Value type of the store.")
+@click.option("--architecture", default="imported", show_default=True, help="Name recorded for the model.")
+def store_import(source: Path, ids: Path, out: Path, layers: tuple[str, ...], dtype: str, architecture: str) -> None:
+    """Turn activations saved by another tool into a fluency store.
+
+    SOURCE is a folder with one sub-folder per layer holding features.npy (as thingsvision's save_features
+    writes), or an .npz or HDF5 (.h5/.hdf5) file with one array per layer; every array is N×... with N the
+    number of ids.
+    """
+    from fluency.core.run.importing import import_store
+
+    path = import_store(source, ids, out, layers=_split(layers) or None, dtype=dtype, architecture=architecture,
+                        console=err)
+    Console().print(f"Store: [bold]{path}[/bold] (measure it with `fluency measure {path} --metric gini`)")
+
+
+@store.command("info")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON on stdout.")
+def store_info(path: Path, as_json: bool) -> None:
+    """Describe a store: layers with shape and dtype, image count, model and provenance."""
+    from fluency.core.outputs.summary import store_table
+    from fluency.core.run.store import ActivationStore
+
+    found = ActivationStore(path)
+    info = {"path": str(found.path), "format_version": found.format_version, "rows": found.num_rows(found.layers[0])
+            if found.layers else 0, "layers": {name: {"shape": list(found.shape(name)), "dtype": found.dtype(name).name,
+                                                      "rows": found.num_rows(name)} for name in found.layers},
+            "model": found.description.as_dict(), "provenance": found.provenance}
+    if as_json:
+        _emit_json(info)
+        return
+    Console().print(store_table(info))
 
 
 @cli.command()
@@ -174,8 +275,9 @@ def train(options: tuple[str, ...], config: Path | None, resume: bool, ratings: 
           by: str | None, min_group_size: int, as_json: bool, losses: tuple[str, ...],
           constraints: tuple[str, ...], no_figures: bool | None, **flags: Any) -> None:
     """Train a VAE on a folder of images; the final checkpoint is OUT/final.pt."""
-    from fluency.core.config import read_config
-    from fluency.core.training import TrainConfig, train as train_model, train_by_group
+    from fluency.core.outputs.training_figures import TrainingFigures
+    from fluency.core.plugin.config import read_config
+    from fluency.core.train.training import TrainConfig, train as train_model, train_by_group
 
     file = read_config(config)
     settings = dict(file.get("train", {}))
@@ -189,11 +291,12 @@ def train(options: tuple[str, ...], config: Path | None, resume: bool, ratings: 
     settings["options"] = [*settings.get("options", []), *options]
     cfg = TrainConfig.from_mapping(settings, f"--config {config}" if config else "train")
     plugin_tables = {k: v for k, v in file.items() if k != "train"}
+    observer = TrainingFigures() if cfg.figures else None
     if by:
         if ratings is None:
             raise FluencyError("--by needs --ratings (the table with the grouping columns)")
         sets = train_by_group(cfg, ratings, id_column, [c.strip() for c in by.split(",") if c.strip()],
-                              min_group_size, console=err, plugin_config=plugin_tables)
+                              min_group_size, console=err, plugin_config=plugin_tables, observer=observer)
         if as_json:
             _emit_json(sets)
         else:
@@ -201,7 +304,7 @@ def train(options: tuple[str, ...], config: Path | None, resume: bool, ratings: 
                 note = row.get("checkpoint") or f"refused: {row['refused']}"
                 Console().print(f"{row['label']}: {row['n_images']} images → {note}")
         return
-    result = train_model(cfg, console=err, resume=resume, plugin_config=plugin_tables)
+    result = train_model(cfg, console=err, resume=resume, plugin_config=plugin_tables, observer=observer)
     if as_json:
         _emit_json({"checkpoint": str(result.checkpoint), "history": result.history, "seconds": result.seconds})
     else:
@@ -221,7 +324,7 @@ def checkpoints() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def checkpoints_inspect(path: Path, as_json: bool) -> None:
     """Describe a checkpoint: architecture and options, loss, optimizer, data, epochs, final losses."""
-    from fluency.core.checkpoint import describe_checkpoint
+    from fluency.core.model.checkpoint import describe_checkpoint
 
     info = describe_checkpoint(path)
     if as_json:
@@ -290,8 +393,8 @@ def schema(target: str | None) -> None:
 def compare(dir_a: Path, dir_b: Path, metrics: tuple[str, ...], image_size: int, net: str,
             lpips_weights: Path | None, device: str, out: Path | None, as_json: bool) -> None:
     """Distances between the images with the same relative path in DIR_A and DIR_B."""
-    from fluency.core.compare import compare as run_compare
-    from fluency.core.devices import resolve_device
+    from fluency.core.run.compare import compare as run_compare
+    from fluency.core.model.devices import resolve_device
 
     result = run_compare(dir_a, dir_b, _split(metrics), image_size, net=net,
                          weights=str(lpips_weights) if lpips_weights else None,
@@ -321,7 +424,7 @@ def compare(dir_a: Path, dir_b: Path, metrics: tuple[str, ...], image_size: int,
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def report(run_dir: Path) -> None:
     """Write RUN_DIR/report.html: figures, sortable tables and provenance in one self-contained file."""
-    from fluency.core.report import build_report
+    from fluency.core.outputs.report import build_report
 
     Console().print(f"Report: {build_report(run_dir)}")
 
@@ -337,7 +440,7 @@ def demo() -> None:
 @click.option("--seed", type=int, default=None, help="Generator seed (default: as embedded).")
 def demo_export(folder: Path, n: int | None, seed: int | None) -> None:
     """Write the embedded stimuli to FOLDER/images/*.png and FOLDER/ratings.csv."""
-    from fluency.core import demo as demo_module
+    from fluency.core.inputs import demo as demo_module
 
     demo_module.export(folder, n or demo_module.DEFAULT_N, demo_module.DEFAULT_SIZE,
                        demo_module.DEFAULT_SEED if seed is None else seed)

@@ -14,7 +14,7 @@ LONDON_FACES = Path(os.environ.get("FLUENCY_LONDON_FACES", SHARED / "datasets" /
 @pytest.fixture(autouse=True)
 def _isolated_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts from a fresh process-wide plugin manager and no plugin environment variables."""
-    from fluency.core.plugins import reset_plugin_manager
+    from fluency.core.plugin.manager import reset_plugin_manager
 
     for var in ("FLUENCY_DISABLE_PLUGIN_AUTOLOAD", "FLUENCY_BLOCK_PLUGINS", "FLUENCY_STRICT_PLUGINS"):
         monkeypatch.delenv(var, raising=False)
@@ -25,7 +25,7 @@ def _isolated_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def manager():
-    from fluency.core.plugins import PluginManager
+    from fluency.core.plugin.manager import PluginManager
 
     return PluginManager(autoload=False)
 

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from fluency.core.analysis import RESULT_COLUMNS, AnalysisData
+from fluency.core.plugin.analysis import RESULT_COLUMNS, AnalysisData
 from fluency.core.stats import fdr_bh
 from fluency.plugins.default_correlation import Pearson, Spearman
 

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from fluency.core.blocks import ArchitectureConfigError, CBAMChannel, build_decoder, conv_block
-from fluency.core.capture import capture_activations
+from fluency.core.model.blocks import CBAMChannel, build_decoder, conv_block
+from fluency.core.model.capture import capture_activations
 from fluency.core.errors import FluencyError
-from fluency.core.plugins import PluginManager
+from fluency.core.plugin.manager import PluginManager
 
 VGG16_FILE = Path(__file__).resolve().parents[2] / "shared" / "weights" / "vgg16_imagenet_features.pth"
 #: small VGG settings so the tests run on a CPU in seconds
@@ -269,7 +269,7 @@ def test_imagenet_features_only_keys_without_prefix(vgg16_state: dict[str, torch
 # ---- checkpoint compatibility ----------------------------------------------------------------------------------
 
 def test_default_checkpoint_loads_with_identical_outputs() -> None:
-    from fluency.core.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+    from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 
     model = load_checkpoint(DEFAULT_CHECKPOINT, PluginManager(autoload=False)).model.eval()
     x = (torch.arange(2 * 3 * 64 * 64) % 97 / 96.0).reshape(2, 3, 64, 64)
@@ -290,7 +290,7 @@ def test_default_checkpoint_loads_with_identical_outputs() -> None:
 
 
 def test_vgg_checkpoint_roundtrip(tmp_path: Path) -> None:
-    from fluency.core.checkpoint import load_checkpoint, save_checkpoint
+    from fluency.core.model.checkpoint import load_checkpoint, save_checkpoint
 
     model = build("vae-vgg19", image_size=32, attention=["enc4"], norm="batch", **TINY_VGG).eval()
     save_checkpoint(tmp_path / "m.pt", model, "vae-vgg19")

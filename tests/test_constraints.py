@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fluency.core.errors import FluencyError, OptionError
-from fluency.core.plugins import PluginManager
+from fluency.core.plugin.manager import PluginManager
 from fluency.plugins.default_kl_sparsity import KLSparsity, kl_bernoulli
 from fluency.plugins.default_l1_activation import L1Activation
 from fluency.plugins.default_l1_attention import L1Attention
@@ -199,7 +199,7 @@ def test_l1_attention_needs_attention() -> None:
 
 
 def test_l1_attention_trains_a_real_model_with_attention(manager: PluginManager) -> None:
-    from fluency.core.capture import capture_activations
+    from fluency.core.model.capture import capture_activations
 
     spec = manager.get("architecture", "vae-small")
     options = spec.resolve(manager.option_defaults("architecture", "vae-small"),

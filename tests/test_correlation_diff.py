@@ -20,7 +20,7 @@ import torch
 from scipy import stats
 
 import fluency
-from fluency.core.analysis import AnalysisData
+from fluency.core.plugin.analysis import AnalysisData
 from fluency.core.stats import compare_dependent_correlations, dependent_correlation_test, fdr_bh
 from fluency.plugins.default_correlation import Partial, Pearson, Spearman
 
@@ -288,8 +288,8 @@ def test_too_few_shared_images_is_reported() -> None:
 # --- end to end ---------------------------------------------------------------------------------------------
 
 def test_run_over_checkpoints_compares_them_and_corrects_every_test(tmp_path: Path) -> None:
-    from fluency.core.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
-    from fluency.core.plugins import PluginManager
+    from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
+    from fluency.core.plugin.manager import PluginManager
 
     loaded = load_checkpoint(DEFAULT_CHECKPOINT, PluginManager(autoload=False))
     info = {k: v for k, v in loaded.info.items() if k not in ("format", "format_version", "architecture")}
@@ -332,8 +332,8 @@ def test_run_over_checkpoints_compares_them_and_corrects_every_test(tmp_path: Pa
     assert np.isfinite(every.loc[every.statistic.str.endswith("_diff"), "p_fdr"]).all()
     from rich.console import Console
 
-    from fluency.core.report import build_report
-    from fluency.core.summary import relations_table
+    from fluency.core.outputs.report import build_report
+    from fluency.core.outputs.summary import relations_table
 
     console = Console(record=True, width=200)
     console.print(relations_table(result.strongest(None), result.manifest["metric_columns"]))

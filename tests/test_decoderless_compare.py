@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-from fluency.core.compare import compare
-from fluency.core.metric import MetricBatch
+from fluency.core.run.compare import compare
+from fluency.core.plugin.metric import MetricBatch
 from fluency.plugins.default_decoderless import Decoderless, total_variation
 from fluency.plugins.default_vae_small import VAESmall
 

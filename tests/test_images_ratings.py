@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from fluency.core.errors import InputError
-from fluency.core.images import (FolderSource, Preprocessing, TensorSource, find_images, find_unreadable,
+from fluency.core.inputs.images import (FolderSource, Preprocessing, TensorSource, find_images, find_unreadable,
                                  image_problem, iter_batches, load_image)
-from fluency.core.ratings import (check_any_matched, check_strict, empty_rating_ids, match_ids, read_ratings,
+from fluency.core.inputs.ratings import (check_any_matched, check_strict, empty_rating_ids, match_ids, read_ratings,
                                   read_table)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fluency.core.errors import FluencyError
-from fluency.core.metric import MetricBatch
+from fluency.core.plugin.metric import MetricBatch
 from fluency.plugins.default_gini import Gini
 from fluency.plugins.default_hoyer import Hoyer
 from fluency.plugins.default_lepsilon import LEpsilon

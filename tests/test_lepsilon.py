@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fluency.core.errors import FluencyError
-from fluency.core.metric import MetricBatch
+from fluency.core.plugin.metric import MetricBatch
 from fluency.plugins import default_lepsilon
 from fluency.plugins.default_lepsilon import LEpsilon, active_count, _count_torch
 
@@ -86,12 +86,11 @@ def test_nan_is_an_error_naming_the_layer_and_image() -> None:
 
 
 def test_registered_through_the_plugin_manager() -> None:
-    from fluency.core.plugins import PluginManager
+    from fluency.core.plugin.manager import PluginManager
 
     spec = PluginManager(autoload=False).get("metric", "lepsilon")
     assert spec.factory == "fluency.plugins.default_lepsilon:LEpsilon" and spec.load() is LEpsilon
     assert spec.needs == "activations" and spec.higher_is_more_fluent is False
-    assert LEpsilon.higher_is_more_fluent is False
     assert spec.resolve() == {"epsilon": 0.01, "mode": "absolute", "layers": None, "all_layers": False,
                               "layer_weighting": "units", "layer_weights": None}
     with pytest.raises(FluencyError):

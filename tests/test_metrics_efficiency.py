@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fluency.core.architecture import VAEOutput
-from fluency.core.losses import kl_divergence, loss_from_config
-from fluency.core.metric import MetricBatch
+from fluency.core.plugin.architecture import VAEOutput
+from fluency.core.model.losses import kl_divergence, loss_from_config
+from fluency.core.plugin.metric import MetricBatch
 from fluency.plugins.default_hoyer import Hoyer, hoyer
 from fluency.plugins.default_image_stats import ImageStats, spectral_slope
 from fluency.plugins.default_recon_error import ELBO, ReconError
@@ -100,7 +100,7 @@ def _example(name: str) -> torch.Tensor:
                                                  ("vgg", "vgg16_imagenet_features.pth", (0.569, 0.422))])
 def test_lpips_reproduces_the_published_values(net, file, expected) -> None:
     pytest.importorskip("lpips")
-    from fluency.core.backbones import lpips_model
+    from fluency.core.model.backbones import lpips_model
 
     model = lpips_model(net, WEIGHTS / file)
     ref, p0, p1 = (_example(f) for f in ("ex_ref.png", "ex_p0.png", "ex_p1.png"))
@@ -111,7 +111,7 @@ def test_lpips_reproduces_the_published_values(net, file, expected) -> None:
 
 def test_lpips_properties_with_a_random_backbone(tmp_path: Path) -> None:
     pytest.importorskip("lpips")
-    from fluency.core.backbones import lpips_model
+    from fluency.core.model.backbones import lpips_model
     from fluency.plugins.default_lpips import LPIPSMetric
 
     torch.manual_seed(0)
@@ -133,7 +133,7 @@ def test_lpips_without_weights_says_where_to_put_them(tmp_path: Path, monkeypatc
     pytest.importorskip("lpips")
     import urllib.error
 
-    from fluency.core.backbones import lpips_model
+    from fluency.core.model.backbones import lpips_model
     from fluency.core.errors import FluencyError
 
     monkeypatch.delenv("FLUENCY_LPIPS_WEIGHTS", raising=False)
@@ -165,7 +165,7 @@ def test_image_stats() -> None:
 
 
 def test_attention_l1_reads_the_attention_layers_and_refuses_models_without() -> None:
-    from fluency.core.capture import capture_activations
+    from fluency.core.model.capture import capture_activations
     from fluency.core.errors import FluencyError
     from fluency.plugins.default_attention_l1 import AttentionL1
 

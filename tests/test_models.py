@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import statsmodels.api as sm
 
-from fluency.core.analysis import AnalysisData
+from fluency.core.plugin.analysis import AnalysisData
 from fluency.plugins.default_ols import OLS
 from fluency.plugins.default_ridge import Ridge
 

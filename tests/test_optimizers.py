@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fluency.core.errors import FluencyError, OptionError, PluginError
-from fluency.core.schedules import SCHEDULES, build_scheduler
+from fluency.core.train.schedules import SCHEDULES, build_scheduler
 from fluency.plugins.default_sam_optimizer import SAM, build_sam
 
 A = torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from fluency.core.config import resolve_plugin_options
+from fluency.core.plugin.config import resolve_plugin_options
 from fluency.core.errors import OptionError
-from fluency.core.options import Option, parse_assignment, parse_value
+from fluency.core.plugin.options import Option, parse_assignment, parse_value
 
 
 def test_parse_value_reads_toml_literals_and_falls_back_to_strings() -> None:
@@ -69,7 +69,7 @@ def test_unknown_and_mistyped_options_are_errors(manager) -> None:
 def test_same_name_in_two_kinds_needs_the_kind() -> None:
     """A command using the metric `sam` and an optimizer `sam` must disambiguate with KIND.NAME."""
     from fluency import MetricSpec, OptimizerSpec, hookimpl
-    from fluency.core.plugins import PluginManager
+    from fluency.core.plugin.manager import PluginManager
 
     class TwoSams:
         @hookimpl
@@ -97,8 +97,8 @@ def test_schema_shows_the_default_a_run_uses(monkeypatch) -> None:
     from click.testing import CliRunner
 
     from fluency.cli import cli
-    from fluency.core import plugins
-    from fluency.core.plugins import PluginManager
+    from fluency.core.plugin import manager as plugins
+    from fluency.core.plugin.manager import PluginManager
 
     registry = copy.deepcopy(plugins.read_registry())
     registry["defaults"]["metric"]["sam"] = {"rho": 0.1}
@@ -122,7 +122,7 @@ def test_schema_shows_the_default_a_run_uses(monkeypatch) -> None:
 def test_list_options_from_the_command_line_accept_commas_and_unquoted_brackets() -> None:
     """``-o partial.covariates=[luminance,rms-contrast]`` is not TOML (unquoted strings) and reaches the option
     as one string; it must become the list the user meant, not a one-item list of the whole text."""
-    from fluency.core.options import Option, OptionError
+    from fluency.core.plugin.options import Option, OptionError
 
     names = Option("list[str]")
     assert names.validate("[luminance,rms-contrast]", "x") == ["luminance", "rms-contrast"]

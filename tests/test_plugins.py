@@ -19,18 +19,17 @@ import pytest
 
 from fluency import MetricSpec, hookimpl
 from fluency.core.errors import PluginError
-from fluency.core.plugins import PluginManager
-from fluency.core.specs import KINDS
+from fluency.core.plugin.manager import PluginManager
+from fluency.core.plugin.specs import KINDS
 
 PACKAGES = {
     "fluency-good": ("1.2.3", "fluency_good", """
         from fluency import FluencyMetric, MetricSpec, MetricValues, Option, hookimpl
 
         class MeanActivation(FluencyMetric):
-            higher_is_more_fluent = None
             def compute(self, batch):
-                return [MetricValues("mean-activation", a.flatten(1).mean(1) * self.options["scale"], layer)
-                        for layer, a in batch.activations.items() if layer in self.layers(batch.model)]
+                return [MetricValues("mean-activation", batch.activations[layer].flatten(1).mean(1)
+                                     * self.options["scale"], layer) for layer in self.batch_layers(batch)]
 
         @hookimpl
         def fluency_register_metrics():
@@ -232,7 +231,7 @@ def metric_plugin(name: str) -> object:
 
 def fake_entry_points(monkeypatch: pytest.MonkeyPatch, *eps: tuple[str, str, str, object]) -> None:
     """Make the entry-point group ``fluency`` hold exactly ``(name, distribution, version, plugin)`` entries."""
-    from fluency.core import plugins
+    from fluency.core.plugin import manager as plugins
 
     fakes = [SimpleNamespace(name=name, value=f"{dist}:plugin", group="fluency", load=lambda p=plugin: p,
                              dist=SimpleNamespace(metadata={"Name": dist}, version=version))

@@ -10,7 +10,7 @@ import pytest
 
 import fluency
 from fluency.core.errors import FluencyError
-from fluency.core.report import build_report
+from fluency.core.outputs.report import build_report
 
 
 def test_report_is_self_contained_with_figures_and_tables(tmp_path: Path) -> None:

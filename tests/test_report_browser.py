@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 import fluency
-from fluency.core.report import build_report
+from fluency.core.outputs.report import build_report
 
 #: where Debian's package puts it, in case it is not on PATH
 CHROMIUM = Path("/usr/bin/chromium")

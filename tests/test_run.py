@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 import fluency
 from fluency.core.errors import FluencyError, InputError, OptionError, PluginError, StoreError
-from fluency.core.store import ActivationStore
+from fluency.core.run.store import ActivationStore
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -51,6 +52,23 @@ def test_default_run_writes_every_output(default_run) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["inputs"]["checkpoints"][0]["sha256"]
     assert manifest["options"]["metric.sam"]["rho"] == 0.05 and "total" in manifest["timings"]
+    # the settings once, as the RunConfig; the metric parts, each row carrying its part's identity
+    assert manifest["config"]["metrics"] == ["gini", "sam"] and manifest["config"]["store_dtype"] == "float16"
+    assert manifest["format"] == "fluency-run" and manifest["format_version"] == 2
+    parts = {p["plugin"]: p for p in manifest["metric_parts"]}
+    assert set(parts) == {"gini", "sam"} and all((out / p["file"]).exists() for p in parts.values())
+    assert parts["sam"]["options"] == manifest["options"]["metric.sam"]
+    for plugin, part in parts.items():
+        rows = metrics[metrics["plugin"] == plugin]
+        assert set(rows["options_hash"]) == {part["options_hash"]} and set(rows["plugin_version"]) == {
+            part["plugin_version"]}
+        assert len(pd.read_parquet(out / part["file"])) == len(rows)
+
+
+def test_run_settings_are_checked_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(FluencyError, match="unknown run setting"):
+        fluency.run(metrics=["gini"], out=tmp_path / "x", batchsize=4, progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 def test_default_run_recovers_the_generators_relation(default_run) -> None:
@@ -107,7 +125,7 @@ def test_same_seed_same_numbers(tmp_path: Path) -> None:
 
 
 def test_forward_hooks_are_removed_even_when_a_metric_fails(tmp_path: Path, monkeypatch) -> None:
-    from fluency.core import runner
+    from fluency.core.run import pipeline as runner
     from fluency.plugins.default_gini import Gini
 
     seen = []
@@ -118,8 +136,13 @@ def test_forward_hooks_are_removed_even_when_a_metric_fails(tmp_path: Path, monk
         seen.append(loaded.model)
         return loaded
 
-    def explode(self, batch):
-        raise RuntimeError("metric exploded")
+    compute = Gini.compute
+
+    def explode(self, batch):  # the first batch is measured, the second fails
+        if getattr(self, "_measured_once", False):
+            raise RuntimeError("metric exploded")
+        self._measured_once = True
+        return compute(self, batch)
 
     monkeypatch.setattr(runner, "load_checkpoint", spy)
     monkeypatch.setattr(Gini, "compute", explode)
@@ -132,7 +155,8 @@ def test_forward_hooks_are_removed_even_when_a_metric_fails(tmp_path: Path, monk
     with pytest.raises(StoreError, match="incomplete"):
         ActivationStore(tmp_path / "boom" / "activations" / "default")
     assert not (tmp_path / "boom" / "metrics.parquet").exists()
-    assert (tmp_path / "boom" / "metrics.parquet.partial").exists()
+    (partial,) = (tmp_path / "boom" / "metrics").glob("gini-*.parquet.partial")  # the first batch's rows are kept
+    assert len(pq.read_table(partial)) == 32 * 6 and not list((tmp_path / "boom" / "metrics").glob("*.parquet"))
 
 
 def test_out_folder_is_not_silently_reused(tmp_path: Path) -> None:
@@ -259,9 +283,10 @@ def test_terminal_summary_lists_unreadable_images(small_set: Path, tmp_path: Pat
 def test_an_image_failing_while_measuring_is_left_out_of_every_checkpoint(small_set: Path, tmp_path: Path,
                                                                         monkeypatch, manager) -> None:
     """A file that passes the up-front check but fails later (changed on disk) loses no finished work."""
-    from fluency.core import runner, stimuli
-    from fluency.core.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
-    from fluency.core.images import FolderSource
+    from fluency.core.run import pipeline as runner
+    from fluency.core.inputs import stimuli
+    from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
+    from fluency.core.inputs.images import FolderSource
 
     loaded = load_checkpoint(DEFAULT_CHECKPOINT, manager)
     save_checkpoint(tmp_path / "other.pt", loaded.model, "vae-small",
@@ -305,7 +330,7 @@ def test_a_ratings_table_matching_no_image_is_an_error_with_examples(small_set: 
 
 
 def test_a_checkpoint_given_twice_is_measured_once(tmp_path: Path, monkeypatch) -> None:
-    from fluency.core.checkpoint import DEFAULT_CHECKPOINT
+    from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT
 
     shutil.copy(DEFAULT_CHECKPOINT, tmp_path / "a.pt")
     shutil.copy(DEFAULT_CHECKPOINT, tmp_path / "copy.pt")   # another file, the same bytes
@@ -363,7 +388,7 @@ def test_bad_command_lines_are_one_clear_line(args: list[str], message: str, tmp
 
 
 def test_checkpoint_safety(tmp_path: Path, manager) -> None:
-    from fluency.core.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, read_checkpoint
+    from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, read_checkpoint
     from fluency.core.errors import CheckpointError
 
     class Evil:
@@ -384,7 +409,7 @@ def test_checkpoint_safety(tmp_path: Path, manager) -> None:
 
 
 def test_nan_activations_stop_the_run_naming_layer_and_images(tmp_path: Path, manager) -> None:
-    from fluency.core.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
+    from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
 
     loaded = load_checkpoint(DEFAULT_CHECKPOINT, manager)
     with torch.no_grad():
@@ -447,7 +472,7 @@ def test_non_finite_options_and_failing_plugin_code_are_one_line_errors(tmp_path
 
 
 def test_checkpoint_labels_name_the_model_folder_even_for_relative_paths(tmp_path, monkeypatch) -> None:
-    from fluency.core.runner import _labels
+    from fluency.core.run.checkpoints import labels as _labels
 
     (tmp_path / "models" / "sparse").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "models" / "sparse")

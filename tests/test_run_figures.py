@@ -14,14 +14,14 @@ import torch
 from click.testing import CliRunner
 
 import fluency
-from fluency.core import demo
-from fluency.core.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from fluency.core.inputs import demo
+from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from fluency.core.errors import FluencyError
-from fluency.core.images import Preprocessing
-from fluency.core.plugins import get_plugin_manager
-from fluency.core.report import build_report, pca_2d
-from fluency.core.run_figures import interpolate, interpolation_pairs, write_checkpoint_figures
-from fluency.core.stimuli import from_folder
+from fluency.core.inputs.images import Preprocessing
+from fluency.core.plugin.manager import get_plugin_manager
+from fluency.core.outputs.report import build_report, pca_2d
+from fluency.core.outputs.run_figures import interpolate, interpolation_pairs, write_checkpoint_figures
+from fluency.core.inputs.stimuli import from_folder
 
 N = 24
 
@@ -154,7 +154,7 @@ def test_projection_colours_by_group_and_uses_umap_when_installed(small_run: flu
     import sys
     import types
 
-    from fluency.core.report import _model_views
+    from fluency.core.outputs.report import _model_views
 
     class FakeUMAP:  # stands in for umap-learn, which is an optional extra
         def __init__(self, **kwargs: object) -> None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fluency.core.errors import FluencyError
-from fluency.core.losses import kl_divergence, loss_from_config
-from fluency.core.metric import MetricBatch
+from fluency.core.model.losses import kl_divergence, loss_from_config
+from fluency.core.plugin.metric import MetricBatch
 from fluency.plugins.default_sam import SAMSharpness, sam_perturbation, sharpness
 from fluency.plugins.default_vae_small import VAESmall
 

@@ -13,8 +13,8 @@ import torch
 
 from fluency.core.atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 from fluency.core.errors import StoreError
-from fluency.core.store import (MARKER, ActivationStore, ActivationStoreWriter, MetricTableWriter,
-                                read_metric_table)
+from fluency.core.run.store import FORMAT_VERSION, MARKER, ActivationStore, ActivationStoreWriter
+from fluency.core.run.tables import MetricTableWriter, read_metric_table
 
 PROVENANCE = {"fluency_version": "0.1", "plugin_versions": {"gini": "fluency 0.1"}, "checkpoint_sha256": "ab" * 32,
               "stimulus_fingerprint": "cd" * 16, "preprocessing": {"size": 32, "channels": 1}, "seed": 7}
@@ -70,7 +70,7 @@ def test_round_trip_float16_and_row_groups(tmp_path):
         column = meta.metadata.row_group(0).column(1)
         assert column.compression == "UNCOMPRESSED" and not column.is_stats_set
     marker = json.loads((tmp_path / "s" / MARKER).read_text())
-    assert marker["format"] == "fluency-activation-store" and marker["format_version"] == 1
+    assert marker["format"] == "fluency-activation-store" and marker["format_version"] == FORMAT_VERSION
     assert marker["layers"]["enc2"] == {"shape": [16], "dtype": "float16", "rows": 23, "file": "enc2.parquet"}
     assert not list((tmp_path / "s").glob("*.partial"))
 
@@ -130,8 +130,8 @@ def test_missing_folder_and_unknown_format(tmp_path):
     _write(tmp_path / "s", "float32", n=3)
     marker = tmp_path / "s" / MARKER
     meta = json.loads(marker.read_text())
-    marker.write_text(json.dumps({**meta, "format_version": 2}))
-    with pytest.raises(StoreError, match="unknown format"):
+    marker.write_text(json.dumps({**meta, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(StoreError, match="newer than this fluency reads"):
         ActivationStore(tmp_path / "s")
     marker.write_text(json.dumps({**meta, "format": "something-else"}))
     with pytest.raises(StoreError, match="unknown format"):
@@ -176,7 +176,8 @@ def test_metric_table_round_trip(tmp_path):
         assert not path.exists() and path.with_name("metrics.parquet.partial").exists()
     assert path.exists() and not path.with_name("metrics.parquet.partial").exists()
     df = read_metric_table(path)
-    assert list(df.columns) == ["image_id", "checkpoint", "metric", "layer", "value", "run_id"]
+    assert list(df.columns) == ["image_id", "checkpoint", "metric", "layer", "value", "run_id", "plugin",
+                                "plugin_version", "options_hash"]
     assert df["image_id"].tolist() == ["a", "b", "a", "b", "a"]
     assert df["value"].tolist() == [0.5, 0.25, 1.0, 2.0, 3.0]
     assert df["layer"].isna().tolist() == [False, False, True, True, False]

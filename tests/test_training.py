@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from fluency.core import demo, training
-from fluency.core.checkpoint import load_checkpoint, read_checkpoint
+from fluency.core.inputs import demo
+from fluency.core.train import training
+from fluency.core.model.checkpoint import load_checkpoint, read_checkpoint
 from fluency.core.errors import FluencyError, InputError, TrainingError
-from fluency.core.training import TrainConfig
+from fluency.core.train.training import TrainConfig
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 
@@ -135,7 +136,7 @@ def test_multiple_reconstruction_losses(images: Path, tmp_path: Path, manager) -
                     reason="shared offline AlexNet weights not present")
 def test_lpips_loss_stays_frozen_while_the_model_trains(images: Path, tmp_path: Path, manager) -> None:
     pytest.importorskip("lpips")
-    from fluency.core.recon_losses import ReconstructionLoss
+    from fluency.core.model.losses import ReconstructionLoss
 
     weights = str(SHARED_WEIGHTS / "alexnet_imagenet_features.pth")
     loss = ReconstructionLoss([{"name": "lpips", "weight": 1.0, "options": {"weights": weights}}])

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fluency.core.metric import MetricBatch
+from fluency.core.plugin.metric import MetricBatch
 from fluency.plugins.default_typicality import Typicality, fit_gaussian, log_likelihood
 
 

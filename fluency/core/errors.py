@@ -33,3 +33,11 @@ class StoreError(FluencyError):
 
 class TrainingError(FluencyError):
     """Training that cannot go on (e.g. a NaN or infinite loss)."""
+
+
+def error_text(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line (a multi-line message joined), cut at ``limit`` characters: how fluency
+    names an unexpected error of plugin code in a one-line message."""
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -9,15 +9,14 @@ attention; the direction relative to fluency is not fixed, so none is declared.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
-from fluency.core.architecture import require_attention_layers
+from fluency.core.plugin.architecture import require_attention_layers
 from fluency.core.errors import FluencyError
 
 
 class AttentionL1(FluencyMetric):
-    higher_is_more_fluent: ClassVar[bool | None] = None
 
     def layers(self, model: Any) -> list[str]:
         available = require_attention_layers(model, "attention-l1")
@@ -28,7 +27,7 @@ class AttentionL1(FluencyMetric):
         return list(chosen) if chosen else available
 
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
-        names = self.layers(batch.model) if batch.model is not None else list(batch.activations)
+        names = self.batch_layers(batch)
         return [MetricValues("attention-l1", batch.activations[name].flatten(1).abs().sum(1), name) for name in names]
 
 

@@ -28,7 +28,7 @@ import pandas as pd
 from scipy import stats
 
 from fluency import Analysis, AnalysisData, AnalysisSpec, Option, hookimpl
-from fluency.core.analysis import RESULT_COLUMNS
+from fluency.core.plugin.analysis import RESULT_COLUMNS
 from fluency.core.errors import FluencyError
 from fluency.core.stats import DEPENDENT_METHODS, compare_dependent_correlations
 

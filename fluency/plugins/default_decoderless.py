@@ -16,7 +16,7 @@ loss is a sum over images, so each gets its own gradient).
 from __future__ import annotations
 
 import zlib
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -56,7 +56,6 @@ def invert_encoder(model: Any, images: torch.Tensor, steps: int, lr: float, tv: 
 
 
 class Decoderless(FluencyMetric):
-    higher_is_more_fluent: ClassVar[bool | None] = False
 
     def layers(self, model: object) -> list[str]:
         return []
@@ -73,7 +72,7 @@ class Decoderless(FluencyMetric):
             out = [MetricValues("decoderless-latent", latent),
                    MetricValues("decoderless-pixel", (n - batch.images).pow(2).flatten(1).mean(1))]
             if o.get("lpips", False):
-                from fluency.core.backbones import lpips_model
+                from fluency.core.model.backbones import lpips_model
 
                 net = lpips_model(o.get("lpips_net", "alex"), o.get("lpips_weights")).to(n.device)
                 out.append(MetricValues("decoderless-lpips", net(n, batch.images, normalize=True).flatten()))

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl, units_as_rows
 from fluency.core.errors import FluencyError
-from fluency.core.layer_options import (ALL_LAYERS, all_layers_options, channel_rows, layer_weights, per_option,
+from fluency.core.plugin.layer_options import (ALL_LAYERS, all_layers_options, channel_rows, layer_weights, per_option,
                                         wants_all_layers, weighted_mean)
 
 NEGATIVE_CHOICES = ("abs", "shift")
@@ -250,13 +250,12 @@ class Gini(FluencyMetric):
     Options: ``layers`` (names, or None for the model's defaults), ``negative``
     (``"abs"`` or ``"shift"``, see :func:`gini`), ``per`` (``"image"``: the whole layer;
     ``"channel"``: the mean over channels of each feature map's Gini), and the "all
-    layers" value (:mod:`fluency.core.layer_options`): ``all_layers`` (default True),
+    layers" value (:mod:`fluency.core.plugin.layer_options`): ``all_layers`` (default True),
     ``layer_weighting`` (``"units"``: the Gini of the concatenated layers, every unit
     counting once, so larger layers weigh more; ``"equal"``: the mean of the per-layer
     values) or ``layer_weights`` (a weighted mean of the per-layer values).
     """
 
-    higher_is_more_fluent: ClassVar[bool | None] = True
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

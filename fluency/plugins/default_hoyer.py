@@ -9,13 +9,13 @@ only comparable between layers of the same size. Negative values enter by |x|.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl, units_as_rows
 from fluency.core.errors import FluencyError
-from fluency.core.layer_options import (ALL_LAYERS, all_layers_options, channel_rows, layer_weights, per_option,
+from fluency.core.plugin.layer_options import (ALL_LAYERS, all_layers_options, channel_rows, layer_weights, per_option,
                                         wants_all_layers, weighted_mean)
 
 
@@ -39,10 +39,9 @@ class Hoyer(FluencyMetric):
 
     With ``all_layers=True`` it also reports layer ``"all"``: with ``layer_weighting="units"``
     the Hoyer sparsity of the concatenated layers (from the summed L1 and squared L2 norms),
-    else a (weighted) mean of the per-layer values (:mod:`fluency.core.layer_options`).
+    else a (weighted) mean of the per-layer values (:mod:`fluency.core.plugin.layer_options`).
     """
 
-    higher_is_more_fluent: ClassVar[bool | None] = True
 
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
         names = self.batch_layers(batch)

@@ -17,9 +17,7 @@ Computed on the images as the model sees them (after resizing), per image:
 from __future__ import annotations
 
 import io
-from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -75,7 +73,6 @@ def jpeg_bits_per_pixel(images: torch.Tensor, quality: int) -> torch.Tensor:
 
 
 class ImageStats(FluencyMetric):
-    higher_is_more_fluent: ClassVar[bool | None] = None
 
     def layers(self, model: object) -> list[str]:
         return []
@@ -94,7 +91,7 @@ class ImageStats(FluencyMetric):
 @hookimpl
 def fluency_register_metrics() -> list[MetricSpec]:
     return [MetricSpec(
-        name="image-stats", factory=ImageStats, needs="activations", higher_is_more_fluent=None,
+        name="image-stats", factory=ImageStats, needs="images", higher_is_more_fluent=None,
         description="Low-level covariates: luminance, RMS contrast, spectral slope, edge density, JPEG bits/pixel.",
         options={"edge_threshold": Option("float", 0.1, "Sobel magnitude threshold (image in [0, 1])", minimum=0.0),
                  "jpeg_quality": Option("int", 75, "JPEG quality for the complexity proxy", minimum=1, maximum=100)})]

@@ -46,8 +46,8 @@ from typing import Any
 import torch
 
 from fluency import ConstraintSpec, Option, hookimpl
-from fluency.core.architecture import FluencyVAE
-from fluency.core.constraint import Constraint
+from fluency.core.plugin.architecture import FluencyVAE
+from fluency.core.plugin.constraint import Constraint, require_layers, weight_option
 from fluency.core.errors import FluencyError, OptionError
 
 MAPPINGS = ("sigmoid", "tanh", "clamp")
@@ -60,14 +60,6 @@ def kl_bernoulli(rho: float, rho_hat: torch.Tensor) -> torch.Tensor:
     return rho * torch.log(rho / rho_hat) + (1.0 - rho) * torch.log((1.0 - rho) / (1.0 - rho_hat))
 
 
-def require_layers(activations: Mapping[str, torch.Tensor], names: list[str], who: str) -> list[torch.Tensor]:
-    """The captured activations of ``names``, or a :class:`FluencyError` naming the missing ones."""
-    missing = [n for n in names if n not in activations]
-    if missing:
-        raise FluencyError(f"{who}: layer(s) {missing} were not captured; captured: {sorted(activations)}")
-    if not names:
-        raise FluencyError(f"{who}: no layers chosen (set its 'layers' option)")
-    return [activations[n] for n in names]
 
 
 class KLSparsity(Constraint):
@@ -128,7 +120,7 @@ def fluency_register_constraints() -> list[ConstraintSpec]:
             options={
                 "rho": Option("float", 0.05, "target mean activation ρ, strictly between 0 and 1",
                               minimum=0.0, maximum=1.0),
-                "weight": Option("float", 1.0, "θ, the factor of the penalty in the loss", minimum=0.0),
+                **weight_option(),
                 "layers": Option("list[str]", None, "layers to constrain (default: the model's metric layers)"),
                 "mapping": Option("str", "tanh", "how activations are mapped into (0, 1): tanh (default: the "
                                   "encoder blocks are ReLU outputs, and tanh keeps 0 → 0 so ρ stays a firing "

@@ -23,17 +23,17 @@ from __future__ import annotations
 from typing import Any
 
 from fluency import ConstraintSpec, Option, hookimpl
-from fluency.core.architecture import FluencyVAE
-from fluency.core.architecture import require_attention_layers
+from fluency.core.plugin.architecture import FluencyVAE
+from fluency.core.plugin.architecture import require_attention_layers
 from fluency.core.errors import FluencyError
-from fluency.plugins.default_l1_activation import L1Activation
+from fluency.core.plugin.constraint import L1Penalty, weight_option
 
 def attention_layers_of(model: Any) -> list[str]:
     """``model.attention_layers()``, or a :class:`FluencyError` if the model has none."""
     return require_attention_layers(model, "l1-attention")
 
 
-class L1Attention(L1Activation):
+class L1Attention(L1Penalty):
     """Σ over attention layers of the batch-mean L1 norm of each image's attention weights."""
 
     name = "l1-attention"
@@ -60,7 +60,7 @@ def fluency_register_constraints() -> list[ConstraintSpec]:
             factory="fluency.plugins.default_l1_attention:L1Attention",
             description="L1 norm of the CBAM attention weights (batch mean), summed over attention layers.",
             options={
-                "weight": Option("float", 1.0, "θ, the factor of the penalty in the loss", minimum=0.0),
+                **weight_option(),
                 "layers": Option("list[str]", None, "attention layers to constrain (default: all of the model's)"),
                 "normalize": Option("bool", False, "divide each layer's L1 norm by its number of channels "
                                     "(default: the plain L1 norm, as the report's attention metric)"),

@@ -13,7 +13,7 @@ NaN or Inf activations are an error naming the layer and images, never a silent 
 
 With ``all_layers=True`` layer ``"all"`` gives the count and fraction over all chosen
 layers: pooled (``layer_weighting="units"``: total count, and total count / total units)
-or a (weighted) mean of the per-layer values (:mod:`fluency.core.layer_options`). There is
+or a (weighted) mean of the per-layer values (:mod:`fluency.core.plugin.layer_options`). There is
 no ``per="channel"`` variant: the mean over channels of per-channel fractions is the
 layer's fraction itself.
 """
@@ -21,14 +21,14 @@ layer's fraction itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl, units_as_rows
 from fluency.core.errors import FluencyError
-from fluency.core.layer_options import ALL_LAYERS, all_layers_options, layer_weights, wants_all_layers, weighted_mean
+from fluency.core.plugin.layer_options import ALL_LAYERS, all_layers_options, layer_weights, wants_all_layers, weighted_mean
 
 MODES = ("absolute", "relative")
 
@@ -98,7 +98,6 @@ class LEpsilon(FluencyMetric):
     More active units means a less sparse code, so ``higher_is_more_fluent`` is False.
     """
 
-    higher_is_more_fluent: ClassVar[bool | None] = False
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

@@ -4,13 +4,13 @@ Lower = the model's reconstruction is perceptually closer = more efficient proce
 reconstruction uses z = μ (deterministic); with ``samples`` = k > 0 it is instead the mean
 LPIPS over k reconstructions from z ~ N(μ, σ²), drawn from a generator seeded by the run's
 seed, so the numbers repeat. LPIPS version 0.1, inputs in [0, 1] (``normalize=True``); the
-network is frozen and in eval mode. Backbone weights: see :mod:`fluency.core.backbones`.
+network is frozen and in eval mode. Backbone weights: see :mod:`fluency.core.model.backbones`.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -19,7 +19,6 @@ from fluency.core.errors import FluencyError
 
 
 class LPIPSMetric(FluencyMetric):
-    higher_is_more_fluent: ClassVar[bool | None] = False
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -30,7 +29,7 @@ class LPIPSMetric(FluencyMetric):
 
     def net(self, device: torch.device) -> torch.nn.Module:
         if self._net is None:
-            from fluency.core.backbones import lpips_model
+            from fluency.core.model.backbones import lpips_model
 
             self._net = lpips_model(self.options.get("net", "alex"), self.options.get("weights"))
         return self._net.to(device).eval()

@@ -9,12 +9,11 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
 from fluency.core.errors import FluencyError
+from fluency.core.model.losses import LOSSES
 
 
 def _reconstruct(batch: MetricBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,7 +24,6 @@ def _reconstruct(batch: MetricBatch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ReconError(FluencyMetric):
-    higher_is_more_fluent: ClassVar[bool | None] = False
 
     def layers(self, model: object) -> list[str]:
         return []
@@ -34,21 +32,13 @@ class ReconError(FluencyMetric):
         recon, x = _reconstruct(batch)
         out = []
         for kind in self.options.get("kinds") or ["l1", "l2", "ssim"]:
-            if kind == "l1":
-                values = (recon - x).abs().flatten(1).mean(1)
-            elif kind == "l2":
-                values = (recon - x).pow(2).flatten(1).mean(1)
-            else:
-                from pytorch_msssim import ssim
-
-                values = 1 - ssim(recon.float(), x.float(), data_range=1.0, size_average=False,
-                                  win_size=int(self.options.get("ssim_window", 11)))
-            out.append(MetricValues(f"recon-{kind}", values))
+            options = {"win_size": int(self.options.get("ssim_window", 11))} if kind == "ssim" else {}
+            distance = LOSSES[kind].build(options, reduction="mean")  # the one registry of image distances
+            out.append(MetricValues(f"recon-{kind}", distance(recon.float(), x.float())))
         return out
 
 
 class ELBO(FluencyMetric):
-    higher_is_more_fluent: ClassVar[bool | None] = False
 
     def layers(self, model: object) -> list[str]:
         return []

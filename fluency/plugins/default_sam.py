@@ -24,7 +24,7 @@ takes ``vmap`` on a GPU, and on a CPU when a chunk's per-image weight copies fit
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -72,7 +72,6 @@ VMAP_CPU_BYTES = 512 << 20
 class SAMSharpness(FluencyMetric):
     """Per-image SAM sharpness; options ``rho``, ``adaptive``, ``terms``, ``parameters``, ``method``, ``chunk_size``."""
 
-    higher_is_more_fluent: ClassVar[bool | None] = False
 
     def layers(self, model: Any) -> list[str]:
         return []

@@ -27,7 +27,6 @@ from fluency import Option, OptimizerSpec, hookimpl
 from fluency.core.errors import FluencyError, OptionError
 
 EPS = 1e-12
-PASSED_TO_BASE = ("lr", "weight_decay", "momentum")
 
 
 class SAM(torch.optim.Optimizer):
@@ -144,7 +143,7 @@ def build_sam(params: Iterable[nn.Parameter], rho: float = 0.05, adaptive: bool 
     the module being trained, used only to keep its BatchNorm statistics to one update per
     step (fluency's training loop passes it).
     """
-    from fluency.core.plugins import get_plugin_manager
+    from fluency.core.plugin.manager import get_plugin_manager
 
     if base == "sam":
         raise OptionError("optimizer 'sam': the base optimizer cannot be sam itself")

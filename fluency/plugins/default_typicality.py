@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,7 +59,6 @@ def log_likelihood(x: np.ndarray, g: dict[str, np.ndarray]) -> np.ndarray:
 
 
 class Typicality(FluencyMetric):
-    higher_is_more_fluent: ClassVar[bool | None] = True
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -75,7 +74,7 @@ class Typicality(FluencyMetric):
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
         self._model = batch.model
         self._ids.extend(map(str, batch.image_ids))
-        for name in self.layers(batch.model):
+        for name in self.batch_layers(batch):
             feats = pooled(batch.activations[name], int(self.options.get("max_features", 2048)))
             self._feats.setdefault(name, []).append(feats.cpu().numpy())
         return []
@@ -84,7 +83,7 @@ class Typicality(FluencyMetric):
         table_path = self.options.get("groups")
         if not table_path:
             return ["all"] * len(ids)
-        from fluency.core.ratings import read_table
+        from fluency.core.inputs.ratings import read_table
 
         columns = list(self.options.get("group_columns") or [])
         id_col = self.options.get("id_column", "image_id")
@@ -104,10 +103,14 @@ class Typicality(FluencyMetric):
         folder = self.options.get("reference")
         if not folder:
             return self._ids, {k: np.concatenate(v) for k, v in self._feats.items()}
-        from fluency.core.capture import capture_activations
-        from fluency.core.images import FolderSource, Preprocessing, find_images, iter_batches
+        from fluency.core.model.capture import capture_activations
+        from fluency.core.inputs.images import FolderSource, Preprocessing, find_images, iter_batches
 
         model, root = self._model, Path(folder)
+        if model is None:
+            raise FluencyError("typicality: the 'reference' option needs the model to measure the reference images; "
+                               "measuring a store has none: use `fluency run` with the checkpoint, or pass a saved "
+                               "'fit'")
         channels, size, _ = model.input_shape
         files = find_images(root)
         source = FolderSource(root, {p.relative_to(root).with_suffix("").as_posix(): p for p in files},

@@ -20,9 +20,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from fluency import ArchitectureSpec, Option, hookimpl
-from fluency.core.blocks import (GATES, LATENTS, NORMS, UPSAMPLINGS, ArchitectureConfigError, BlockVAE,
-                                 attention_stages, build_decoder, build_encoder, check_choice, check_image_size,
-                                 per_block)
+from fluency.core.model.blocks import (LATENTS, ArchitectureConfigError, BlockVAE, attention_stages, block_options,
+                                       build_decoder, build_encoder, check_choice, check_image_size, per_block)
 
 N_BLOCKS = 5
 BLOCK_NAMES = tuple(f"enc{i}" for i in range(1, N_BLOCKS + 1))
@@ -77,25 +76,6 @@ def small_options() -> dict[str, Option]:
     }
 
 
-def block_options(block_names: tuple[str, ...]) -> dict[str, Option]:
-    """Options shared by the block-built architectures (``vae-small``, ``vae-vgg16``, ``vae-vgg19``)."""
-    n = len(block_names)
-    return {
-        "latent": Option("str", "fc", "latent head: fc = flatten → Linear; conv = 1×1 conv → global average",
-                         choices=LATENTS),
-        "upsampling": Option("str", "pixelshuffle", "decoder upsampling", choices=UPSAMPLINGS),
-        "norm": Option("list[str]", ["none"], f"encoder normalisation: one value for all blocks or {n} values "
-                       "(one per block)", choices=NORMS),
-        "decoder_norm": Option("str", "none", "decoder normalisation", choices=NORMS),
-        "separable": Option("bool", False, "depthwise-separable encoder convolutions (depthwise 3×3 + pointwise 1×1)"),
-        "spectral_norm": Option("bool", False, "spectral normalisation of the encoder convolutions"),
-        "attention": Option("list[str]", [], "encoder blocks followed by CBAM channel attention (layer attN)",
-                            choices=block_names),
-        "attention_gate": Option("str", "sigmoid", "attention gate: sigmoid (weights in (0,1)) or softmax "
-                                 "(weights sum to 1)", choices=GATES),
-        "attention_temperature": Option("float", 1.0, "softmax temperature of the attention gate", minimum=1e-6),
-        "attention_reduction": Option("int", 16, "channel reduction ratio r of the attention MLP", minimum=1),
-    }
 
 
 @hookimpl

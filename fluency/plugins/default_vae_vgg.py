@@ -2,7 +2,7 @@
 
 Encoder: VGG16 = [64,64,M,128,128,M,256×3,M,512×3,M,512×3,M], VGG19 = the same with
 four convolutions in blocks 3–5 (torchvision's configurations D and E), built from
-:func:`fluency.core.blocks.conv_block`, so ``norm``, ``separable``, ``spectral_norm`` and
+:func:`fluency.core.model.blocks.conv_block`, so ``norm``, ``separable``, ``spectral_norm`` and
 CBAM ``attention`` (after the last ReLU of chosen blocks, before the pool) work as in
 ``vae-small``. With the plain options the encoder's module indices are torchvision's, and
 ``imagenet_weights`` can initialise it from a local torchvision VGG state dict.
@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from fluency import ArchitectureSpec, Option, hookimpl
-from fluency.core.backbones import load_features, read_features_state_dict
-from fluency.core.blocks import (ArchitectureConfigError, BlockVAE, EncoderParts, attention_stages, build_decoder,
+from fluency.core.model.backbones import load_features, read_features_state_dict
+from fluency.core.model.blocks import (block_options, ArchitectureConfigError, BlockVAE, EncoderParts, attention_stages, build_decoder,
                                  build_encoder, check_choice, check_image_size, per_block)
-from fluency.plugins.default_vae_small import block_options
 
 N_BLOCKS = 5
 BLOCK_NAMES = tuple(f"enc{i}" for i in range(1, N_BLOCKS + 1))

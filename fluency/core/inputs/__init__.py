@@ -1,0 +1,1 @@
+"""What goes in: image folders, ratings tables, stimulus sets and the embedded default."""

@@ -1,0 +1,50 @@
+"""Capture layer outputs with forward hooks that are always removed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from fluency.core.plugin.architecture import FluencyVAE
+from fluency.core.errors import FluencyError
+
+
+def check_layers(model: FluencyVAE, layers: Sequence[str]) -> None:
+    """Raise a :class:`FluencyError` naming any layer the model does not have."""
+    available = model.hookable_layers()
+    unknown = [name for name in layers if name not in available]
+    if unknown:
+        raise FluencyError(f"unknown layer(s) {unknown} for this model; available: {list(available)}")
+
+
+@contextmanager
+def capture_activations(model: FluencyVAE, layers: Sequence[str],
+                        detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, every forward pass stores each named layer's output in the yielded dict.
+
+    Outputs are detached unless ``detach=False`` (training constraints need their
+    gradients). The hooks are removed when the block ends, also on error, so a model
+    is never left with stale hooks.
+    """
+    check_layers(model, layers)
+    modules = model.hookable_layers()
+    captured: dict[str, torch.Tensor] = {}
+    handles: list[Any] = []
+
+    def hook_for(name: str) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            captured[name] = output.detach() if detach else output
+
+        return hook
+
+    try:
+        for name in layers:
+            handles.append(modules[name].register_forward_hook(hook_for(name)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,1 @@
+"""What comes out: the terminal summary, figures and the HTML report."""

@@ -1,0 +1,240 @@
+"""``fluency report RUN_DIR``: one self-contained HTML page per run.
+
+Figures are PNG files in ``RUN_DIR/figures/`` (and SVG copies of the heatmaps), embedded in
+the page as base64 so the file can be mailed or archived and opened without a network; tables
+are sortable by clicking a header (a few lines of inline JavaScript); provenance comes from
+``manifest.json``.
+
+Figures that need the model (reconstruction grids, latent interpolation strips, training curves) are
+written by ``fluency run`` (:mod:`fluency.core.outputs.run_figures`) and embedded when present; the 2-D
+projection of the latent means is drawn here from ``latents/<checkpoint>.parquet``, so this command can
+redraw it without the model: PCA always, UMAP too when the optional ``umap-learn`` is installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fluency.core.outputs import figures
+from fluency.core.atomic import atomic_write_text
+from fluency.core.errors import FluencyError
+
+SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach(function (th) {
+  th.addEventListener('click', function () {
+    var table = th.closest('table'), body = table.tBodies[0], i = th.cellIndex;
+    var asc = th.dataset.asc !== 'true'; th.dataset.asc = asc;
+    Array.from(body.rows).sort(function (a, b) {
+      var x = a.cells[i].dataset.v || a.cells[i].textContent, y = b.cells[i].dataset.v || b.cells[i].textContent;
+      var nx = parseFloat(x), ny = parseFloat(y);
+      var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+      return asc ? c : -c;
+    }).forEach(function (r) { body.appendChild(r); });
+  });
+});
+"""
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;
+font-size:12px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}th{cursor:pointer;
+background:#f0f0f0}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.5em 0}
+.sig{font-weight:bold}figcaption{font-size:12px;color:#444}
+pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:11px}"""
+
+
+def _img(path: Path, caption: str | None = None) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    note = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">{note}</figure>'
+
+
+def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(N×2 scores, explained-variance ratios)`` of the first two principal components, by SVD.
+
+    Each component's sign makes its largest-magnitude loading positive, so the figure is deterministic;
+    the scores equal scikit-learn's ``PCA(2).fit_transform`` up to that sign.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    centred = x - x.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    k = min(2, len(s))
+    components = vt[:k] * np.where(vt[np.arange(k), np.abs(vt[:k]).argmax(axis=1)] < 0, -1.0, 1.0)[:, None]
+    scores = np.zeros((len(x), 2))
+    scores[:, :k] = centred @ components.T
+    total = float((s ** 2).sum())
+    ratio = np.zeros(2)
+    ratio[:k] = (s[:k] ** 2) / total if total > 0 else 0.0
+    return scores, ratio
+
+
+def _umap_2d(x: np.ndarray) -> np.ndarray | None:
+    """UMAP embedding (seeded) when the optional ``umap-learn`` is installed, else None."""
+    try:
+        import umap  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    reducer = umap.UMAP(n_components=2, n_neighbors=max(2, min(15, len(x) - 1)), random_state=0)
+    return np.asarray(reducer.fit_transform(np.asarray(x, dtype=np.float32)))
+
+
+def _model_views(run: Path, label: str, manifest: dict[str, Any], ratings: pd.DataFrame | None,
+                 rating_col: str) -> list[str]:
+    """The HTML of one checkpoint's model figures: reconstructions, training curves, latent projections,
+    interpolation strips (those written by the run are embedded; the projections are drawn here)."""
+    fig_dir = run / "figures"
+    captions = manifest.get("figures", {}).get("checkpoints", {}).get(label, {})
+    parts: list[str] = []
+    for name, heading, fallback in (
+            (f"recon-{label}.png", "Reconstructions", f"Images (top), reconstructions with z = μ ({label})."),
+            (f"curves-{label}.png", "Training curves", f"Training curves ({label}), from the checkpoint's history.")):
+        if (fig_dir / name).exists():
+            parts += [f"<h3>{heading}</h3>", _img(fig_dir / name, captions.get(f"figures/{name}", fallback))]
+    latents = run / "latents" / f"{label}.parquet"
+    if latents.exists():
+        table = pd.read_parquet(latents)
+        x = table[[c for c in table.columns if c.startswith("mu_")]].to_numpy(np.float64)
+        if len(x) >= 3 and x.shape[1] >= 1:
+            ids = table["image_id"].astype(str)
+            by = manifest.get("subgroups", {}).get("by") or []
+            values = groups = None
+            colour = "no ratings"
+            if ratings is not None:
+                rated = ratings.assign(image_id=ratings["image_id"].astype(str)).drop_duplicates("image_id")
+                rated = rated.set_index("image_id").reindex(ids)
+                if by and all(c in rated.columns for c in by):
+                    groups = [", ".join(f"{c}={v}" for c, v in zip(by, row)) if not any(pd.isna(v) for v in row) else
+                              "no rating" for row in rated[by].itertuples(index=False)]
+                    colour = f"coloured by {', '.join(by)}"
+                elif rating_col in rated.columns:
+                    values = rated[rating_col].to_numpy(float)
+                    colour = f"coloured by {rating_col}"
+            scores, ratio = pca_2d(x)
+            projections = [("pca", scores, (f"PC1 ({ratio[0]:.1%} of variance)", f"PC2 ({ratio[1]:.1%} of variance)"),
+                            "PCA")]
+            embedding = _umap_2d(x)
+            if embedding is not None:
+                projections.append(("umap", embedding, ("UMAP 1", "UMAP 2"), "UMAP (umap-learn, random_state=0)"))
+            parts.append("<h3>Latent space</h3>")
+            for key, coords, axes, method in projections:
+                stem = fig_dir / f"latents-{key}-{label}"
+                figures.latent_projection(coords, [stem.with_suffix(".png"), stem.with_suffix(".svg")],
+                                          f"{label}: {method} of the latent means (n = {len(x)}), {colour}", axes,
+                                          values, rating_col, groups)
+                parts.append(_img(stem.with_suffix(".png"),
+                                  f"2-D {method} projection of the latent means μ of all {len(x)} images "
+                                  f"({x.shape[1]} dimensions), {colour}."))
+            if embedding is None:
+                parts.append("<p>UMAP: install the optional extra <code>fluency[umap]</code> (umap-learn) to add "
+                             "a UMAP projection.</p>")
+    k = 0
+    if (fig_dir / f"interp-{label}-0.png").exists():
+        parts.append("<h3>Latent interpolations</h3>")
+    while (fig_dir / f"interp-{label}-{k}.png").exists():
+        name = f"interp-{label}-{k}.png"
+        parts.append(_img(fig_dir / name, captions.get(f"figures/{name}", f"Latent interpolation ({label}).")))
+        k += 1
+    return [f"<h2>Model views ({html.escape(label)})</h2>", *parts] if parts else []
+
+
+def _table(df: pd.DataFrame, columns: list[str], table_id: str) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    rows = []
+    for _, r in df.iterrows():
+        cells = []
+        for c in columns:
+            v = r.get(c)
+            if isinstance(v, float):
+                text = "–" if not np.isfinite(v) else (f"{v:.3g}" if abs(v) < 1e-3 and v != 0 else f"{v:.4f}")
+                cells.append(f'<td data-v="{v}">{text}</td>')
+            else:
+                cells.append(f"<td>{html.escape('–' if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))}</td>")
+        sig = isinstance(r.get("p_fdr"), float) and r.get("p_fdr") < 0.05
+        rows.append(f'<tr{" class=sig" if sig else ""}>{"".join(cells)}</tr>')
+    return f'<table class="sortable" id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def build_report(run_dir: str | Path, top_scatter: int = 6) -> Path:
+    """Write ``RUN_DIR/report.html`` (and the figures it embeds) and return its path."""
+    run = Path(run_dir)
+    if not (run / "manifest.json").exists():
+        raise FluencyError(f"report: {run} is not a fluency run folder (no manifest.json)")
+    manifest = json.loads((run / "manifest.json").read_text())
+    fig_dir = run / "figures"
+    parts = [f"<h1>fluency run {html.escape(manifest.get('run_id', run.name))}</h1>",
+             f"<p>Status: <b>{html.escape(str(manifest.get('status')))}</b>. Metrics: "
+             f"{html.escape(', '.join(manifest.get('metrics', [])))}. Analyses: "
+             f"{html.escape(', '.join(manifest.get('analyses', [])) or 'none')}.</p>"]
+    metrics = pd.read_parquet(run / "metrics.parquet") if (run / "metrics.parquet").exists() else None
+    analyses = {p.stem: pd.read_parquet(p) for p in sorted((run / "analyses").glob("*.parquet"))}
+    ratings = pd.read_parquet(run / "ratings.parquet") if (run / "ratings.parquet").exists() else None
+    rating_col = manifest.get("inputs", {}).get("stimuli", {}).get("rating_column", "rating")
+
+    correlations = [n for n, t in analyses.items() if t["statistic"].isin(["r", "rho", "r_partial"]).any()]
+    if correlations:
+        parts.append("<h2>Correlations with the rating</h2><p>* : Benjamini–Hochberg p_fdr &lt; 0.05 across "
+                     "every test of the run.</p>")
+        for name in correlations:
+            table = analyses[name]
+            table = table[table.get("group", pd.Series("all", index=table.index)).fillna("all") == "all"]
+            is_diff = table["statistic"].astype(str).str.endswith("_diff")
+            figures.correlation_heatmap(table[~is_diff], fig_dir / f"heatmap-{name}.png", name)
+            figures.correlation_heatmap(table[~is_diff], fig_dir / f"heatmap-{name}.svg", name)
+            parts.append(_img(fig_dir / f"heatmap-{name}.png"))
+            if is_diff.any():  # checkpoints compared: r_A − r_B per pair, tested as dependent correlations
+                for suffix in ("png", "svg"):
+                    figures.correlation_heatmap(table[is_diff], fig_dir / f"heatmap-{name}-diff.{suffix}",
+                                                f"{name}: r_A − r_B")
+                parts.append(_img(fig_dir / f"heatmap-{name}-diff.png",
+                                  "Difference between the checkpoints' correlations with the rating, per pair "
+                                  "(A−B); * marks p_fdr < 0.05 by the dependent-correlation test (Steiger 1980), "
+                                  "which accounts for both correlations sharing the rating."))
+    if "ridge" in analyses and analyses["ridge"]["estimate"].notna().any():
+        ridge = analyses["ridge"][analyses["ridge"].get("group", "all") == "all"]
+        figures.r2_bars(ridge, fig_dir / "ridge-r2.png")
+        parts += ["<h2>Cross-validated prediction (ridge)</h2>", _img(fig_dir / "ridge-r2.png")]
+    if analyses and metrics is not None and ratings is not None:
+        table = pd.concat(analyses.values(), ignore_index=True)
+        table = table[table["statistic"].isin(["r", "rho"]) & table["p"].notna()].sort_values("p").drop_duplicates(
+            ["checkpoint", "metric", "layer"]).head(top_scatter)
+        if len(table):
+            parts.append("<h2>Strongest relations</h2>")
+        for k, row in enumerate(table.itertuples()):
+            sel = (metrics["metric"] == row.metric) & (metrics["checkpoint"] == row.checkpoint)
+            sel &= metrics["layer"].isna() if pd.isna(row.layer) else metrics["layer"] == row.layer
+            joined = metrics[sel].merge(ratings[["image_id", rating_col]], on="image_id")
+            label = f"{row.metric}" + ("" if pd.isna(row.layer) else f" @ {row.layer}")
+            figures.scatter(joined["value"].to_numpy(float), joined[rating_col].to_numpy(float),
+                            fig_dir / f"scatter-{k}.png", label, rating_col,
+                            f"{row.checkpoint}: {row.statistic} = {row.estimate:+.3f}, p_fdr = {row.p_fdr:.2g}")
+            parts.append(_img(fig_dir / f"scatter-{k}.png"))
+    for store in sorted((run / "activations").glob("*/_COMPLETE.json")):
+        from fluency.core.run.store import ActivationStore
+
+        label = store.parent.name
+        figures.activation_histograms(ActivationStore(store.parent), fig_dir / f"activations-{label}.png")
+        parts += [f"<h2>Activations ({html.escape(label)})</h2>", _img(fig_dir / f"activations-{label}.png")]
+    labels = [c["label"] for c in manifest.get("inputs", {}).get("checkpoints", [])]
+    labels += [p.stem for p in sorted((run / "latents").glob("*.parquet")) if p.stem not in labels]
+    for label in labels:
+        parts += _model_views(run, label, manifest, ratings, rating_col)
+    for name, table in analyses.items():
+        columns = [c for c in ["group", "checkpoint", "metric", "layer", "n", "statistic", "estimate", "ci_low",
+                               "ci_high", "r_a", "r_b", "r_ab", "r2_fold_mean", "r2_fold_sd", "se", "r2", "p",
+                               "p_fdr", "note"]
+                   if c in table.columns]
+        parts += [f"<h2>Analysis: {html.escape(name)}</h2>", _table(table, columns, f"table-{name}")]
+    if metrics is not None:
+        summary = metrics.groupby(["checkpoint", "metric", "layer"], dropna=False)["value"].describe().reset_index()
+        parts += ["<h2>Metric summary</h2>",
+                  _table(summary, ["checkpoint", "metric", "layer", "count", "mean", "std", "min", "max"],
+                         "table-metrics")]
+    parts += ["<h2>Provenance</h2>", f"<pre>{html.escape(json.dumps(manifest, indent=2, default=str))}</pre>"]
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fluency report</title><style>{CSS}</style>"
+            f"</head><body>{''.join(parts)}<script>{SORT_JS}</script></body></html>")
+    atomic_write_text(run / "report.html", page)
+    return run / "report.html"

@@ -1,0 +1,79 @@
+"""The contract of a Constraint plugin: a penalty on activations added to the training loss.
+
+During training, fluency captures (without detaching) the layers each constraint
+names and calls it once per step; the returned scalar is added to the loss, and its
+value is logged every step under the constraint's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fluency.core.errors import FluencyError
+from fluency.core.plugin.architecture import FluencyVAE
+from fluency.core.plugin.options import Option
+
+
+class Constraint:
+    """Base class of constraints. Conventional options: ``weight`` (θ) and ``layers`` (list or None)."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def layers(self, model: FluencyVAE) -> list[str]:
+        """Names of the layers whose activations :meth:`penalty` reads."""
+        chosen = self.options.get("layers")
+        return list(chosen) if chosen else list(model.default_metric_layers)
+
+    def penalty(self, activations: Mapping[str, torch.Tensor], model: FluencyVAE) -> torch.Tensor:
+        """The unweighted penalty (a scalar tensor, differentiable) for one batch."""
+        raise NotImplementedError
+
+    def __call__(self, activations: Mapping[str, torch.Tensor], model: FluencyVAE) -> torch.Tensor:
+        """θ × :meth:`penalty`."""
+        return float(self.options.get("weight", 1.0)) * self.penalty(activations, model)
+
+
+def weight_option() -> dict[str, Option]:
+    """The ``weight`` option every built-in constraint has: θ, the factor of its penalty in the loss."""
+    return {"weight": Option("float", 1.0, "θ, the factor of the penalty in the loss", minimum=0.0)}
+
+
+def require_layers(activations: Mapping[str, torch.Tensor], names: list[str], who: str) -> list[torch.Tensor]:
+    """The captured activations of ``names``, or a :class:`FluencyError` naming the missing ones."""
+    missing = [n for n in names if n not in activations]
+    if missing:
+        raise FluencyError(f"{who}: layer(s) {missing} were not captured; captured: {sorted(activations)}")
+    if not names:
+        raise FluencyError(f"{who}: no layers chosen (set its 'layers' option)")
+    return [activations[n] for n in names]
+
+
+def batch_l1(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Mean over the batch of each image's L1 norm (÷ units per image when ``normalize``)."""
+    flat = x.flatten(1) if x.ndim > 1 else x[:, None]
+    norms = flat.abs().sum(dim=1)
+    if normalize:
+        norms = norms / max(flat.shape[1], 1)
+    return norms.mean()
+
+
+class L1Penalty(Constraint):
+    """Σ over the chosen layers of the batch-mean L1 norm of each image's values (``l1-activation``,
+    ``l1-attention``); subclasses set ``name`` and the default of the ``normalize`` option."""
+
+    name = "l1"
+    #: default of the ``normalize`` option when it is not given
+    normalize_default = True
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        normalize = self.options.get("normalize")
+        self.normalize = self.normalize_default if normalize is None else bool(normalize)
+
+    def penalty(self, activations: Mapping[str, torch.Tensor], model: FluencyVAE) -> torch.Tensor:
+        terms = [batch_l1(x, self.normalize) for x in require_layers(activations, self.layers(model), self.name)]
+        return torch.stack(terms).sum() if len(terms) > 1 else terms[0]

@@ -1,0 +1,123 @@
+"""What a plugin registers: one spec per named thing it provides.
+
+A spec is cheap to build (registration must not import torch models or load
+weights): it carries the name, a one-line description, the typed options and a
+*factory*, either a callable or a lazy ``"module:attribute"`` string that is
+imported only when the plugin is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from fluency.core.plugin.options import Option, resolve_options
+
+Kind = Literal["architecture", "constraint", "optimizer", "metric", "analysis"]
+KINDS: tuple[Kind, ...] = ("architecture", "constraint", "optimizer", "metric", "analysis")
+
+#: what a metric may need: activations only, the images too, or the model with its loss
+NEEDS = ("activations", "images", "model")
+_NAME = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """Base of the five spec kinds; use one of the subclasses."""
+
+    kind: ClassVar[Kind]
+    name: str
+    factory: Callable[..., Any] | str
+    description: str = ""
+    options: Mapping[str, Option] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` if the spec is malformed (bad name, options or factory)."""
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ValueError(f"invalid {self.kind} name {self.name!r}: use lowercase letters, digits, '-' or '_'")
+        if not (callable(self.factory) or (isinstance(self.factory, str) and ":" in self.factory)):
+            raise ValueError(f"{self.kind} {self.name!r}: factory must be a callable or 'module:attribute'")
+        for key, opt in self.options.items():
+            if not isinstance(opt, Option):
+                raise ValueError(f"{self.kind} {self.name!r}: option {key!r} is not a fluency Option")
+
+    def load(self) -> Callable[..., Any]:
+        """Return the factory, importing it first if it is a ``"module:attribute"`` string."""
+        if callable(self.factory):
+            return self.factory
+        module, _, attr = self.factory.partition(":")
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def resolve(self, *layers: Mapping[str, Any]) -> dict[str, Any]:
+        """Validated options: declared defaults overlaid by ``layers`` (lowest priority first)."""
+        return resolve_options(self.options, layers, f"{self.kind} {self.name!r}")
+
+    @property
+    def summary(self) -> str:
+        """First line of the description."""
+        return self.description.strip().splitlines()[0] if self.description.strip() else ""
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec(PluginSpec):
+    """A model family. ``factory(**options)`` returns a :class:`fluency.core.plugin.architecture.FluencyVAE`."""
+
+    kind: ClassVar[Kind] = "architecture"
+
+
+@dataclass(frozen=True)
+class ConstraintSpec(PluginSpec):
+    """A training penalty. ``factory(**options)`` returns a :class:`fluency.core.plugin.constraint.Constraint`."""
+
+    kind: ClassVar[Kind] = "constraint"
+
+
+@dataclass(frozen=True)
+class OptimizerSpec(PluginSpec):
+    """An optimizer. ``factory(params, **options)`` returns a ``torch.optim.Optimizer`` stepped with a closure."""
+
+    kind: ClassVar[Kind] = "optimizer"
+
+
+@dataclass(frozen=True)
+class MetricSpec(PluginSpec):
+    """A per-image fluency metric. ``factory(**options)`` returns a :class:`fluency.core.plugin.metric.FluencyMetric`.
+
+    ``needs`` says what the metric reads: ``"activations"`` (layer outputs only, from a run's
+    live capture or from an activation store), ``"images"`` (the images as the model sees
+    them, e.g. low-level statistics; ``fluency measure`` computes these only with
+    ``--images``) or ``"model"`` (the model, the images and the loss: only in a run with the
+    checkpoint).
+    ``higher_is_more_fluent`` is ``True``, ``False`` or ``None`` (no direction).
+    """
+
+    kind: ClassVar[Kind] = "metric"
+    needs: Literal["activations", "images", "model"] = "activations"
+    higher_is_more_fluent: bool | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.needs not in NEEDS:
+            raise ValueError(f"metric {self.name!r}: needs must be one of {list(NEEDS)}, not {self.needs!r}")
+
+
+@dataclass(frozen=True)
+class AnalysisSpec(PluginSpec):
+    """A statistical analysis. ``factory(**options)`` returns a :class:`fluency.core.plugin.analysis.Analysis`."""
+
+    kind: ClassVar[Kind] = "analysis"
+
+
+SPEC_TYPES: dict[Kind, type[PluginSpec]] = {
+    "architecture": ArchitectureSpec,
+    "constraint": ConstraintSpec,
+    "optimizer": OptimizerSpec,
+    "metric": MetricSpec,
+    "analysis": AnalysisSpec,
+}

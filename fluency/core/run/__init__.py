@@ -1,0 +1,1 @@
+"""Measuring: the run pipeline, the Parquet activation store and metric tables, folder comparisons."""

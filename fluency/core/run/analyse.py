@@ -1,0 +1,95 @@
+"""The analyses of a run: every analysis on the rated images (and within subgroups), p_fdr across all tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+
+from fluency.core.atomic import atomic_path
+from fluency.core.errors import FluencyError
+from fluency.core.plugin.analysis import AnalysisData
+from fluency.core.plugin.manager import PluginManager, guarded
+from fluency.core.plugin.specs import AnalysisSpec
+from fluency.core.progress import progress_bar
+from fluency.core.stats import fdr_bh
+
+
+@dataclass
+class AnalysisOutcome:
+    """The result tables (one per analysis), the subgroup report and seconds per analysis."""
+
+    results: dict[str, pd.DataFrame] = field(default_factory=dict)
+    subgroups: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def subgroups(ratings: pd.DataFrame, by: Sequence[str], min_size: int) -> tuple[list[tuple[str, pd.DataFrame]],
+                                                                                 list[dict[str, Any]]]:
+    """``[("all", ratings), (label, rows), ...]`` and a size report; groups under ``min_size`` are left out."""
+    missing = [c for c in by if c not in ratings.columns]
+    if missing:
+        raise FluencyError(f"--by {','.join(by)}: no column(s) {missing} in the ratings table "
+                           f"(columns: {list(ratings.columns)})")
+    groups: list[tuple[str, pd.DataFrame]] = [("all", ratings)]
+    report: list[dict[str, Any]] = [{"group": "all", "n": len(ratings), "analysed": True}]
+    for values, rows in ratings.groupby(list(by), sort=True, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        label = ", ".join(f"{c}={v}" for c, v in zip(by, values))
+        ok = len(rows) >= min_size
+        report.append({"group": label, "n": len(rows), "analysed": ok,
+                       **({} if ok else {"note": f"fewer than --min-group-size {min_size} rated images"})})
+        if ok:
+            groups.append((label, rows))
+    return groups, report
+
+
+def analyse(metric_table: pd.DataFrame, ratings: pd.DataFrame | None, rating_column: str,
+            specs: Mapping[str, AnalysisSpec], resolved: Mapping[tuple[str, str], Mapping[str, Any]], out_dir: Path,
+            manager: PluginManager, by: Sequence[str] = (), min_group_size: int = 10,
+            console: Console | None = None) -> AnalysisOutcome:
+    """Run every analysis on the rated images (and within each ``by`` subgroup), add run-wide BH-corrected
+    p-values across every test, write ``ratings.parquet`` and one ``analyses/<name>.parquet`` per analysis."""
+    if ratings is None or not specs:
+        return AnalysisOutcome()
+    with atomic_path(out_dir / "ratings.parquet") as tmp:
+        ratings.to_parquet(tmp, index=False)
+    groups, report = subgroups(ratings, by, min_group_size) if by else ([("all", ratings)], [])
+    outcome = AnalysisOutcome(subgroups={"by": list(by), "min_group_size": min_group_size, "groups": report}
+                              if by else None)
+    with progress_bar(console) as bars:
+        task = bars.add_task("analyses", total=len(specs) * len(groups), status="")
+        for name, spec in specs.items():
+            t0 = time.perf_counter()
+            analysis = guarded(manager, "analysis", name, lambda s=spec, n=name: s.load()(**resolved[("analysis", n)]))
+            parts = []
+            for label, rows in groups:
+                bars.update(task, status=name if label == "all" else f"{name} [{label}]")
+                data = AnalysisData(metric_table[metric_table["image_id"].isin(set(rows["image_id"]))], rows,
+                                    rating_column)
+                parts.append(guarded(manager, "analysis", name, lambda d=data: analysis.run(d)).assign(group=label))
+                bars.advance(task)
+            outcome.results[name] = pd.concat(parts, ignore_index=True)
+            outcome.timings[f"analysis[{name}]"] = round(time.perf_counter() - t0, 3)
+        bars.update(task, status="")
+    _write_with_fdr(outcome.results, out_dir / "analyses")
+    return outcome
+
+
+def _write_with_fdr(results: dict[str, pd.DataFrame], folder: Path) -> None:
+    """Add ``p_fdr`` (Benjamini–Hochberg across every test of every analysis) and write one table each."""
+    sizes = [len(r) for r in results.values()]
+    p_fdr = fdr_bh(np.concatenate([r["p"].to_numpy(float) for r in results.values()])) if sum(sizes) else []
+    folder.mkdir(exist_ok=True)
+    start = 0
+    for (name, result), size in zip(results.items(), sizes):
+        result["p_fdr"] = p_fdr[start:start + size]
+        start += size
+        with atomic_path(folder / f"{name}.parquet") as tmp:
+            result.to_parquet(tmp, index=False)

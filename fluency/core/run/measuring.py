@@ -1,0 +1,117 @@
+"""Feeding metric plugins: one step shared by ``fluency run`` (live capture) and ``fluency measure`` (a store).
+
+:class:`MetricParts` owns the run's metric-table parts (one per plugin, see
+:mod:`fluency.core.run.tables`); :class:`CheckpointMetrics` holds the metric instances that
+measure one checkpoint, feeds them batches from any activation source and writes what they
+return. Both paths go through here, so the same batch gives the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fluency.core.atomic import atomic_path
+from fluency.core.errors import FluencyError
+from fluency.core.hashing import options_hash
+from fluency.core.plugin.manager import PluginManager, guarded, plugin_version
+from fluency.core.plugin.metric import FluencyMetric, MetricBatch, MetricValues, ModelDescription
+from fluency.core.plugin.specs import MetricSpec
+from fluency.core.run.tables import MetricTableWriter, part_name
+
+Resolved = Mapping[tuple[str, str], Mapping[str, Any]]
+
+
+class MetricParts:
+    """The metric-table parts of one run: ``metrics/<plugin>-<options hash>.parquet``, opened on first use."""
+
+    def __init__(self, out_dir: Path, run_id: str, manager: PluginManager, specs: Mapping[str, MetricSpec],
+                 resolved: Resolved) -> None:
+        self.out_dir, self.run_id, self.manager, self.specs = out_dir, run_id, manager, dict(specs)
+        self.options = {name: dict(resolved[("metric", name)]) for name in specs}
+        self.writers: dict[str, MetricTableWriter] = {}
+        self.columns: dict[str, str] = {}  # metric column -> the plugin that wrote it
+
+    def record(self, plugin: str) -> dict[str, Any]:
+        """The manifest's description of a plugin's part."""
+        digest = options_hash(self.options[plugin])
+        return {"plugin": plugin, "plugin_version": plugin_version(self.manager, "metric", plugin),
+                "options_hash": digest, "options": self.options[plugin], "file": part_name(plugin, digest)}
+
+    def write(self, plugin: str, checkpoint: str, image_ids: Sequence[str], values: MetricValues) -> None:
+        writer = self.writers.get(plugin)
+        if writer is None:
+            info = self.record(plugin)
+            writer = self.writers[plugin] = MetricTableWriter(
+                self.out_dir / info["file"], self.run_id, plugin=plugin, plugin_version=info["plugin_version"],
+                options_hash=info["options_hash"])
+        owner = self.columns.setdefault(values.metric, plugin)
+        if owner != plugin:
+            raise FluencyError(f"metrics {owner!r} and {plugin!r} both write the column {values.metric!r}; "
+                               "measure them in separate runs")
+        writer.write(checkpoint, values.metric, values.layer, image_ids, values.as_numpy())
+
+    def metric_columns(self) -> dict[str, dict[str, Any]]:
+        """``{metric column: {"plugin", "higher_is_more_fluent"}}``, the direction read from the spec."""
+        return {column: {"plugin": plugin, "higher_is_more_fluent": self.specs[plugin].higher_is_more_fluent}
+                for column, plugin in self.columns.items()}
+
+    def files(self) -> list[Path]:
+        """The parts written, in the order of the requested metrics."""
+        return [self.writers[name].path for name in self.specs if name in self.writers]
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+
+
+class CheckpointMetrics:
+    """The metric instances measuring one checkpoint (fresh per checkpoint: some collect state)."""
+
+    def __init__(self, manager: PluginManager, specs: Mapping[str, MetricSpec], resolved: Resolved) -> None:
+        self.manager, self.specs = manager, dict(specs)
+        self.instances: dict[str, FluencyMetric] = {
+            name: guarded(manager, "metric", name, lambda s=spec, n=name: s.load()(**resolved[("metric", n)]))
+            for name, spec in specs.items()}
+
+    def layers(self, model: ModelDescription | Any) -> list[str]:
+        """Every layer any of the metrics reads, in first-use order."""
+        names: list[str] = []
+        for name, metric in self.instances.items():
+            names += guarded(self.manager, "metric", name, lambda m=metric: m.layers(model))
+        return list(dict.fromkeys(names))
+
+    def compute(self, batch: MetricBatch, checkpoint: str, parts: MetricParts,
+                on_metric: Any = None) -> None:
+        """Every metric on ``batch``; model-free metrics get no ``loss`` (``on_metric(name)`` before each)."""
+        for name, metric in self.instances.items():
+            if on_metric is not None:
+                on_metric(name)
+            own = batch if self.specs[name].needs == "model" or batch.loss is None else _without_loss(batch)
+            for values in guarded(self.manager, "metric", name, lambda m=metric, b=own: m.compute(b)):
+                parts.write(name, checkpoint, batch.image_ids, values)
+
+    def finish(self, checkpoint: str, parts: MetricParts, state_dir: Path) -> None:
+        """Values that need the whole set, and each metric's fitted state (``state_dir/<metric>.pt``)."""
+        for name, metric in self.instances.items():
+            finished = guarded(self.manager, "metric", name, metric.finish)
+            state = guarded(self.manager, "metric", name, metric.state)
+            if state is not None:  # fitted state (e.g. typicality's Gaussians), saved for reuse
+                path = state_dir / f"{name}.pt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp:
+                    torch.save(state, tmp)
+            for ids, values in finished:
+                parts.write(name, checkpoint, ids, values)
+
+
+def _without_loss(batch: MetricBatch) -> MetricBatch:
+    return MetricBatch(batch.image_ids, batch.images, batch.activations, batch.model, None, batch.seed,
+                       batch.description)

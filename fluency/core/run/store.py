@@ -1,0 +1,335 @@
+"""The Parquet activation store and the long metric table.
+
+Activation store layout (one folder per checkpoint)::
+
+    STORE/
+      enc1.parquet        image_id: string, activation: fixed_size_binary(nbytes)
+      enc2.parquet        ...
+      _COMPLETE.json      written last: format, format_version, provenance, model (the description
+                          metrics take their defaults from), layers (shape, dtype, rows, file)
+
+Each ``activation`` value holds one image's tensor as raw little-endian bytes
+(float16 or float32); shape and dtype are also in the field and schema metadata. No
+compression, dictionary encoding or statistics on that column: it writes at disk speed
+and reads back as numpy/torch *views* on the Arrow buffers, without copies. Row groups
+of ``rows_per_group`` images keep memory bounded on both sides. Layer files are written
+as ``*.partial`` and renamed on close; a folder without ``_COMPLETE.json`` is an
+interrupted write and the reader refuses it. Every layer file holds the same image ids in the
+same order, so :meth:`ActivationStore.metric_batches` reads the layers in lockstep and yields
+the :class:`~fluency.core.plugin.metric.MetricBatch` a run's live capture would have given.
+
+Format versions: 1 (fluency 0.1.0 before the store became the interchange) had no ``model``
+description; its default metric layers are taken to be the stored layers. A store of a newer
+format than this fluency knows is refused with one line.
+
+The metric tables are in :mod:`fluency.core.run.tables`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from fluency.core.atomic import atomic_write_json, fsync_dir
+from fluency.core.errors import StoreError
+from fluency.core.plugin.metric import MetricBatch, ModelDescription
+from fluency.core.version import STORE_FORMAT_VERSION as FORMAT_VERSION
+
+FORMAT = "fluency-activation-store"
+MARKER = "_COMPLETE.json"
+DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+class _LayerWriter:
+    """One layer's file: rows are copied into a single preallocated row group, written when full."""
+
+    def __init__(self, path: Path, layer: str, shape: tuple[int, ...], dtype: np.dtype, rows_per_group: int) -> None:
+        self.path, self.shape, self.dtype = path, shape, dtype
+        self.nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        meta = {b"shape": json.dumps(list(shape)).encode(), b"dtype": dtype.name.encode(), b"layer": layer.encode()}
+        self.schema = pa.schema([pa.field("image_id", pa.string(), nullable=False),
+                                 pa.field("activation", pa.binary(self.nbytes), nullable=False, metadata=meta)],
+                                metadata=meta)
+        self.partial = path.with_name(path.name + ".partial")
+        self.writer = pq.ParquetWriter(self.partial, self.schema, compression="none", use_dictionary=False,
+                                       write_statistics=["image_id"])
+        self.buffer = np.empty((rows_per_group, *shape), dtype)  # owned: callers may reuse their arrays
+        self.ids: list[str] = []
+        self.rows = 0
+
+    def add(self, ids: Sequence[str], values: np.ndarray) -> None:
+        start = 0
+        while start < len(ids):
+            take = min(len(ids) - start, len(self.buffer) - len(self.ids))
+            self.buffer[len(self.ids):len(self.ids) + take] = values[start:start + take]
+            self.ids.extend(str(i) for i in ids[start:start + take])
+            start += take
+            if len(self.ids) == len(self.buffer):
+                self._flush()
+
+    def _flush(self) -> None:
+        n = len(self.ids)
+        if n == 0:
+            return
+        data = pa.py_buffer(self.buffer[:n])  # zero-copy; the writer encodes it before we reuse the buffer
+        acts = pa.FixedSizeBinaryArray.from_buffers(pa.binary(self.nbytes), n, [None, data])
+        self.writer.write_table(pa.table([pa.array(self.ids, pa.string()), acts], schema=self.schema))
+        self.rows += n
+        self.ids = []
+
+    def close(self) -> dict[str, Any]:
+        self._flush()
+        self.writer.close()
+        _fsync(self.partial)
+        os.replace(self.partial, self.path)
+        return {"shape": list(self.shape), "dtype": self.dtype.name, "rows": self.rows, "file": self.path.name}
+
+
+class ActivationStoreWriter:
+    """Write a store incrementally: ``write(layer, ids, activations)`` per batch, then ``close()``.
+
+    ``model`` describes the model the activations come from (its default and attention layers), so
+    that metrics measuring the store later take the same defaults as a live run.
+
+    Used as a context manager, an exception (or :meth:`abort`) closes the files without
+    the completion marker, so the store can never be read as complete.
+    """
+
+    def __init__(self, path: str | Path, *, dtype: str = "float16", rows_per_group: int = 128,
+                 provenance: dict[str, Any], model: ModelDescription | None = None, overwrite: bool = False) -> None:
+        if dtype not in DTYPES:
+            raise StoreError(f"activation store dtype {dtype!r}: use one of {list(DTYPES)}")
+        if rows_per_group < 1:
+            raise StoreError(f"activation store rows_per_group must be at least 1, not {rows_per_group}")
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"activation store {self.path} is a file, not a folder")
+        marker = self.path / MARKER
+        if marker.exists():
+            if not overwrite:
+                raise StoreError(f"activation store {self.path} already exists and is complete; "
+                                 "choose another folder or overwrite it")
+            old = _read_marker(marker)
+            marker.unlink()  # first: from now on the old store reads as incomplete
+            for info in old.get("layers", {}).values():
+                (self.path / Path(str(info.get("file", ""))).name).unlink(missing_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.dtype = DTYPES[dtype]
+        self.rows_per_group = rows_per_group
+        self.provenance = dict(provenance)
+        self.model = model
+        self.layers: dict[str, _LayerWriter] = {}
+        self.closed = False
+
+    def write(self, layer: str, image_ids: Sequence[str], acts: torch.Tensor | np.ndarray) -> None:
+        """Append one batch (B×…) of a layer's activations, cast to the store's dtype."""
+        if self.closed:
+            raise StoreError(f"activation store {self.path} is closed; cannot write layer {layer!r}")
+        if isinstance(acts, torch.Tensor):
+            acts = acts.detach().cpu()
+            acts = (acts if acts.dtype in (torch.float16, torch.float32, torch.float64) else acts.float()).numpy()
+        acts = np.asarray(acts)
+        if self.dtype.itemsize == 2 and acts.dtype.itemsize > 2 and acts.size:
+            peak = float(np.nanmax(np.abs(acts)))
+            if peak > float(np.finfo(np.float16).max):
+                raise StoreError(f"layer {layer!r}: activations up to {peak:.3g} do not fit a float16 store "
+                                 "(largest 65504); store them as float32 (--store-dtype float32)")
+        if acts.ndim == 0 or acts.shape[0] != len(image_ids):
+            raise StoreError(f"layer {layer!r}: activations of shape {acts.shape} for {len(image_ids)} image ids")
+        shape = tuple(int(s) for s in acts.shape[1:])
+        writer = self.layers.get(layer)
+        if writer is None:
+            if not layer or "/" in layer or "\\" in layer or layer.startswith((".", "_")):
+                raise StoreError(f"layer name {layer!r} cannot be used as a file name in the store")
+            if 0 in shape:
+                raise StoreError(f"layer {layer!r}: empty activation shape {shape}")
+            writer = self.layers[layer] = _LayerWriter(self.path / f"{layer}.parquet", layer, shape, self.dtype,
+                                                       self.rows_per_group)
+        elif shape != writer.shape:
+            raise StoreError(f"layer {layer!r}: activation shape changed from {writer.shape} to {shape} "
+                             "between writes")
+        writer.add(image_ids, acts)
+
+    def close(self) -> None:
+        """Flush every layer, rename the files into place, then write the completion marker last."""
+        if self.closed:
+            return
+        self.closed = True
+        layers = {name: w.close() for name, w in self.layers.items()}
+        fsync_dir(self.path)  # the layer renames are durable before the marker exists
+        atomic_write_json(self.path / MARKER, {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                               "provenance": self.provenance,
+                                               "model": self.model.as_dict() if self.model is not None else None,
+                                               "layers": layers})
+
+    def abort(self) -> None:
+        """Close the files without the marker (the store stays recognisably incomplete)."""
+        self.closed = True
+        for w in self.layers.values():
+            w.writer.close()
+
+    def __enter__(self) -> ActivationStoreWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close() if exc_type is None else self.abort()
+
+
+def _read_marker(marker: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"activation store {marker.parent}: unreadable {MARKER} ({exc})") from None
+    found = (meta.get("format"), meta.get("format_version")) if isinstance(meta, dict) else (None, None)
+    if found[0] != FORMAT or not isinstance(found[1], int) or isinstance(found[1], bool) or found[1] < 1:
+        raise StoreError(f"activation store {marker.parent}: unknown format {found[0]!r} version {found[1]!r} "
+                         f"(this fluency reads {FORMAT!r} versions 1 to {FORMAT_VERSION})")
+    if found[1] > FORMAT_VERSION:
+        raise StoreError(f"activation store {marker.parent} has format version {found[1]}, newer than this fluency "
+                         f"reads (1 to {FORMAT_VERSION}): upgrade fluency")
+    if not isinstance(meta.get("layers"), dict) or not isinstance(meta.get("provenance", {}), dict):
+        raise StoreError(f"activation store {marker.parent}: {MARKER} has no valid 'layers' table")
+    return meta
+
+
+class ActivationStore:
+    """Read a complete store: ``layers``, ``provenance``, and zero-copy batches per layer."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise StoreError(f"activation store {self.path}: no such folder")
+        marker = self.path / MARKER
+        if not marker.exists():
+            raise StoreError(f"activation store {self.path} is incomplete (no {MARKER}): the write was probably "
+                             "interrupted; compute it again")
+        self.meta = _read_marker(marker)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.meta["layers"])
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict(self.meta.get("provenance") or {})
+
+    @property
+    def format_version(self) -> int:
+        return int(self.meta["format_version"])
+
+    @property
+    def description(self) -> ModelDescription:
+        """The model the activations came from; for a store without one (version 1, or written without a
+        model) the default metric layers are the stored layers, which is what version 1 stored."""
+        recorded = self.meta.get("model")
+        if isinstance(recorded, dict):
+            return ModelDescription.from_dict(recorded)
+        prov = self.provenance
+        return ModelDescription("", tuple(self.layers), (), str(prov.get("checkpoint", "")),
+                                str(prov.get("checkpoint_sha256", "")))
+
+    @property
+    def label(self) -> str:
+        """The checkpoint label the store is filed under (its folder name when none is recorded)."""
+        return self.description.checkpoint or self.path.name
+
+    @property
+    def image_ids(self) -> list[str]:
+        """The image ids of the store, in row order (read from the first layer's id column)."""
+        if not self.layers:
+            return []
+        with pq.ParquetFile(self._file(self.layers[0])) as pf:
+            return [str(i) for i in pf.read(columns=["image_id"]).column("image_id").to_pylist()]
+
+    def _layer(self, layer: str) -> dict[str, Any]:
+        if layer not in self.meta["layers"]:
+            raise StoreError(f"activation store {self.path} has no layer {layer!r}; it has {self.layers}")
+        return self.meta["layers"][layer]
+
+    def shape(self, layer: str) -> tuple[int, ...]:
+        return tuple(self._layer(layer)["shape"])
+
+    def dtype(self, layer: str) -> np.dtype:
+        return DTYPES[self._layer(layer)["dtype"]]
+
+    def num_rows(self, layer: str) -> int:
+        return int(self._layer(layer)["rows"])
+
+    def iter_batches(self, layer: str, batch_size: int = 256) -> Iterator[tuple[list[str], np.ndarray]]:
+        """``(ids, B×shape array)`` per batch; the array is a view on Arrow's buffer (no copy)."""
+        shape, dtype = self.shape(layer), self.dtype(layer)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        with pq.ParquetFile(self._file(layer)) as pf:
+            for batch in pf.iter_batches(batch_size=batch_size):
+                column = batch.column("activation")
+                if column.type != pa.binary(nbytes) or column.null_count:
+                    raise StoreError(f"activation store {self.path}: layer {layer!r} does not match "
+                                     f"its shape {shape} and dtype {dtype.name} (corrupt file?)")
+                n = len(column)
+                values = np.frombuffer(column.buffers()[1], dtype=dtype, count=n * nbytes // dtype.itemsize,
+                                       offset=column.offset * nbytes) if n else np.empty(0, dtype)
+                yield batch.column("image_id").to_pylist(), values.reshape((n, *shape))
+
+    def _file(self, layer: str) -> Path:
+        file = self.path / Path(str(self._layer(layer)["file"])).name
+        if not file.exists():
+            raise StoreError(f"activation store {self.path}: layer file {file.name} is missing")
+        return file
+
+    def metric_batches(self, layers: Sequence[str] | None = None,
+                       batch_size: int = 256) -> Iterator[MetricBatch]:
+        """The store as the batches a metric reads: float32 tensors of ``layers`` (default: all), read in
+        lockstep, with the store's model description; no model and no images.
+
+        A float32 store gives views on Arrow's buffers (no copy); a float16 store is upcast per batch, so
+        memory stays bounded by one batch of every layer read.
+        """
+        names = list(self.layers if layers is None else layers)
+        for name in names:
+            self._layer(name)
+        description = self.description
+        readers = [self.iter_torch(name, batch_size) for name in names]
+        while True:
+            parts = [next(reader, None) for reader in readers]
+            if not names or parts[0] is None:
+                if any(p is not None for p in parts):
+                    raise StoreError(f"activation store {self.path}: layers {names} have different row counts")
+                return
+            if any(p is None or p[0] != parts[0][0] for p in parts):
+                raise StoreError(f"activation store {self.path}: layers {names} do not hold the same images in the "
+                                 "same order (corrupt store?)")
+            acts = {name: (t if t.dtype == torch.float32 else t.float()) for name, (_, t) in zip(names, parts)}
+            yield MetricBatch(parts[0][0], activations=acts, description=description)
+
+    def iter_torch(self, layer: str, batch_size: int = 256) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """As :meth:`iter_batches`, as torch tensors sharing the same memory."""
+        for ids, values in self.iter_batches(layer, batch_size):
+            with warnings.catch_warnings():  # a read-only buffer (memory map) warns; we only read from it
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+                tensor = torch.from_numpy(values)
+            yield ids, tensor
+
+    def read_layer(self, layer: str) -> tuple[list[str], np.ndarray]:
+        """All rows of a layer (a copy: holds the whole layer in memory)."""
+        ids: list[str] = []
+        parts: list[np.ndarray] = []
+        for batch_ids, values in self.iter_batches(layer):
+            ids.extend(batch_ids)
+            parts.append(values)
+        return ids, (np.concatenate(parts) if parts else np.empty((0, *self.shape(layer)), self.dtype(layer)))

@@ -1,0 +1,197 @@
+"""The long metric table, written in parts, one per metric plugin and option set.
+
+A run folder holds::
+
+    metrics/<plugin>-<options hash>.parquet   one part per metric plugin (and option set) of the run
+    metrics.parquet                           every part merged: the table users read
+
+Each row is ``image_id, checkpoint, metric, layer, value, run_id, plugin, plugin_version,
+options_hash`` (``layer`` null for whole-model metrics), so pandas, polars, DuckDB and R read it
+alike and batch evaluation or SQL can tell parts apart; the options themselves are in the run's
+manifest under ``metric_parts``. A part is written as ``.partial`` and renamed when complete: an
+interrupted part keeps its rows and is never mistaken for a finished one.
+
+Format versions (Parquet schema metadata ``fluency_format`` / ``format_version``): 1 had the first
+six columns only and no metadata; it is read with the last three columns null. A newer version
+than this fluency knows is refused with one line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from fluency.core.atomic import atomic_path, fsync_dir
+from fluency.core.errors import StoreError
+from fluency.core.version import METRIC_TABLE_FORMAT_VERSION as FORMAT_VERSION
+
+FORMAT = "fluency-metric-table"
+PARTS_DIR = "metrics"
+MERGED = "metrics.parquet"
+_ROW_FIELDS = [("image_id", pa.string()), ("checkpoint", pa.string()), ("metric", pa.string()),
+               ("layer", pa.string()), ("value", pa.float64()), ("run_id", pa.string())]
+_PART_FIELDS = [("plugin", pa.string()), ("plugin_version", pa.string()), ("options_hash", pa.string())]
+METRIC_SCHEMA = pa.schema(_ROW_FIELDS + _PART_FIELDS,
+                          metadata={b"fluency_format": FORMAT.encode(), b"format_version": str(FORMAT_VERSION).encode()})
+
+
+def part_name(plugin: str, options_hash: str) -> str:
+    """The file name of a metric part, relative to the run folder."""
+    return f"{PARTS_DIR}/{plugin}-{options_hash}.parquet"
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+class MetricTableWriter:
+    """Write one metric part incrementally to ``PATH.partial``; ``close()`` renames it into place.
+
+    Every row carries ``run_id`` and the part's ``plugin``, ``plugin_version`` and ``options_hash``.
+    On an exception inside ``with``, the ``.partial`` file keeps every row written so far and is not
+    renamed, so an interrupted table is never mistaken for a finished one.
+    """
+
+    def __init__(self, path: str | Path, run_id: str, rows_per_group: int = 65536, *, plugin: str | None = None,
+                 plugin_version: str | None = None, options_hash: str | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.constants = {"run_id": run_id, "plugin": plugin, "plugin_version": plugin_version,
+                          "options_hash": options_hash}
+        self.rows_per_group = rows_per_group
+        self.writer = pq.ParquetWriter(self.partial, METRIC_SCHEMA)
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.rows = 0
+        self.closed = False
+
+    def write(self, checkpoint: str, metric: str, layer: str | None, image_ids: Sequence[str],
+              values: Sequence[float] | np.ndarray) -> None:
+        """Append one value per image for (checkpoint, metric, layer); ``layer=None`` for whole-model metrics."""
+        if self.closed:
+            raise StoreError(f"metric table {self.path} is closed")
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        if len(values) != len(image_ids):
+            raise StoreError(f"metric {metric!r} layer {layer!r}: {len(values)} values for {len(image_ids)} images")
+        n = len(values)
+        columns = {"image_id": pa.array([str(i) for i in image_ids], pa.string()),
+                   "checkpoint": pa.array([checkpoint] * n, pa.string()), "metric": pa.array([metric] * n, pa.string()),
+                   "layer": pa.array([layer] * n, pa.string()), "value": pa.array(values, pa.float64())}
+        columns.update({k: pa.array([v] * n, pa.string()) for k, v in self.constants.items()})
+        self.buffer.append(pa.table(columns, schema=METRIC_SCHEMA))
+        self.buffered += n
+        self.rows += n
+        if self.buffered >= self.rows_per_group:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows as one row group."""
+        if self.buffer:
+            self.writer.write_table(pa.concat_tables(self.buffer))
+            self.buffer, self.buffered = [], 0
+
+    def close(self) -> None:
+        """Flush, fsync and rename ``PATH.partial`` onto ``PATH``."""
+        if self.closed:
+            return
+        self.closed = True
+        self.flush()
+        self.writer.close()
+        _fsync(self.partial)
+        os.replace(self.partial, self.path)
+        fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        """Keep the rows written so far in ``PATH.partial`` (not renamed)."""
+        if not self.closed:
+            self.closed = True
+            self.flush()
+            self.writer.close()
+
+    def __enter__(self) -> MetricTableWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close() if exc_type is None else self.abort()
+
+
+def _check_format(schema: pa.Schema, path: Path) -> None:
+    meta = schema.metadata or {}
+    if b"format_version" not in meta:
+        return  # version 1: no metadata
+    try:
+        version = int(meta[b"format_version"])
+    except ValueError:
+        version = -1
+    if meta.get(b"fluency_format") != FORMAT.encode() or version < 1:
+        raise StoreError(f"metric table {path}: not a fluency metric table (format {meta.get(b'fluency_format')!r}, "
+                         f"version {meta[b'format_version']!r})")
+    if version > FORMAT_VERSION:
+        raise StoreError(f"metric table {path} has format version {version}, newer than this fluency reads "
+                         f"(1 to {FORMAT_VERSION}): upgrade fluency")
+
+
+def read_metric_arrow(path: str | Path) -> pa.Table:
+    """The metric table as an Arrow table in the current schema (a version-1 table gets null part columns)."""
+    path = Path(path)
+    if not path.exists():
+        partial = path.with_name(path.name + ".partial")
+        hint = f" (an interrupted run left {partial.name})" if partial.exists() else ""
+        raise StoreError(f"metric table {path}: no such file{hint}")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise StoreError(f"metric table {path}: unreadable ({exc})") from None
+    _check_format(table.schema, path)
+    return conform(table, path)
+
+
+def conform(table: pa.Table, path: Path | str = "") -> pa.Table:
+    """``table`` with exactly the current columns, in order (missing part columns added as nulls)."""
+    missing = [name for name, _ in _ROW_FIELDS if name not in table.column_names]
+    if missing:
+        raise StoreError(f"metric table {path}: missing column(s) {missing}")
+    columns = [table[name].cast(kind) if name in table.column_names else pa.nulls(len(table), kind)
+               for name, kind in _ROW_FIELDS + _PART_FIELDS]
+    return pa.Table.from_arrays(columns, schema=METRIC_SCHEMA)
+
+
+def read_metric_table(path: str | Path) -> pd.DataFrame:
+    """The metric table as a DataFrame (``layer`` is missing/NA for whole-model metrics)."""
+    return read_metric_arrow(path).to_pandas()
+
+
+def merge_tables(sources: Iterable[Path], out: Path, drop_ids: Sequence[str] = (),
+                 replaced: Mapping[Path, Sequence[str]] | None = None) -> int:
+    """Write the rows of ``sources`` (metric tables, in order) to ``out`` atomically, without the rows of the
+    images ``drop_ids``, nor those of the metric columns ``replaced[source]`` from that source, streaming one
+    row group at a time; returns the number of rows written. ``out`` may be one of the sources (it is replaced
+    only when all are read)."""
+    drop = pa.array(sorted(set(map(str, drop_ids))), pa.string())
+    rows = 0
+    with atomic_path(out) as tmp:
+        with pq.ParquetWriter(tmp, METRIC_SCHEMA) as writer:
+            for source in sources:
+                _check_format(pq.read_schema(source), source)
+                drop_columns = pa.array(sorted(set(map(str, (replaced or {}).get(source, ())))), pa.string())
+                with pq.ParquetFile(source) as pf:
+                    for group in range(pf.num_row_groups):
+                        part = conform(pf.read_row_group(group), source)
+                        if len(drop):
+                            part = part.filter(pc.invert(pc.is_in(part["image_id"], value_set=drop)))
+                        if len(drop_columns):
+                            part = part.filter(pc.invert(pc.is_in(part["metric"], value_set=drop_columns)))
+                        writer.write_table(part)
+                        rows += len(part)
+    return rows

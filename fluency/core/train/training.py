@@ -1,0 +1,556 @@
+"""``fluency train``: fit an Architecture plugin's VAE to a folder of images.
+
+Per image, the loss is Σ_k w_k·recon_k (see :mod:`fluency.core.model.losses`) +
+β(epoch)·KL + Σ_c θ_c·constraint_c, where β rises linearly from 0 over
+``beta_warmup`` epochs. The optimizer (a plugin) is always stepped with a closure,
+so SAM's two passes work; BatchNorm statistics are protected by the optimizer.
+
+Everything lands in ``out/``:
+
+- ``last.pt`` after every epoch (what ``--resume`` continues from), ``epoch-NNN.pt``
+  every ``checkpoint_every`` epochs and ``final.pt`` at the end: one self-describing
+  file each (:mod:`fluency.core.model.checkpoint`), with the RNG, optimizer and scheduler
+  states needed to resume exactly;
+- ``history.parquet``: one row per epoch (train and validation loss terms, lr, time);
+- ``config.toml``: the resolved configuration (``fluency train --config out/config.toml``
+  repeats the run);
+- ``figures/curves.png`` and ``figures/recon-epoch-NNN.png`` (validation images above
+  their reconstructions), drawn after each epoch by a :class:`TrainingObserver` from the
+  output layer (:mod:`fluency.core.outputs.training_figures`), which the CLI passes unless
+  ``--no-figures``; this module draws nothing itself.
+
+A NaN or infinite loss stops training with a message; ``last.pt`` keeps the last
+good epoch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+
+from fluency.core.version import __version__
+from fluency.core.atomic import atomic_path, atomic_write_text
+from fluency.core.model.capture import capture_activations
+from fluency.core.model.checkpoint import read_checkpoint, save_checkpoint
+from fluency.core.plugin.config import resolve_plugin_options
+from fluency.core.model.devices import resolve_device
+from fluency.core.errors import FluencyError, OptionError, TrainingError
+from fluency.core.inputs.images import RESIZE, FolderSource, Preprocessing, find_images
+from fluency.core.model.losses import LOSSES, ReconstructionLoss, kl_divergence, parse_loss_terms
+from fluency.core.plugin.manager import PluginManager, get_plugin_manager
+from fluency.core.progress import progress_bar
+from fluency.core.train.schedules import build_scheduler
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (the CLI flags; ``[train]`` in a config file)."""
+
+    images: str = ""
+    out: str = ""
+    architecture: str = "vae-small"
+    optimizer: str = "adam"
+    losses: list[str] = field(default_factory=lambda: ["l2"])
+    constraints: list[str] = field(default_factory=list)
+    epochs: int = 10
+    batch_size: int = 32
+    image_size: int = 64
+    resize: str = RESIZE
+    lr: float | None = None
+    beta: float = 1.0
+    beta_warmup: int = 0
+    schedule: str = "none"
+    schedule_step_size: int | None = None
+    schedule_gamma: float = 0.1
+    warmup_epochs: int = 1
+    val_fraction: float = 0.1
+    checkpoint_every: int = 0
+    seed: int = 0
+    device: str = "auto"
+    figures: bool = True
+    options: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise OptionError(f"{where}: unknown training setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**{k.replace("-", "_"): v for k, v in values.items()})
+
+    def check(self) -> None:
+        if not self.images:
+            raise OptionError("train: --images is required")
+        if not self.out:
+            raise OptionError("train: --out is required")
+        for name in ("epochs", "batch_size", "image_size"):
+            if int(getattr(self, name)) < 1:
+                raise OptionError(f"train: {name} must be at least 1")
+        if not 0 <= self.val_fraction < 1:
+            raise OptionError("train: val_fraction must be in [0, 1)")
+        if self.beta < 0 or self.beta_warmup < 0:
+            raise OptionError("train: beta and beta_warmup must be non-negative")
+        parse_loss_terms(self.losses)
+
+
+@dataclass
+class TrainResult:
+    """Where the final checkpoint went and how the loss evolved."""
+
+    checkpoint: Path
+    history: list[dict[str, float]]
+    seconds: float
+
+
+def toml_dumps(data: Mapping[str, Any]) -> str:
+    """A minimal TOML writer for flat settings and one level of tables (enough for ``config.toml``)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"cannot write {v!r} as TOML")
+
+    lines, tables = [], []
+    for key, v in data.items():
+        if isinstance(v, Mapping):
+            tables.append((key, v))
+        elif v is not None:
+            lines.append(f"{key} = {value(v)}")
+    for name, table in tables:
+        nested = [(k, t) for k, t in table.items() if isinstance(t, Mapping)]
+        flat = [f"{k} = {value(t)}" for k, t in table.items() if not isinstance(t, Mapping) and t is not None]
+        if flat or not nested:
+            lines += ["", f"[{name}]", *flat]
+        for k, t in nested:
+            lines += ["", f"[{name}.{k}]", *(f"{a} = {value(b)}" for a, b in t.items() if b is not None)]
+    return "\n".join(lines).strip() + "\n"
+
+
+class _Subset(torch.utils.data.Dataset):
+    def __init__(self, source: FolderSource, indices: Sequence[int]) -> None:
+        self.source, self.indices = source, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.source.load(self.indices[i])
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded train/validation split; at least one validation image when the fraction is positive."""
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    n_val = 0 if val_fraction <= 0 or n < 2 else max(1, round(n * val_fraction))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def beta_at(epoch: int, beta: float, warmup: int) -> float:
+    """β for 1-based ``epoch``: linear from β/warmup to β over the warm-up epochs, then β."""
+    return beta if warmup <= 0 else beta * min(1.0, epoch / warmup)
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """What a :class:`TrainingObserver` sees once an epoch's checkpoint and history are written."""
+
+    epoch: int
+    history: Sequence[Mapping[str, float]]  # every epoch so far, this one last
+    model: torch.nn.Module
+    source: FolderSource
+    val_indices: Sequence[int]
+    out: Path
+    device: torch.device
+
+
+class TrainingObserver(Protocol):
+    """Told about each finished epoch; how figures reach ``out/figures`` without the train layer drawing them."""
+
+    def epoch_end(self, state: EpochEnd) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The resolved options of a run's reconstruction losses and plugins."""
+
+    loss_terms: list[dict[str, Any]]
+    architecture: dict[str, Any]
+    optimizer: dict[str, Any]
+    constraints: dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one training run works with, built once by :func:`_build`; the loop steps its model and optimizer."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    model: torch.nn.Module
+    recon_loss: ReconstructionLoss
+    loss_terms: list[dict[str, Any]]
+    constraints: dict[str, Any]
+    capture: list[str]
+    source: FolderSource
+    train_idx: list[int]
+    val_idx: list[int]
+    optimizer: Any
+    scheduler: Any
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_idx) / self.cfg.batch_size)
+
+
+#: settings that ``--resume`` takes from the interrupted run (they shape the model, data or optimisation)
+RESUMED_SETTINGS = ("architecture", "optimizer", "losses", "constraints", "image_size", "resize", "batch_size",
+                    "seed", "val_fraction", "beta", "beta_warmup", "schedule", "schedule_step_size",
+                    "schedule_gamma", "warmup_epochs", "options", "lr")
+
+
+def train(config: TrainConfig | None = None, *, manager: PluginManager | None = None,
+          console: Console | None = None, resume: bool = False, plugin_config: Mapping[str, Any] | None = None,
+          files: Sequence[Path] | None = None, observer: TrainingObserver | None = None,
+          **settings: Any) -> TrainResult:
+    """Train from a :class:`TrainConfig` (or its fields as keyword arguments) and write ``out/final.pt``.
+
+    ``plugin_config`` holds the plugin and loss tables of a ``--config`` file (its ``[train]``
+    table is the :class:`TrainConfig` itself). ``files`` restricts training to some images of
+    ``images`` (used for per-subgroup models). ``observer`` is told about each finished epoch;
+    this function draws no figures itself (the CLI passes the figure observer when ``figures`` is on).
+    """
+    cfg = config or TrainConfig(**settings)
+    cfg.check()
+    start = time.perf_counter()
+    manager = manager or get_plugin_manager()
+    console = console or Console(stderr=True)
+    cfg, state = _start_or_resume(cfg, resume, console)
+    options = _resolve_options(cfg, manager, plugin_config)
+    run = _build(cfg, manager, options, files)
+    history, first_epoch = _restore(run, state) if state is not None else ([], 1)
+    run.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.out / "config.toml", toml_dumps({"train": asdict(cfg)}))
+    info = _checkpoint_info(run, options)
+    history = _fit(run, info, history, first_epoch, console, observer)
+    _save(run, info, run.out / "final.pt", cfg.epochs, history)
+    return TrainResult(run.out / "final.pt", history, time.perf_counter() - start)
+
+
+def _start_or_resume(cfg: TrainConfig, resume: bool,
+                     console: Console) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The config to train with and the checkpoint to resume from (None for a fresh run).
+
+    On ``--resume`` the interrupted run's :data:`RESUMED_SETTINGS` win (in a copy; ``cfg`` is left as is).
+    """
+    out = Path(cfg.out)
+    last = out / "last.pt"
+    if not resume:
+        if last.exists():
+            raise FluencyError(f"{out} already holds a training run (last.pt); use --resume to continue it or "
+                               "choose another --out")
+        return cfg, None
+    if not last.exists():
+        raise FluencyError(f"--resume: {last} does not exist; nothing to resume")
+    state = read_checkpoint(last)
+    saved = state.get("training", {}).get("config", {})
+    changed = {k: saved[k] for k in RESUMED_SETTINGS if k in saved and saved[k] != getattr(cfg, k)}
+    for key, value in changed.items():
+        console.print(f"[yellow]--resume:[/yellow] using the interrupted run's {key} = {value!r}")
+    return replace(cfg, **changed), state
+
+
+def _resolve_options(cfg: TrainConfig, manager: PluginManager, plugin_config: Mapping[str, Any] | None) -> _Options:
+    """Plugin options from the config tables and ``-o``; loss options from ``[NAME]``/``[loss.NAME]`` and ``-o``."""
+    constraint_names = list(dict.fromkeys(cfg.constraints))
+    used = [("architecture", cfg.architecture), ("optimizer", cfg.optimizer),
+            *(("constraint", c) for c in constraint_names)]
+    tables = dict(plugin_config or {})
+    loss_config = {**{k: v for k, v in tables.items() if k in LOSSES}, **dict(tables.get("loss", {}))}
+    resolved = resolve_plugin_options(manager, used, _plugin_assignments(cfg.options), tables,
+                                      ignore_tables=("train", "loss", *LOSSES))
+    loss_terms = [{"name": n, "weight": w, "options": {**dict(loss_config.get(n, {})), **_loss_options(n, cfg.options)}}
+                  for n, w in parse_loss_terms(cfg.losses)]
+    optimizer = dict(resolved[("optimizer", cfg.optimizer)])
+    if cfg.lr is not None:
+        if "lr" not in manager.get("optimizer", cfg.optimizer).options:
+            raise OptionError(f"--lr: optimizer {cfg.optimizer!r} has no lr option")
+        optimizer["lr"] = float(cfg.lr)
+    return _Options(loss_terms=loss_terms,
+                    architecture={**resolved[("architecture", cfg.architecture)], "image_size": cfg.image_size},
+                    optimizer=optimizer, constraints={n: resolved[("constraint", n)] for n in constraint_names})
+
+
+def _build(cfg: TrainConfig, manager: PluginManager, options: _Options, files: Sequence[Path] | None) -> _Run:
+    """Model, losses, constraints, data split, optimizer and scheduler, in a fixed order (the seeded RNG's draws)."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model = manager.get("architecture", cfg.architecture).load()(**options.architecture).to(device)
+    recon_loss = ReconstructionLoss(options.loss_terms).to(device)
+    constraints = {name: manager.get("constraint", name).load()(**opts) for name, opts in options.constraints.items()}
+    capture = list(dict.fromkeys(layer for c in constraints.values() for layer in c.layers(model)))
+    root = Path(cfg.images)
+    paths = sorted(files) if files is not None else find_images(root)
+    source = FolderSource(root, {p.relative_to(root).with_suffix("").as_posix(): p for p in paths},
+                          Preprocessing(cfg.image_size, model.input_shape[0], cfg.resize))
+    train_idx, val_idx = split_indices(len(source), cfg.val_fraction, cfg.seed)
+    optimizer = _build_optimizer(manager, cfg.optimizer, options.optimizer, model)
+    scheduler = _scheduler(optimizer, cfg, math.ceil(len(train_idx) / cfg.batch_size))
+    return _Run(cfg=cfg, out=Path(cfg.out), device=device, model=model, recon_loss=recon_loss,
+                loss_terms=options.loss_terms, constraints=constraints, capture=capture, source=source,
+                train_idx=train_idx, val_idx=val_idx, optimizer=optimizer, scheduler=scheduler)
+
+
+def _build_optimizer(manager: PluginManager, name: str, options: dict[str, Any], model: torch.nn.Module) -> Any:
+    factory = manager.get("optimizer", name).load()
+    params = inspect.signature(factory).parameters
+    extra = {"model": model} if "model" in params else {}  # SAM protects BatchNorm statistics with it
+    return factory(model.parameters(), **options, **extra)
+
+
+def _scheduler(optimizer: Any, cfg: TrainConfig, steps_per_epoch: int) -> Any:
+    if cfg.schedule == "none":
+        return None
+    return build_scheduler(optimizer, cfg.schedule, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+                           step_size=cfg.schedule_step_size, gamma=cfg.schedule_gamma,
+                           warmup_epochs=cfg.warmup_epochs)
+
+
+def _restore(run: _Run, state: Mapping[str, Any]) -> tuple[list[dict[str, float]], int]:
+    """Load weights, optimizer, scheduler and RNG state from ``last.pt``; its history and the next epoch."""
+    run.model.load_state_dict(state["state_dict"])
+    run.optimizer.load_state_dict(state["training"]["optimizer_state"])
+    if run.scheduler is not None and state["training"].get("scheduler_state"):
+        run.scheduler.load_state_dict(state["training"]["scheduler_state"])
+    torch.set_rng_state(state["training"]["rng_state"])
+    return list(state.get("history", [])), int(state["epoch"]) + 1
+
+
+def _checkpoint_info(run: _Run, options: _Options) -> dict[str, Any]:
+    """What every checkpoint of the run records besides weights and training state (loss, data, provenance)."""
+    cfg, source = run.cfg, run.source
+    return {
+        "loss": {"terms": run.loss_terms, "beta": cfg.beta, "beta_warmup": cfg.beta_warmup},
+        "optimizer": {"name": cfg.optimizer, "options": options.optimizer},
+        "constraints": [{"name": n, "options": options.constraints[n]} for n in run.constraints],
+        "data": {"images": str(Path(cfg.images).resolve()), "n_images": len(source), "n_train": len(run.train_idx),
+                 "n_val": len(run.val_idx), "fingerprint": source.fingerprint(),
+                 "preprocessing": source.preprocessing.as_dict()},
+        "provenance": {"fluency_version": __version__, "torch_version": str(torch.__version__), "seed": cfg.seed,
+                       "device": str(run.device), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+    }
+
+
+def _save(run: _Run, info: Mapping[str, Any], path: Path, epoch: int, history: Sequence[Mapping[str, float]]) -> None:
+    """A checkpoint with the optimizer, scheduler and RNG states ``--resume`` needs to continue exactly."""
+    training_state = {"config": asdict(run.cfg), "optimizer_state": run.optimizer.state_dict(),
+                      "scheduler_state": run.scheduler.state_dict() if run.scheduler is not None else None,
+                      "rng_state": torch.get_rng_state()}
+    save_checkpoint(path, run.model, run.cfg.architecture, epoch=epoch, history=list(history),
+                    training=training_state, **info)
+
+
+def _fit(run: _Run, info: Mapping[str, Any], history: Sequence[dict[str, float]], first_epoch: int,
+         console: Console, observer: TrainingObserver | None) -> list[dict[str, float]]:
+    """Epochs ``first_epoch``..``epochs``: train, validate, save; the history including the earlier epochs."""
+    cfg, history = run.cfg, list(history)
+    val_loader = torch.utils.data.DataLoader(_Subset(run.source, run.val_idx), batch_size=cfg.batch_size)
+    with progress_bar(console) as progress:
+        task = progress.add_task("training", total=(cfg.epochs - first_epoch + 1) * run.steps_per_epoch, status="")
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            beta = beta_at(epoch, cfg.beta, cfg.beta_warmup)
+            means = _train_epoch(run, epoch, beta, lambda status: progress.update(task, advance=1, status=status))
+            history.append({"epoch": epoch, "beta": beta, **means, **_validate(run, val_loader, beta),
+                            "seconds": time.perf_counter() - t0})
+            _end_epoch(run, info, history, epoch, observer)
+    return history
+
+
+def _train_epoch(run: _Run, epoch: int, beta: float, advance: Callable[[str], None]) -> dict[str, float]:
+    """One pass over the training images (shuffled with a per-epoch seed): the final lr and each term's mean."""
+    cfg = run.cfg
+    run.model.train()
+    loader = torch.utils.data.DataLoader(_Subset(run.source, run.train_idx), batch_size=cfg.batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+    sums: dict[str, float] = {}
+    for batch in loader:
+        batch = batch.to(run.device)
+        logged = _train_step(run, batch, beta)
+        _check_finite(logged, epoch, run.out)
+        for k, v in logged.items():
+            sums[k] = sums.get(k, 0.0) + v * len(batch)
+        live = " ".join(f"{k} {v:.3g}" for k, v in logged.items() if k != "loss")
+        advance(f"epoch {epoch}/{cfg.epochs} loss {logged['loss']:.4g} ({live})")
+    return {"lr": float(run.optimizer.param_groups[0]["lr"]), **{k: v / len(run.train_idx) for k, v in sums.items()}}
+
+
+def _train_step(run: _Run, batch: torch.Tensor, beta: float) -> dict[str, float]:
+    """One optimizer step (through a closure, so SAM can take its two passes), then one scheduler step."""
+    logged: dict[str, float] = {}
+
+    def closure() -> torch.Tensor:
+        run.optimizer.zero_grad(set_to_none=True)
+        terms = _loss_terms(run, batch, beta)
+        terms["loss"].backward()
+        if not logged:  # SAM calls the closure twice: log the first (unperturbed) pass
+            logged.update({k: float(v.detach()) for k, v in terms.items()})
+        return terms["loss"]
+
+    run.optimizer.step(closure)
+    if run.scheduler is not None:
+        run.scheduler.step()
+    return logged
+
+
+def _loss_terms(run: _Run, batch: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    """The batch-mean loss terms (recon, kl, per-loss recon_*, constraints) and their total, ``loss``."""
+    with capture_activations(run.model, run.capture, detach=False) as acts:
+        output = run.model(batch)
+    recon_parts = run.recon_loss.components(output.recon, batch)
+    recon = sum(float(t["weight"]) * recon_parts[t["name"]] for t in run.loss_terms).mean()
+    kl = kl_divergence(output.mu, output.logvar).mean()
+    terms = {"recon": recon, "kl": kl}
+    terms.update({f"recon_{k}": v.mean() for k, v in recon_parts.items()} if len(recon_parts) > 1 else {})
+    total = recon + beta * kl
+    for name, constraint in run.constraints.items():
+        terms[name] = constraint(acts, run.model)
+        total = total + terms[name]
+    terms["loss"] = total
+    return terms
+
+
+def _check_finite(logged: Mapping[str, float], epoch: int, out: Path) -> None:
+    """Stop with a :class:`TrainingError` on a NaN or infinite term (``last.pt`` keeps the last good epoch)."""
+    bad = [k for k, v in logged.items() if not math.isfinite(v)]
+    if bad:
+        kept = f"; {out / 'last.pt'} keeps epoch {epoch - 1}" if epoch > 1 else ""
+        raise TrainingError(f"epoch {epoch}: the loss became non-finite ({', '.join(bad)} = "
+                            f"{logged[bad[0]]}); training stopped{kept}. Lower the learning rate "
+                            f"(--lr), beta or the constraint weights.")
+
+
+@torch.no_grad()
+def _validate(run: _Run, loader: Any, beta: float) -> dict[str, float]:
+    """Mean loss terms on the validation images (eval mode), as ``val_<term>``."""
+    if len(loader.dataset) == 0:
+        return {}
+    run.model.eval()
+    sums: dict[str, float] = {}
+    for batch in loader:
+        batch = batch.to(run.device)
+        for k, v in _loss_terms(run, batch, beta).items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(batch)
+    run.model.train()
+    return {f"val_{k}": v / len(loader.dataset) for k, v in sums.items()}
+
+
+def _end_epoch(run: _Run, info: Mapping[str, Any], history: Sequence[Mapping[str, float]], epoch: int,
+               observer: TrainingObserver | None) -> None:
+    """Write ``last.pt`` (and ``epoch-NNN.pt`` when due) and ``history.parquet``, then tell the observer."""
+    _save(run, info, run.out / "last.pt", epoch, history)
+    if run.cfg.checkpoint_every and epoch % run.cfg.checkpoint_every == 0:
+        _save(run, info, run.out / f"epoch-{epoch:03d}.pt", epoch, history)
+    with atomic_path(run.out / "history.parquet") as tmp:
+        pd.DataFrame(list(history)).to_parquet(tmp, index=False)
+    if observer is not None:
+        observer.epoch_end(EpochEnd(epoch=epoch, history=tuple(history), model=run.model, source=run.source,
+                                    val_indices=tuple(run.val_idx), out=run.out, device=run.device))
+
+
+
+
+def _label(values: Sequence[Any], columns: Sequence[str]) -> str:
+    text = "_".join(f"{c}={v}" for c, v in zip(columns, values))
+    return "".join(ch if ch.isalnum() or ch in "=_-." else "-" for ch in text)
+
+
+def train_by_group(cfg: TrainConfig, ratings: str | Path, id_column: str, by: Sequence[str], min_size: int,
+                   console: Console | None = None, manager: PluginManager | None = None,
+                   plugin_config: Mapping[str, Any] | None = None,
+                   observer: TrainingObserver | None = None) -> dict[str, Any]:
+    """Train one model per subgroup (rows sharing the values of ``by``) of a ratings table.
+
+    Each model goes to ``out/<col=value_...>/final.pt``; ``out/checkpoints.json`` lists the set
+    (label, group values, size, checkpoint). Groups smaller than ``min_size`` are refused and
+    reported; if every group is refused, nothing is trained and the error says so. ``observer``
+    is passed to :func:`train` for every group.
+    """
+    from fluency.core.inputs.ratings import match_ids, read_table
+    from fluency.core.atomic import atomic_write_json
+
+    console = console or Console(stderr=True)
+    table = read_table(ratings)
+    missing = [c for c in [id_column, *by] if c not in table.columns]
+    if missing:
+        raise FluencyError(f"{ratings}: no column(s) {missing}; columns are {list(table.columns)}")
+    root = Path(cfg.images)
+    report = match_ids(list(table[id_column].astype(str).str.strip()), root, find_images(root))
+    groups, trained = [], 0
+    for values, rows in table.groupby(list(by), sort=True, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        ids = [str(i).strip() for i in rows[id_column] if str(i).strip() in report.matched]
+        label = _label(values, by)
+        entry: dict[str, Any] = {"label": label, "group": dict(zip(by, [str(v) for v in values])),
+                                 "n_rows": len(rows), "n_images": len(ids)}
+        if len(ids) < min_size:
+            entry["refused"] = f"{len(ids)} images, fewer than --min-group-size {min_size}"
+            console.print(f"[yellow]group {label}:[/yellow] {entry['refused']}; not trained")
+        else:
+            console.print(f"group {label}: {len(ids)} images")
+            sub = TrainConfig(**{**asdict(cfg), "out": str(Path(cfg.out) / label)})
+            result = train(sub, manager=manager, console=console, plugin_config=plugin_config,
+                           files=[Path(report.matched[i]) for i in ids], observer=observer)
+            entry["checkpoint"] = str(result.checkpoint)
+            trained += 1
+        groups.append(entry)
+    if not trained:
+        sizes = ", ".join(f"{g['label']} ({g['n_images']})" for g in groups)
+        raise FluencyError(f"--by {','.join(by)}: every subgroup is smaller than --min-group-size {min_size}: {sizes}")
+    summary = {"by": list(by), "ratings": str(Path(ratings).resolve()), "min_group_size": min_size, "groups": groups,
+               "unmatched_ids": report.missing_images}
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(cfg.out) / "checkpoints.json", summary)
+    return summary
+
+
+
+def _plugin_assignments(options: Sequence[str]) -> list[str]:
+    """The ``-o`` assignments meant for plugins (those for reconstruction losses are handled apart)."""
+    out = []
+    for text in options:
+        target = text.partition("=")[0].split(".")
+        if target[0] == "loss" or (len(target) == 2 and target[0] in LOSSES):
+            continue
+        out.append(text)
+    return out
+
+
+def _loss_options(name: str, options: Sequence[str]) -> dict[str, Any]:
+    """``-o NAME.KEY=VALUE`` or ``-o loss.NAME.KEY=VALUE`` for the reconstruction loss ``name``."""
+    from fluency.core.plugin.options import parse_value
+
+    found: dict[str, Any] = {}
+    for text in options:
+        target, _, raw = text.partition("=")
+        parts = target.strip().split(".")
+        if parts[0] == "loss":
+            parts = parts[1:]
+        if len(parts) == 2 and parts[0] == name:
+            found[parts[1]] = parse_value(raw.strip())
+    return found

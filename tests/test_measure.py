@@ -1,0 +1,373 @@
+"""The activation store as the interchange: `fluency measure`, `fluency store import|info`, `fluency.open_store`.
+
+The oracle of "measure equals the run" is the run's own live computation (a different path: model
+forward pass and capture hooks instead of the Parquet reader); the oracle of the import test is a
+Gini written out here from Hurley & Rickard's formula.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import fluency
+from fluency.core.errors import FluencyError, StoreError
+from fluency.core.inputs import demo
+from fluency.core.model.checkpoint import save_checkpoint
+from fluency.core.run.store import MARKER
+
+ACTIVATION_METRICS = ["gini", "hoyer", "lepsilon", "typicality", "attention-l1"]
+KEYS = ["checkpoint", "metric", "layer", "image_id"]
+FIXTURE = Path(__file__).parent / "fixtures" / "run-v1"
+#: measured 2026-12-03 on this model and stimuli (float16 store vs the live float32 run); bounds are ~3x that
+FLOAT16_BOUNDS = {"gini": 3e-5, "hoyer": 1e-4}
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200", "FLUENCY_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    return subprocess.run([sys.executable, "-m", "fluency.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def hurley_rickard_gini(x: np.ndarray) -> float:
+    """G = 1 − 2 Σ_k (c_(k)/‖c‖₁)(N − k + ½)/N for c = |x| sorted ascending; G(0) = 0 (written out, no fluency)."""
+    c = np.sort(np.abs(np.asarray(x, dtype=np.float64).ravel()))
+    n, total = len(c), c.sum()
+    if total == 0:
+        return 0.0
+    k = np.arange(1, n + 1)
+    return float(1 - 2 * np.sum((c / total) * (n - k + 0.5) / n))
+
+
+@pytest.fixture(scope="module")
+def stimuli(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Twelve generated, rated images at 32×32 and a vae-small checkpoint with CBAM attention after enc3."""
+    root = tmp_path_factory.mktemp("stimuli")
+    images, table = demo.generate(n=12, size=32, seed=5)
+    (root / "images").mkdir()
+    for image, image_id in zip(images, table["image_id"]):
+        Image.fromarray(image).save(root / "images" / f"{image_id}.png")
+    table.to_csv(root / "ratings.csv", index=False)
+    torch.manual_seed(0)
+    from fluency.plugins.default_vae_small import VAESmall
+
+    model = VAESmall(image_size=32, latent_dim=8, channels=[4, 8, 8, 16, 16], decoder_channels=[16, 8, 8, 4, 4],
+                     attention=["enc3"])
+    save_checkpoint(root / "att.pt", model, "vae-small")
+    return root
+
+
+def live_run(stimuli: Path, out: Path, dtype: str, **kwargs) -> fluency.core.run.folder.RunResult:
+    return fluency.run(metrics=ACTIVATION_METRICS, images=stimuli / "images", ratings=stimuli / "ratings.csv",
+                       checkpoints=[stimuli / "att.pt"], out=out, store_dtype=dtype, batch_size=5, figures=False,
+                       progress=False, options=["typicality.dims=3"], **kwargs)
+
+
+@pytest.fixture(scope="module")
+def float32_run(stimuli: Path, tmp_path_factory: pytest.TempPathFactory) -> fluency.core.run.folder.RunResult:
+    return live_run(stimuli, tmp_path_factory.mktemp("run32") / "run", "float32")
+
+
+def by_key(table: pd.DataFrame) -> pd.DataFrame:
+    table = table.assign(layer=table["layer"].fillna("-"))
+    return table.sort_values(KEYS).reset_index(drop=True)
+
+
+def test_store_then_measure_is_bit_identical_to_the_live_run_in_float32(float32_run, tmp_path: Path) -> None:
+    store = float32_run.path / "activations" / "att"
+    measured = fluency.measure(store, ACTIVATION_METRICS, out=tmp_path / "m", batch_size=5, progress=False,
+                               options=["typicality.dims=3"])
+    live, again = by_key(float32_run.metrics), by_key(measured.metrics)
+    assert set(live["metric"]) == {"gini", "hoyer", "lepsilon", "lepsilon-fraction", "typicality", "attention-l1"}
+    assert len(live) == len(again) and (live[KEYS] == again[KEYS]).all().all()
+    for metric in live["metric"].unique():  # every activation metric, exactly
+        sel = live["metric"] == metric
+        np.testing.assert_array_equal(again.loc[sel, "value"].to_numpy(), live.loc[sel, "value"].to_numpy(),
+                                      err_msg=metric)
+    # another batch size reads other row groups: still the same values
+    other = fluency.measure(store, ["gini", "hoyer"], out=tmp_path / "m2", batch_size=7, progress=False)
+    np.testing.assert_array_equal(by_key(other.metrics)["value"].to_numpy(),
+                                  live[live["metric"].isin(["gini", "hoyer"])].pipe(by_key)["value"].to_numpy())
+
+
+def test_float16_store_differs_from_the_live_run_within_the_documented_bound(stimuli: Path, tmp_path: Path) -> None:
+    run16 = live_run(stimuli, tmp_path / "run16", "float16")
+    measured = fluency.measure(run16.path / "activations" / "att", ["gini", "hoyer"], out=tmp_path / "m",
+                               progress=False)
+    live, again = by_key(run16.metrics), by_key(measured.metrics)
+    for metric, bound in FLOAT16_BOUNDS.items():
+        a = live[live["metric"] == metric]["value"].to_numpy()
+        b = again[again["metric"] == metric]["value"].to_numpy()
+        worst = float(np.abs(a - b).max())
+        assert 0 < worst < bound, (metric, worst)
+
+
+def test_the_store_records_what_metrics_need_without_the_model(float32_run) -> None:
+    store = fluency.open_store(float32_run.path / "activations" / "att")
+    model = store.description
+    assert model.architecture == "vae-small" and model.default_metric_layers == ("enc1", "enc2", "enc3", "enc4",
+                                                                                  "enc5")
+    assert model.attention_layers() == ["att3"] and model.checkpoint == "att" and len(model.checkpoint_sha256) == 64
+    assert store.format_version == 2 and store.provenance["source"] == "run"
+    # default stored layers: those the metrics read plus the model's default metric layers
+    assert set(store.layers) == {"enc1", "enc2", "enc3", "enc4", "enc5", "att3"}
+    assert float32_run.manifest["stores"]["att"]["layers"] == store.layers
+    ids, first = next(store.iter_batches("enc5", batch_size=4))
+    assert len(ids) == 4 and first.shape == (4, *store.shape("enc5")) and first.dtype == np.float32
+
+
+def test_store_layers_option(stimuli: Path, tmp_path: Path) -> None:
+    result = fluency.run(metrics=["gini"], images=stimuli / "images", checkpoints=[stimuli / "att.pt"], out=tmp_path / "a",
+                         store_layers=["enc5", "mu"], figures=False, progress=False, layers=["enc5"])
+    assert fluency.open_store(result.path / "activations" / "att").layers == ["enc5", "mu"]
+    result = fluency.run(metrics=["gini"], images=stimuli / "images", checkpoints=[stimuli / "att.pt"], out=tmp_path / "b",
+                         store_layers=["all"], figures=False, progress=False)
+    assert "dec1" in fluency.open_store(result.path / "activations" / "att").layers
+    with pytest.raises(FluencyError, match="unknown layer"):
+        fluency.run(metrics=["gini"], images=stimuli / "images", checkpoints=[stimuli / "att.pt"],
+                    out=tmp_path / "c", store_layers=["nope"], figures=False, progress=False)
+
+
+def test_adding_a_metric_to_a_run_keeps_existing_rows_and_updates_manifest(float32_run, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(float32_run.path, run_dir)
+    before = pq.read_table(run_dir / "metrics.parquet")
+    parts_before = sorted(p.name for p in (run_dir / "metrics").iterdir())
+    proc = cli("measure", str(run_dir), "--metric", "hoyer", "--metric", "lepsilon", "-o", "lepsilon.epsilon=0.002",
+               "--replace", "--no-report")
+    assert proc.returncode == 0, proc.stderr
+    assert "hoyer is already in this run with the same options" in proc.stderr
+    after = pq.read_table(run_dir / "metrics.parquet")
+    replaced = pa.array(["lepsilon", "lepsilon-fraction"])
+    kept = after.filter(pc.invert(pc.is_in(after["metric"], value_set=replaced)))
+    old = before.filter(pc.invert(pc.is_in(before["metric"], value_set=replaced)))
+    assert kept.equals(old)  # the rows of every other metric: same values, same order
+    new = after.filter(pc.equal(after["metric"], "lepsilon")).to_pandas()
+    assert set(new["options_hash"]) != set(before.filter(pc.equal(before["metric"], "lepsilon"))["options_hash"].to_pylist())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["options"]["metric.lepsilon"]["epsilon"] == 0.002
+    assert manifest["measured"][-1]["replaced"] == ["lepsilon"] and manifest["status"] == "complete"
+    parts_after = sorted(p.name for p in (run_dir / "metrics").iterdir())
+    assert len(parts_after) == len(parts_before) and parts_after != parts_before
+    assert pd.read_parquet(run_dir / "analyses" / "pearson.parquet")["metric"].isin(["lepsilon"]).any()
+
+
+def test_a_metric_with_other_options_needs_replace(float32_run, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(float32_run.path, run_dir)
+    with pytest.raises(FluencyError, match="pass --replace"):
+        fluency.measure(run_dir, ["gini"], options=["gini.negative=shift"], progress=False)
+
+
+def test_a_store_without_its_marker_is_refused(float32_run, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(float32_run.path / "activations" / "att", store)
+    (store / MARKER).unlink()
+    proc = cli("measure", str(store), "--metric", "gini")
+    assert proc.returncode == 2 and "incomplete (no _COMPLETE.json)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_model_metrics_are_refused_and_image_metrics_need_images(float32_run, stimuli: Path, tmp_path: Path) -> None:
+    store = float32_run.path / "activations" / "att"
+    with pytest.raises(FluencyError, match="'sam' needs the model and its checkpoint"):
+        fluency.measure(store, ["gini", "sam"], out=tmp_path / "a", progress=False)
+    with pytest.raises(FluencyError, match="nothing to measure"):
+        fluency.measure(store, ["image-stats"], out=tmp_path / "b", progress=False)
+    with_images = fluency.measure(store, ["image-stats"], images=stimuli / "images", out=tmp_path / "c",
+                                  progress=False)
+    live = fluency.run(metrics=["image-stats"], images=stimuli / "images", checkpoints=[stimuli / "att.pt"],
+                       out=tmp_path / "d", figures=False, progress=False, store=False)
+    np.testing.assert_array_equal(by_key(with_images.metrics)["value"].to_numpy(),
+                                  by_key(live.metrics)["value"].to_numpy())
+
+
+def test_ratings_for_a_bare_store_are_matched_by_id(float32_run, stimuli: Path, tmp_path: Path) -> None:
+    result = fluency.measure(float32_run.path / "activations" / "att", ["gini"], ratings=stimuli / "ratings.csv",
+                             out=tmp_path / "m", analyses=["spearman"], progress=False)
+    rows = result.analyses["spearman"]
+    assert (rows["n"] == 12).all() and rows["p_fdr"].notna().all()
+
+
+def write_thingsvision_folder(root: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    layers = {"features.10": np.maximum(rng.normal(size=(7, 6, 3, 3)), 0).astype(np.float32),
+              "classifier.4": rng.normal(size=(7, 20)).astype(np.float32)}
+    for name, array in layers.items():
+        (root / name).mkdir(parents=True)
+        np.save(root / name / "features.npy", array)
+    return layers
+
+
+def test_import_a_thingsvision_folder_and_measure_gini(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    layers = write_thingsvision_folder(tmp_path / "tv", rng)
+    ids = [f"img{i:02d}.jpg" for i in range(7)]
+    (tmp_path / "file_names.txt").write_text("\n".join(ids) + "\n")
+    proc = cli("store", "import", str(tmp_path / "tv"), "--ids", str(tmp_path / "file_names.txt"),
+               "--out", str(tmp_path / "store"))
+    assert proc.returncode == 0, proc.stderr
+    info = cli("store", "info", str(tmp_path / "store"), "--json")
+    assert info.returncode == 0, info.stderr
+    described = json.loads(info.stdout)
+    assert described["rows"] == 7 and described["layers"]["features.10"]["shape"] == [6, 3, 3]
+    assert described["provenance"]["source"] == "imported" and len(described["provenance"]["source_sha256"]) == 64
+    assert "features.10" in cli("store", "info", str(tmp_path / "store")).stdout
+    result = fluency.measure(tmp_path / "store", ["gini"], out=tmp_path / "m", progress=False,
+                             options=["gini.all_layers=false"])
+    table = result.metrics.set_index(["layer", "image_id"])["value"]
+    for name, array in layers.items():
+        for i, image_id in enumerate(ids):
+            assert table[(name, image_id)] == pytest.approx(hurley_rickard_gini(array[i]), abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["npz", "hdf5"])
+def test_import_npz_and_hdf5(tmp_path: Path, kind: str) -> None:
+    rng = np.random.default_rng(4)
+    arrays = {"conv": rng.normal(size=(5, 2, 4, 4)).astype(np.float32), "fc": rng.normal(size=(5, 3))}
+    if kind == "npz":
+        source = tmp_path / "acts.npz"
+        np.savez(source, **arrays)
+    else:
+        h5py = pytest.importorskip("h5py")
+        source = tmp_path / "acts.h5"
+        with h5py.File(source, "w") as fh:
+            fh["conv"] = arrays["conv"]
+            fh.create_group("head")["fc"] = arrays["fc"]
+        arrays["head.fc"] = arrays.pop("fc")
+    (tmp_path / "ids.txt").write_text("a\nb\nc\nd\ne\n")
+    from fluency.core.run.importing import import_store
+
+    store = fluency.open_store(import_store(source, tmp_path / "ids.txt", tmp_path / "store", console=None))
+    assert sorted(store.layers) == sorted(arrays) and store.image_ids == list("abcde")
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(store.read_layer(name)[1], array.astype(np.float32))
+
+
+def test_bad_imports_are_one_line(tmp_path: Path) -> None:
+    np.savez(tmp_path / "acts.npz", x=np.ones((3, 4)), bad=np.array([[1.0, np.nan], [0, 0], [0, 0]]))
+    (tmp_path / "ids.txt").write_text("a\nb\n")
+    proc = cli("store", "import", str(tmp_path / "acts.npz"), "--ids", str(tmp_path / "ids.txt"),
+               "--out", str(tmp_path / "s1"))
+    assert proc.returncode == 2 and "expected 2 rows" in proc.stderr
+    (tmp_path / "ids.txt").write_text("a\nb\na\n")
+    proc = cli("store", "import", str(tmp_path / "acts.npz"), "--ids", str(tmp_path / "ids.txt"),
+               "--out", str(tmp_path / "s2"))
+    assert proc.returncode == 2 and "'a' appears twice" in proc.stderr
+    (tmp_path / "ids.txt").write_text("a\nb\nc\n")
+    proc = cli("store", "import", str(tmp_path / "acts.npz"), "--ids", str(tmp_path / "ids.txt"),
+               "--out", str(tmp_path / "s3"), "--layers", "bad")
+    assert proc.returncode == 2 and "NaN/Inf" in proc.stderr and "'a'" in proc.stderr
+    assert not (tmp_path / "s3" / MARKER).exists()
+
+
+def test_a_store_written_by_fluency_0_1_0_is_read(tmp_path: Path) -> None:
+    """Format version 1 (the fixture was written by the code before this change, as float32): measure reads it,
+    gives the values that run computed live, and adds to that run."""
+    run_dir = tmp_path / "old"
+    shutil.copytree(FIXTURE, run_dir)
+    store = fluency.open_store(run_dir / "activations" / "default")
+    assert store.format_version == 1 and store.description.default_metric_layers == ("enc5", "mu")
+    old = by_key(pd.read_parquet(FIXTURE / "metrics.parquet"))
+    again = fluency.measure(store.path, ["gini", "hoyer"], out=tmp_path / "m", progress=False,
+                            options=["gini.layers=[enc5,mu]", "hoyer.layers=[enc5,mu]"])
+    np.testing.assert_array_equal(by_key(again.metrics)["value"].to_numpy(), old["value"].to_numpy())
+    added = fluency.measure(run_dir, ["lepsilon"], progress=False)
+    assert set(added.metrics["metric"]) == {"gini", "hoyer", "lepsilon", "lepsilon-fraction"}
+    kept = by_key(added.metrics[added.metrics["metric"].isin(["gini", "hoyer"])])
+    np.testing.assert_array_equal(kept["value"].to_numpy(), old["value"].to_numpy())
+    assert json.loads((run_dir / "manifest.json").read_text())["format_version"] == 2
+
+
+def test_newer_formats_are_refused_with_one_line(float32_run, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(float32_run.path / "activations" / "att", store)
+    marker = json.loads((store / MARKER).read_text())
+    (store / MARKER).write_text(json.dumps({**marker, "format_version": 99}))
+    with pytest.raises(StoreError, match="format version 99, newer than this fluency reads"):
+        fluency.open_store(store)
+    run_dir = tmp_path / "run"
+    shutil.copytree(float32_run.path, run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    (run_dir / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(FluencyError, match="format version 99"):
+        fluency.measure(run_dir, ["gini"], progress=False)
+    table = pq.read_table(float32_run.path / "metrics.parquet")
+    meta = {**table.schema.metadata, b"format_version": b"99"}
+    pq.write_table(table.replace_schema_metadata(meta), tmp_path / "t.parquet")
+    from fluency.core.run.tables import read_metric_table
+
+    with pytest.raises(StoreError, match="format version 99"):
+        read_metric_table(tmp_path / "t.parquet")
+
+
+def test_float16_store_refuses_values_it_cannot_hold(tmp_path: Path) -> None:
+    from fluency.core.run.store import ActivationStoreWriter
+
+    writer = ActivationStoreWriter(tmp_path / "s", provenance={}, model=fluency.ModelDescription("x", ("a",)))
+    with pytest.raises(StoreError, match="do not fit a float16 store"):
+        writer.write("a", ["i"], np.array([[1e6, 0.0]], np.float32))
+    writer.abort()
+
+
+def test_open_store_batches_for_notebooks(float32_run) -> None:
+    store = fluency.open_store(float32_run.path / "activations" / "att")
+    batches = list(store.metric_batches(["enc5", "att3"], batch_size=5))
+    assert [len(b.image_ids) for b in batches] == [5, 5, 2]
+    assert all(b.model is None and b.images is None and b.description == store.description for b in batches)
+    assert batches[0].activations["att3"].shape == (5, *store.shape("att3"))
+
+
+def guide_section_blocks(language: str) -> list[str]:
+    text = (Path(__file__).parents[1] / "docs" / "user-guide.md").read_text(encoding="utf-8")
+    section = text[text.index("## `fluency measure`"):text.index("## The embedded default")]
+    return [block.split("```", 1)[0] for block in section.split(f"```{language}\n")[1:]]
+
+
+def test_the_user_guides_measure_commands_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command of the guide's `fluency measure` section, in a folder holding what they name."""
+    assert cli("demo", "export", str(tmp_path)).returncode == 0  # ratings.csv of the embedded default
+    ids = pd.read_csv(tmp_path / "ratings.csv")["image_id"].astype(str).tolist()
+    (tmp_path / "file_names.txt").write_text("\n".join(ids) + "\n")
+    rng = np.random.default_rng(0)
+    for layer, shape in (("features.10", (8, 4, 4)), ("classifier.4", (16,))):
+        (tmp_path / "features" / layer).mkdir(parents=True)
+        np.save(tmp_path / "features" / layer / "features.npy",
+                np.maximum(rng.normal(size=(len(ids), *shape)), 0).astype(np.float32))
+    commands = [line for block in guide_section_blocks("bash") for line in block.splitlines() if line.strip()]
+    assert len(commands) == 6
+    for command in commands:
+        args = command.split()
+        assert args[0] == "fluency"
+        proc = cli(*args[1:], cwd=tmp_path)
+        assert proc.returncode == 0, (command, proc.stderr)
+    assert {"gini", "sam", "hoyer", "lepsilon"} <= set(pd.read_parquet(tmp_path / "runs/demo/metrics.parquet")["metric"])
+    assert (tmp_path / "runs/vgg16-gini/analyses/pearson.parquet").exists()
+    monkeypatch.chdir(tmp_path)
+    (python,) = guide_section_blocks("python")
+    exec(compile(python, "user-guide.md", "exec"), {})
+    # the README's "Measure stored activations" block, on a copy of that folder
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index("## Measure stored activations"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    other = tmp_path / "readme"
+    other.mkdir()
+    for name in ("runs/demo", "features"):
+        shutil.copytree(tmp_path / name, other / name)
+    for name in ("file_names.txt", "ratings.csv"):
+        shutil.copy(tmp_path / name, other / name)
+    for line in block.splitlines():
+        args = line.split("#", 1)[0].split()
+        proc = cli(*args[1:], cwd=other)
+        assert proc.returncode == 0, (line, proc.stderr)
+    assert (other / "runs/vgg16-gini/metrics.parquet").exists()
