@@ -335,9 +335,23 @@ def guide_section_blocks(language: str) -> list[str]:
     return [block.split("```", 1)[0] for block in section.split(f"```{language}\n")[1:]]
 
 
+def run_in(folder: Path, command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a documented ``fluency ...`` command line in ``folder``, in this process (no interpreter start-up)."""
+    from click.testing import CliRunner
+
+    from fluency.cli import cli as fluency_cli
+
+    args = command.split("#", 1)[0].split()
+    assert args[0] == "fluency", command
+    monkeypatch.chdir(folder)
+    result = CliRunner().invoke(fluency_cli, args[1:], catch_exceptions=False)
+    assert result.exit_code == 0, (command, result.output)
+
+
 def test_the_user_guides_measure_commands_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every command of the guide's `fluency measure` section, in a folder holding what they name."""
-    assert cli("demo", "export", str(tmp_path)).returncode == 0  # ratings.csv of the embedded default
+    """Every command of the guide's `fluency measure` section and of the README's "Measure stored activations",
+    in a folder holding what they name."""
+    run_in(tmp_path, f"fluency demo export {tmp_path}", monkeypatch)  # ratings.csv of the embedded default
     ids = pd.read_csv(tmp_path / "ratings.csv")["image_id"].astype(str).tolist()
     (tmp_path / "file_names.txt").write_text("\n".join(ids) + "\n")
     rng = np.random.default_rng(0)
@@ -348,16 +362,12 @@ def test_the_user_guides_measure_commands_run_as_written(tmp_path: Path, monkeyp
     commands = [line for block in guide_section_blocks("bash") for line in block.splitlines() if line.strip()]
     assert len(commands) == 6
     for command in commands:
-        args = command.split()
-        assert args[0] == "fluency"
-        proc = cli(*args[1:], cwd=tmp_path)
-        assert proc.returncode == 0, (command, proc.stderr)
+        run_in(tmp_path, command, monkeypatch)
     assert {"gini", "sam", "hoyer", "lepsilon"} <= set(pd.read_parquet(tmp_path / "runs/demo/metrics.parquet")["metric"])
     assert (tmp_path / "runs/vgg16-gini/analyses/pearson.parquet").exists()
-    monkeypatch.chdir(tmp_path)
     (python,) = guide_section_blocks("python")
     exec(compile(python, "user-guide.md", "exec"), {})
-    # the README's "Measure stored activations" block, on a copy of that folder
+    # the README's block, on a copy of that folder
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     block = readme[readme.index("## Measure stored activations"):].split("```bash\n", 1)[1].split("```", 1)[0]
     other = tmp_path / "readme"
@@ -367,7 +377,5 @@ def test_the_user_guides_measure_commands_run_as_written(tmp_path: Path, monkeyp
     for name in ("file_names.txt", "ratings.csv"):
         shutil.copy(tmp_path / name, other / name)
     for line in block.splitlines():
-        args = line.split("#", 1)[0].split()
-        proc = cli(*args[1:], cwd=other)
-        assert proc.returncode == 0, (line, proc.stderr)
+        run_in(other, line, monkeypatch)
     assert (other / "runs/vgg16-gini/metrics.parquet").exists()
