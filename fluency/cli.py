@@ -161,14 +161,16 @@ def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = 
 @click.option("--replace", is_flag=True, help="Replace a metric the run already has with other options.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images per batch read from the store.")
-@click.option("--by", help="Also run every analysis within each subgroup of these ratings columns.")
-@click.option("--min-group-size", type=click.IntRange(min=3), default=10, show_default=True)
+@click.option("--by", help="Also run every analysis within each subgroup of these ratings columns "
+              "(default: the run's).")
+@click.option("--min-group-size", type=click.IntRange(min=3), help="Smallest subgroup analysed (default: the run's, "
+              "else 10).")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Relations shown in the summary.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def measure(target: Path, metrics: tuple[str, ...], analyses: tuple[str, ...], ratings: Path | None, id_column: str,
             rating_column: str | None, images: Path | None, out: Path | None, options: tuple[str, ...],
-            config: Path | None, replace: bool, batch_size: int, by: str | None, min_group_size: int, top: int,
+            config: Path | None, replace: bool, batch_size: int, by: str | None, min_group_size: int | None, top: int,
             no_report: bool, as_json: bool) -> None:
     """Compute activation metrics (then analyses) from a completed activation store or run folder.
 
@@ -179,7 +181,7 @@ def measure(target: Path, metrics: tuple[str, ...], analyses: tuple[str, ...], r
 
     result = measure_job(str(target), _split(metrics), analyses=_split(analyses) or None, ratings=ratings,
                          id_column=id_column, rating_column=rating_column, images=images, out=out, options=options,
-                         config=config, replace=replace, batch_size=batch_size, by=_split((by,)) if by else (),
+                         config=config, replace=replace, batch_size=batch_size, by=_split((by,)) if by else None,
                          min_group_size=min_group_size, console=err, report=False if no_report else True)
     _print_result(result, top, as_json, result.manifest["measured"][-1]["timings"]["total"])
 

@@ -379,3 +379,105 @@ def test_the_user_guides_measure_commands_run_as_written(tmp_path: Path, monkeyp
     for line in block.splitlines():
         run_in(other, line, monkeypatch)
     assert (other / "runs/vgg16-gini/metrics.parquet").exists()
+
+
+# -- what a careful user or an attacker would try (review findings) ----------------------------------
+
+
+def test_a_failed_measure_leaves_the_run_as_it_was(float32_run, tmp_path: Path, monkeypatch) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(float32_run.path, run_dir)
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(FluencyError, match="no column"):  # checked before any work
+        fluency.measure(run_dir, ["lepsilon"], options=["lepsilon.epsilon=0.5"], replace=True, by=["nope"],
+                        progress=False)
+    from fluency.core.run import measure as measure_module
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("analysis exploded")
+
+    monkeypatch.setattr(measure_module, "analyse", failing)
+    with pytest.raises(RuntimeError, match="exploded"):  # after measuring and merging
+        fluency.measure(run_dir, ["lepsilon"], options=["lepsilon.epsilon=0.5"], replace=True, progress=False)
+    after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # no new part, no staged table, same merged table and manifest
+    monkeypatch.undo()
+    result = fluency.measure(run_dir, ["lepsilon"], options=["lepsilon.epsilon=0.5"], replace=True, progress=False)
+    counts = result.metrics.groupby(["metric", "layer"], dropna=False).size()
+    assert (counts == 12).all()  # one row per image: nothing duplicated by the failed attempts
+
+
+def test_the_store_reader_streams_instead_of_holding_layers(tmp_path: Path) -> None:
+    from fluency.core.run.store import ActivationStoreWriter
+
+    rows, shape = 64, (64, 32, 32)  # 256 KiB per image, 16 MiB per layer
+    with ActivationStoreWriter(tmp_path / "s", dtype="float32", rows_per_group=8, provenance={}) as writer:
+        for start in range(0, rows, 8):
+            writer.write("big", [f"i{k}" for k in range(start, start + 8)], np.ones((8, *shape), np.float32))
+    peak, base = 0, pa.total_allocated_bytes()
+    for batch in fluency.open_store(tmp_path / "s").metric_batches(["big"], batch_size=8):
+        peak = max(peak, pa.total_allocated_bytes() - base)
+        assert batch.activations["big"].shape == (8, *shape)
+    assert peak < 4 * 8 * 256 * 1024, peak  # a few row groups of 2 MiB, not the 16 MiB layer
+
+
+def test_nothing_outside_the_run_is_deleted_or_written_by_what_a_folder_says(float32_run, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(float32_run.path, run_dir)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    for part in manifest["metric_parts"]:
+        part["file"] = "../victim.txt"
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    fluency.measure(run_dir, ["gini"], options=["gini.negative=shift"], replace=True, progress=False)
+    assert victim.read_text() == "keep me"
+    # a store whose recorded checkpoint label is a path: state goes under the output folder, named safely
+    store = tmp_path / "store"
+    shutil.copytree(float32_run.path / "activations" / "att", store)
+    marker = json.loads((store / MARKER).read_text())
+    marker["model"]["checkpoint"] = str(tmp_path / "escaped")
+    (store / MARKER).write_text(json.dumps(marker))
+    fluency.measure(store, ["typicality"], out=tmp_path / "m", progress=False, options=["typicality.dims=3"])
+    assert not (tmp_path / "escaped").exists() and (tmp_path / "m" / "state" / "store" / "typicality.pt").exists()
+
+
+def test_in_place_measure_keeps_the_runs_ratings_subgroups_and_analysis_options(stimuli: Path, tmp_path: Path) -> None:
+    run = fluency.run(metrics=["gini"], images=stimuli / "images", ratings=stimuli / "ratings.csv",
+                      checkpoints=[stimuli / "att.pt"], out=tmp_path / "run", figures=False, progress=False,
+                      by=["clutter"], min_group_size=2, analyses=["spearman"], options=["spearman.n_boot=50"])
+    groups = set(run.analyses["spearman"]["group"])
+    with pytest.raises(FluencyError, match="keeps the ratings it was analysed with"):
+        fluency.measure(run.path, ["hoyer"], ratings=stimuli / "ratings.csv", progress=False)
+    result = fluency.measure(run.path, ["hoyer"], progress=False)
+    assert set(result.analyses["spearman"]["group"]) == groups and len(groups) > 1
+    assert result.manifest["options"]["analysis.spearman"]["n_boot"] == 50
+    assert set(result.analyses) == {"spearman"} and result.manifest["subgroups"]["by"] == ["clutter"]
+    result = fluency.measure(run.path, ["lepsilon"], analyses=["pearson"], progress=False)
+    assert sorted(p.name for p in (run.path / "analyses").iterdir()) == ["pearson.parquet"]  # no stale table
+
+
+def test_more_bad_stores_and_imports_are_one_line(float32_run, tmp_path: Path) -> None:
+    (tmp_path / "ids.txt").write_text("a\nb\n")
+    np.savez(tmp_path / "objects.npz", x=np.array([[1, "a"], [2, "b"]], dtype=object))
+    (tmp_path / "truncated.npz").write_bytes((tmp_path / "objects.npz").read_bytes()[:40])
+    np.savez(tmp_path / "empty.npz")
+    np.savez(tmp_path / "huge.npz", x=np.array([[1e300, 0.0], [0.0, 0.0]]))
+    (tmp_path / "a-file").write_text("")
+    cases = [(["objects.npz"], "not a readable .npz"), (["truncated.npz"], "not a readable .npz"),
+             (["empty.npz"], "holds no arrays"), (["huge.npz"], "beyond float32's range"),
+             (["huge.npz", "--out", "a-file"], "not an empty folder")]
+    for args, message in cases:
+        out = [] if "--out" in args else ["--out", "store-" + args[0]]
+        proc = cli("store", "import", args[0], "--ids", "ids.txt", *args[1:], *out, cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    store = tmp_path / "bad-store"
+    shutil.copytree(float32_run.path / "activations" / "att", store)
+    marker = json.loads((store / MARKER).read_text())
+    del marker["layers"]["enc5"]["rows"]
+    (store / MARKER).write_text(json.dumps(marker))
+    for command in (["store", "info", str(store)], ["measure", str(store), "--metric", "gini"]):
+        proc = cli(*command)
+        assert proc.returncode == 2 and "describes layer 'enc5' wrongly" in proc.stderr, proc.stderr
+    proc = cli("store", "info", str(float32_run.path))
+    assert proc.returncode == 2 and "is not an activation store but holds stores" in proc.stderr

@@ -72,6 +72,10 @@ class Typicality(FluencyMetric):
         return list(chosen) if chosen else [list(model.default_metric_layers)[-1]]
 
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
+        if self.options.get("reference") and batch.model is None:  # say so now, not after the whole store
+            raise FluencyError("typicality: the 'reference' option needs the model to measure the reference "
+                               "images; measuring a store has none: use `fluency run` with the checkpoint, or pass "
+                               "a saved 'fit'")
         self._model = batch.model
         self._ids.extend(map(str, batch.image_ids))
         for name in self.batch_layers(batch):

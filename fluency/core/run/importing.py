@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from fluency.core.errors import FluencyError, InputError
+from fluency.core.errors import FluencyError, InputError, error_text
 from fluency.core.hashing import file_sha256
 from fluency.core.plugin.metric import ModelDescription
 from fluency.core.progress import progress_bar
@@ -81,9 +81,10 @@ def open_arrays(source: Path) -> Iterator[dict[str, Any]]:
         elif source.suffix.lower() == ".npz":
             try:
                 npz = stack.enter_context(np.load(source, allow_pickle=False))
-            except (OSError, ValueError) as exc:
-                raise InputError(f"{source}: not a readable .npz file ({exc})") from None
-            yield {key: npz[key] for key in npz.files}
+                members = {key: npz[key] for key in npz.files}  # each member is read whole here
+            except Exception as exc:  # numpy raises OSError, ValueError, BadZipFile, EOFError... for bad files
+                raise InputError(f"{source}: not a readable .npz file ({error_text(exc)})") from None
+            yield members
         elif source.suffix.lower() in HDF5:
             try:
                 import h5py
@@ -132,17 +133,20 @@ def import_store(source: str | Path, ids: str | Path, out: str | Path, *, layers
                  console: Console | None = None) -> Path:
     """Write the activations of ``source`` (see the module docstring) as a store at ``out``; returns ``out``."""
     source, out = Path(source), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FluencyError(f"--out {out}: the folder exists and is not empty; choose another")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FluencyError(f"--out {out}: exists and is not an empty folder; choose another")
     image_ids = read_ids(ids)
     with open_arrays(source) as arrays:
         names = list(layers) if layers else sorted(arrays)
+        if not names:
+            raise InputError(f"{source}: holds no arrays to import")
         unknown = [name for name in names if name not in arrays]
         if unknown:
             raise InputError(f"{source}: no layer(s) {unknown}; it has {sorted(arrays)}")
         _check(arrays, names, len(image_ids), source)
         provenance = {"source": "imported", "imported_from": str(source.resolve()),
                       "source_sha256": source_sha256(source), "ids_file": str(Path(ids).resolve()),
+                      "ids_sha256": file_sha256(ids),
                       "fluency_version": __version__}
         model = ModelDescription(architecture, tuple(names))
         with ActivationStoreWriter(out, dtype=dtype, provenance=provenance, model=model) as writer, \
@@ -151,11 +155,12 @@ def import_store(source: str | Path, ids: str | Path, out: str | Path, *, layers
             for name in names:
                 bars.update(task, status=name)
                 for start in range(0, len(image_ids), batch_rows):
-                    block = np.asarray(arrays[name][start:start + batch_rows])
+                    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: caught below
+                        block = np.asarray(arrays[name][start:start + batch_rows]).astype(np.float32, copy=False)
                     if not np.isfinite(block).all():
                         bad = start + int(np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(1))[0])
-                        raise InputError(f"{source}: layer {name!r} has NaN/Inf values (row {bad}, id "
-                                         f"{image_ids[bad]!r})")
-                    writer.write(name, image_ids[start:start + batch_rows], block.astype(np.float32, copy=False))
+                        raise InputError(f"{source}: layer {name!r} has NaN/Inf values, or values beyond float32's "
+                                         f"range (row {bad}, id {image_ids[bad]!r})")
+                    writer.write(name, image_ids[start:start + batch_rows], block)
                     bars.advance(task, len(block))
     return out

@@ -16,6 +16,8 @@ image metrics (``needs="images"``) run only when ``images`` is given.
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ from fluency.core.run.folder import (MANIFEST, RunResult, new_run_dir, now, outp
                                      write_manifest)
 from fluency.core.run.measuring import CheckpointMetrics, MetricParts
 from fluency.core.run.store import MARKER, ActivationStore
-from fluency.core.run.tables import MERGED, merge_tables, read_metric_table
+from fluency.core.run.tables import MERGED, merge_tables, part_name, read_metric_table
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,8 @@ def _store_images(store: ActivationStore, images: str | Path, ids: Sequence[str]
     channels = int(pre.get("channels") or (shape[0] if shape else 3))
     stimuli = from_folder(images, None, "image_id", "rating")
     found = stimuli.make_source(Preprocessing(size, channels, pre.get("resize") or "shorter-side+center-crop"))
-    assert isinstance(found, FolderSource)
+    if not isinstance(found, FolderSource):
+        raise FluencyError(f"--images {images}: not a folder of images")
     by_id = dict(zip(found.ids, found.paths))
     missing = [i for i in ids if i not in by_id]
     if missing:
@@ -141,7 +144,9 @@ def _measure_store(store: ActivationStore, metrics: CheckpointMetrics, parts: Me
     for batch in store.metric_batches(read, batch_size) if read else _id_batches(ids, batch_size, description):
         if pictures is not None:
             picture_ids, x = next(pictures)
-            assert list(picture_ids) == list(batch.image_ids)
+            if list(picture_ids) != list(batch.image_ids):
+                raise FluencyError(f"--images {images}: the images and the store's rows went out of step at "
+                                   f"{batch.image_ids[0]!r} (an unreadable image?)")
             batch = MetricBatch(batch.image_ids, x, batch.activations, description=description)
         metrics.compute(batch, label, parts, lambda name: bars.update(task, status=name))
         bars.update(task, advance=len(batch.image_ids), status="")
@@ -153,91 +158,187 @@ def _id_batches(ids: Sequence[str], batch_size: int, description: Any) -> Any:
         yield MetricBatch(list(ids[start:start + batch_size]), description=description)
 
 
-def _ratings(target: Target, ratings: str | Path | None, id_column: str, rating_column: str | None,
-             ids: set[str], console: Console) -> tuple[pd.DataFrame | None, str]:
+def _ratings(target: Target, in_place: bool, ratings: str | Path | None, id_column: str,
+             rating_column: str | None, ids: set[str], console: Console) -> tuple[pd.DataFrame | None, str]:
     """The ratings to analyse: ``ratings`` (matched to the store's ids), else the run's own ``ratings.parquet``."""
+    stimuli = ((target.manifest or {}).get("inputs") or {}).get("stimuli") or {}
     if ratings is None:
         if target.run_dir is None or not (target.run_dir / "ratings.parquet").exists():
             return None, rating_column or "rating"
-        stimuli = ((target.manifest or {}).get("inputs") or {}).get("stimuli") or {}
-        column = rating_column or stimuli.get("rating_column") or "rating"
-        return pd.read_parquet(target.run_dir / "ratings.parquet"), column
+        return pd.read_parquet(target.run_dir / "ratings.parquet"), rating_column or stimuli.get("rating_column") \
+            or "rating"
+    if in_place:
+        raise FluencyError(f"--ratings {ratings}: a run folder keeps the ratings it was analysed with; to analyse "
+                           "other ratings, measure into another folder with --out")
     column = rating_column or "rating"
     table = read_ratings(ratings, id_column, column)
-    table = table.rename(columns={id_column: "image_id"}) if id_column != "image_id" else table
     table["image_id"] = table["image_id"].astype(str)
     matched = table[table["image_id"].isin(ids) & table[column].notna()].reset_index(drop=True)
-    if len(matched) < len(table) or len(matched) < len(ids):
-        console.print(f"[yellow]note:[/yellow] {len(matched)} of {len(table)} rated ids are in the store "
-                      f"({len(ids)} images); the others are left out of the analyses", highlight=False)
     if matched.empty:
         raise FluencyError(f"--ratings {ratings}: none of its ids ({id_column}) are image ids of the store")
+    if len(matched) < len(table) or len(matched) < len(ids):
+        console.print(f"[yellow]note:[/yellow] {len(matched)} images have a rating and activations; "
+                      f"{len(table) - len(matched)} rated ids are not in the store and {len(ids) - len(matched)} "
+                      "stored images have no rating: both are left out of the analyses", highlight=False)
     return matched, column
+
+
+@dataclass(frozen=True)
+class MeasurePlan:
+    """A validated measure: where it writes, what it computes, replaces and analyses."""
+
+    target: Target
+    out_dir: Path
+    in_place: bool
+    new: dict[str, MetricSpec]
+    dropped: list[str]
+    existing: dict[str, dict[str, Any]]
+    resolved: dict[tuple[str, str], dict[str, Any]]
+    ratings: pd.DataFrame | None
+    ratings_source: str | None
+    rating_column: str
+    analysis_specs: dict[str, Any]
+    by: tuple[str, ...]
+    min_group_size: int
+
+
+def _run_settings(manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """The analysis settings a run used (its config, or for version 1 its subgroups block)."""
+    manifest = manifest or {}
+    config = manifest.get("config") or {}
+    groups = manifest.get("subgroups") or {}
+    return {"by": tuple(config.get("by") or groups.get("by") or ()),
+            "min_group_size": int(config.get("min_group_size") or groups.get("min_group_size") or 10),
+            "options": {key.split(".", 1)[1]: value for key, value in (manifest.get("options") or {}).items()
+                        if key.startswith("analysis.")}}
+
+
+def plan_measure(target: str | Path, metrics: Sequence[str], *, analyses: Sequence[str] | None,
+                 ratings: str | Path | None, id_column: str, rating_column: str | None, images: str | Path | None,
+                 out: str | Path | None, options: Sequence[str], config: str | Path | None, replace: bool,
+                 by: Sequence[str] | None, min_group_size: int | None, manager: PluginManager,
+                 console: Console) -> MeasurePlan:
+    """Check everything before any work: target, metrics, out folder, ratings, analyses, options."""
+    found = open_target(target)
+    specs = _split_specs(manager, metrics, images, console)
+    in_place = found.run_dir is not None and (out is None or Path(out).resolve() == found.run_dir.resolve())
+    if in_place and (found.manifest or {}).get("status", "complete") != "complete":
+        raise FluencyError(f"{found.run_dir}: this run did not complete (status {found.manifest.get('status')!r}); "
+                           "measure its stores into another folder with --out, or run it again")
+    out_dir = found.run_dir if in_place and found.run_dir is not None else Path(out) if out is not None \
+        else new_run_dir()
+    if not in_place and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FluencyError(f"--out {out_dir}: exists and is not an empty folder; choose another")
+    ids = {i for store in found.stores for i in store.image_ids}
+    table, column = _ratings(found, in_place, ratings, id_column, rating_column, ids, console)
+    settings = _run_settings(found.manifest) if in_place else {"by": (), "min_group_size": 10, "options": {}}
+    names = analyses if analyses is not None else (found.manifest or {}).get("analyses") if in_place else None
+    if table is None and analyses:
+        raise FluencyError("--analysis needs ratings: pass --ratings TABLE (matched to the store's image ids)")
+    names = list(dict.fromkeys(read_registry()["run"]["default_analyses"] if names is None else names))
+    analysis_specs = {name: manager.get("analysis", name) for name in (names if table is not None else [])}
+    used = [("metric", n) for n in specs] + [("analysis", n) for n in analysis_specs]
+    earlier = {"analysis": {n: o for n, o in settings["options"].items() if n in analysis_specs}}
+    resolved = resolve_plugin_options(manager, used, options, {**earlier, **read_config(config)})
+    groups = tuple(by) if by is not None else settings["by"]
+    if groups and table is not None:
+        missing = [c for c in groups if c not in table.columns]
+        if missing:
+            raise FluencyError(f"--by {','.join(groups)}: no column(s) {missing} in the ratings table "
+                               f"(columns: {list(table.columns)})")
+    existing = _existing_parts(found.manifest) if in_place else {}
+    new, dropped = _plan_parts(specs, resolved, existing, replace, console)
+    source = str(Path(ratings).resolve()) if ratings is not None else \
+        str(found.run_dir / "ratings.parquet") if table is not None and found.run_dir is not None else None
+    return MeasurePlan(found, out_dir, in_place, new, dropped, existing, resolved, table, source, column,
+                       analysis_specs,
+                       groups, settings["min_group_size"] if min_group_size is None else min_group_size)
 
 
 def measure(target: str | Path, metrics: Sequence[str], *, analyses: Sequence[str] | None = None,
             ratings: str | Path | None = None, id_column: str = "image_id", rating_column: str | None = None,
             images: str | Path | None = None, out: str | Path | None = None, options: Sequence[str] = (),
-            config: str | Path | None = None, replace: bool = False, batch_size: int = 256, by: Sequence[str] = (),
-            min_group_size: int = 10, progress: bool = True, manager: PluginManager | None = None,
-            console: Console | None = None) -> RunResult:
+            config: str | Path | None = None, replace: bool = False, batch_size: int = 256,
+            by: Sequence[str] | None = None, min_group_size: int | None = None, progress: bool = True,
+            manager: PluginManager | None = None, console: Console | None = None) -> RunResult:
     """Compute activation metrics from the store(s) at ``target`` (a store or a run folder), then analyses.
 
-    A run folder is measured in place unless ``out`` names another folder; a bare store goes to ``out``
-    (default a new folder under ``runs/``). Returns a :class:`RunResult` of the folder written.
+    A run folder is measured in place unless ``out`` names another folder (its ratings, subgroups and
+    analysis options are kept); a bare store goes to ``out`` (default a new folder under ``runs/``). The
+    run folder changes only when everything has succeeded: the merged table and the manifest are replaced
+    last, and on failure the parts this call wrote are removed. Returns a :class:`RunResult`.
     """
     started = time.perf_counter()
     manager = manager or get_plugin_manager()
     console = console or Console(stderr=True, quiet=not progress)
-    found = open_target(target)
-    specs = _split_specs(manager, metrics, images, console)
-    in_place = found.run_dir is not None and (out is None or Path(out).resolve() == found.run_dir.resolve())
-    existing = _existing_parts(found.manifest) if in_place else {}
-    ids = {i for store in found.stores for i in store.image_ids}
-    table, column = _ratings(found, ratings, id_column, rating_column, ids, console)
-    names = analyses if analyses is not None else (found.manifest or {}).get("analyses") if in_place else None
-    names = list(dict.fromkeys(read_registry()["run"]["default_analyses"] if names is None else names))
-    analysis_specs = {name: manager.get("analysis", name) for name in (names if table is not None else [])}
-    used = [("metric", n) for n in specs] + [("analysis", n) for n in analysis_specs]
-    resolved = resolve_plugin_options(manager, used, options, read_config(config))
-    new, dropped = _plan_parts(specs, resolved, existing, replace, console)
-    out_dir = found.run_dir if in_place else Path(out) if out is not None else new_run_dir()
-    assert out_dir is not None
-    if not in_place and out_dir.exists() and any(out_dir.iterdir()):
-        raise FluencyError(f"--out {out_dir}: the folder exists and is not empty; choose another")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = dict(found.manifest) if in_place and found.manifest else _new_manifest(out_dir, found, started)
-    parts = MetricParts(out_dir, str(manifest.get("run_id", out_dir.name)), manager, new, resolved)
-    timings: dict[str, float] = {}
+    plan = plan_measure(target, metrics, analyses=analyses, ratings=ratings, id_column=id_column,
+                        rating_column=rating_column, images=images, out=out, options=options, config=config,
+                        replace=replace, by=by, min_group_size=min_group_size, manager=manager, console=console)
+    created = not plan.out_dir.exists()
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = dict(plan.target.manifest) if plan.in_place and plan.target.manifest else \
+        _new_manifest(plan.out_dir, plan.target)
+    parts = MetricParts(plan.out_dir, str(manifest.get("run_id", plan.out_dir.name)), manager, plan.new,
+                        plan.resolved)
+    staged = plan.out_dir / (MERGED + ".new")
     try:
-        with progress_bar(console) as bars:
-            for store in found.stores:
-                t0 = time.perf_counter()
-                _measure_store(store, CheckpointMetrics(manager, new, resolved), parts, out_dir, batch_size,
-                               images, bars)
-                timings[f"measure[{store.label}]"] = round(time.perf_counter() - t0, 3)
+        timings = _measure_stores(plan, parts, manager, batch_size, images, console)
+        old = [plan.out_dir / MERGED] if plan.in_place and (plan.out_dir / MERGED).exists() else []
+        dropped_columns = [c for name in plan.dropped for c in plan.existing[name]["columns"]]
+        merge_tables(old + parts.files(), staged, replaced={p: dropped_columns for p in old})
+        metric_table = read_metric_table(staged)
+        outcome = analyse(metric_table, plan.ratings, plan.rating_column, plan.analysis_specs, plan.resolved,
+                          plan.out_dir, manager, plan.by, plan.min_group_size, console)
     except BaseException:
         parts.abort()
+        _remove_own(parts, staged, plan.out_dir if created else None)
         raise
+    os.replace(staged, plan.out_dir / MERGED)
+    _remove_replaced(plan)
+    manifest = _updated_manifest(manifest, plan, parts, outcome, manager, timings, started)
+    write_manifest(plan.out_dir, {**manifest, "outputs": outputs(plan.out_dir)})
+    return RunResult(plan.out_dir, metric_table, outcome.results, read_manifest(plan.out_dir))
+
+
+def _measure_stores(plan: MeasurePlan, parts: MetricParts, manager: PluginManager, batch_size: int,
+                    images: str | Path | None, console: Console) -> dict[str, float]:
+    """Every store through fresh metric instances; seconds per store."""
+    timings: dict[str, float] = {}
+    with progress_bar(console) as bars:
+        for store in plan.target.stores:
+            t0 = time.perf_counter()
+            _measure_store(store, CheckpointMetrics(manager, plan.new, plan.resolved), parts, plan.out_dir,
+                           batch_size, images, bars)
+            timings[f"measure[{store.label}]"] = round(time.perf_counter() - t0, 3)
     parts.close()
-    merged = out_dir / MERGED
-    old = [merged] if in_place and merged.exists() else []
-    dropped_columns = [c for name in dropped for c in existing[name]["columns"]]
-    merge_tables(old + parts.files(), merged, replaced={merged: dropped_columns})
-    for name in dropped:
-        if existing[name].get("file"):
-            (out_dir / existing[name]["file"]).unlink(missing_ok=True)
-    metric_table = read_metric_table(merged)
-    outcome = analyse(metric_table, table, column, analysis_specs, resolved, out_dir, manager, by, min_group_size,
-                      console)
-    manifest = _updated_manifest(manifest, parts, new, dropped, resolved, analysis_specs, outcome, manager, found,
-                                 timings, started)
-    if table is not None and not in_place:  # the ratings analysed, as a run records them
-        manifest["inputs"] = {**manifest["inputs"], "stimuli": {"ratings": str(ratings or found.run_dir / "ratings.parquet"),
-                                                                "id_column": id_column,
-                                                                "rating_column": column}}
-    write_manifest(out_dir, {**manifest, "outputs": outputs(out_dir)})
-    return RunResult(out_dir, metric_table, outcome.results, read_manifest(out_dir))
+    return timings
+
+
+def _remove_own(parts: MetricParts, staged: Path, created_dir: Path | None) -> None:
+    """After a failure: remove the parts this call wrote, the staged table, and the folder if it made it."""
+    for writer in parts.writers.values():
+        for path in (writer.path, writer.partial):
+            path.unlink(missing_ok=True)
+    staged.unlink(missing_ok=True)
+    if created_dir is not None and created_dir.is_dir():
+        for folder in sorted((p for p in created_dir.rglob("*") if p.is_dir()), reverse=True):
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        if not any(created_dir.iterdir()):
+            created_dir.rmdir()
+
+
+def _remove_replaced(plan: MeasurePlan) -> None:
+    """Delete the parts of replaced metrics and the tables of analyses no longer run: files fluency wrote,
+    found by the names it gives them (never by a path read from the manifest)."""
+    for name in plan.dropped:
+        old = plan.existing[name]
+        if old.get("file"):
+            (plan.out_dir / part_name(name, str(old["options_hash"]))).unlink(missing_ok=True)
+    if plan.in_place and plan.ratings is not None:
+        for name in (plan.target.manifest or {}).get("analyses") or []:
+            if name not in plan.analysis_specs and re.fullmatch(r"[a-z][a-z0-9_-]*", str(name)):
+                (plan.out_dir / "analyses" / f"{name}.parquet").unlink(missing_ok=True)
 
 
 def _plan_parts(specs: dict[str, MetricSpec], resolved: dict[tuple[str, str], dict[str, Any]],
@@ -264,7 +365,7 @@ def _plan_parts(specs: dict[str, MetricSpec], resolved: dict[tuple[str, str], di
     return new, dropped
 
 
-def _new_manifest(out_dir: Path, found: Target, started: float) -> dict[str, Any]:
+def _new_manifest(out_dir: Path, found: Target) -> dict[str, Any]:
     return {"run_id": out_dir.name, "status": "running", "started": now(),
             "inputs": {"stores": [{"path": str(s.path.resolve()), "label": s.label, "layers": s.layers,
                                    "provenance": s.provenance, "model": s.description.as_dict()}
@@ -272,24 +373,28 @@ def _new_manifest(out_dir: Path, found: Target, started: float) -> dict[str, Any
             "metrics": [], "analyses": [], "options": {}, "metric_parts": [], "metric_columns": {}, "timings": {}}
 
 
-def _updated_manifest(manifest: dict[str, Any], parts: MetricParts, new: dict[str, MetricSpec], dropped: list[str],
-                      resolved: dict[tuple[str, str], dict[str, Any]], analysis_specs: dict[str, Any], outcome: Any,
-                      manager: PluginManager, found: Target, timings: dict[str, float],
-                      started: float) -> dict[str, Any]:
+def _updated_manifest(manifest: dict[str, Any], plan: MeasurePlan, parts: MetricParts, outcome: Any,
+                      manager: PluginManager, timings: dict[str, float], started: float) -> dict[str, Any]:
     """The manifest after measuring: a new dict (the one read from disk is not changed)."""
+    new, dropped = plan.new, plan.dropped
     written = [parts.record(name) for name in new if name in parts.writers]
     kept_parts = [p for p in manifest.get("metric_parts") or [] if p["plugin"] not in dropped]
     columns = {c: v for c, v in (manifest.get("metric_columns") or {}).items() if v.get("plugin") not in dropped}
-    used = [("metric", n) for n in new] + [("analysis", n) for n in analysis_specs]
+    used = [("metric", n) for n in new] + [("analysis", n) for n in plan.analysis_specs]
     old_versions = manifest.get("versions") or {}
     plugin_versions = {**(old_versions.get("plugins") or {}), **versions(manager, used)["plugins"]}
-    entry = {"at": now(), "stores": [str(s.path) for s in found.stores], "metrics": list(new), "replaced": dropped,
-             "timings": {**timings, "total": round(time.perf_counter() - started, 3)}}
-    return {**manifest, "status": "complete", "finished": manifest.get("finished") or now(),
+    entry = {"at": now(), "stores": [str(s.path.resolve()) for s in plan.target.stores], "metrics": list(new),
+             "replaced": dropped, "timings": {**timings, "total": round(time.perf_counter() - started, 3)}}
+    inputs = manifest.get("inputs") or {}
+    if plan.ratings is not None and not plan.in_place:  # the ratings analysed, as a run records them
+        inputs = {**inputs, "stimuli": {"ratings": plan.ratings_source, "rating_column": plan.rating_column}}
+    if plan.ratings is not None and outcome.subgroups is None:  # re-analysed without subgroups
+        manifest = {k: v for k, v in manifest.items() if k != "subgroups"}
+    return {**manifest, "status": "complete", "finished": manifest.get("finished") or now(), "inputs": inputs,
             "metrics": list(dict.fromkeys([*(manifest.get("metrics") or []), *new])),
-            "analyses": list(analysis_specs),
+            "analyses": list(plan.analysis_specs) if plan.ratings is not None else manifest.get("analyses", []),
             "options": {**(manifest.get("options") or {}),
-                        **{f"{k}.{n}": v for (k, n), v in resolved.items() if n in new or k == "analysis"}},
+                        **{f"{k}.{n}": v for (k, n), v in plan.resolved.items() if n in new or k == "analysis"}},
             "metric_parts": kept_parts + written, "metric_columns": {**columns, **parts.metric_columns()},
             "versions": {**old_versions, "plugins": plugin_versions},
             **({"subgroups": outcome.subgroups} if outcome.subgroups is not None else {}),

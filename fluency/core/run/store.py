@@ -1,4 +1,4 @@
-"""The Parquet activation store and the long metric table.
+"""The Parquet activation store: written batch by batch, read back as zero-copy batches.
 
 Activation store layout (one folder per checkpoint)::
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -148,7 +149,8 @@ class ActivationStoreWriter:
             peak = float(np.nanmax(np.abs(acts)))
             if peak > float(np.finfo(np.float16).max):
                 raise StoreError(f"layer {layer!r}: activations up to {peak:.3g} do not fit a float16 store "
-                                 "(largest 65504); store them as float32 (--store-dtype float32)")
+                                 "(largest 65504); store them as float32 (fluency run --store-dtype float32, fluency store "
+                                 "import --dtype float32)")
         if acts.ndim == 0 or acts.shape[0] != len(image_ids):
             raise StoreError(f"layer {layer!r}: activations of shape {acts.shape} for {len(image_ids)} image ids")
         shape = tuple(int(s) for s in acts.shape[1:])
@@ -205,7 +207,29 @@ def _read_marker(marker: Path) -> dict[str, Any]:
                          f"reads (1 to {FORMAT_VERSION}): upgrade fluency")
     if not isinstance(meta.get("layers"), dict) or not isinstance(meta.get("provenance", {}), dict):
         raise StoreError(f"activation store {marker.parent}: {MARKER} has no valid 'layers' table")
+    for name, info in meta["layers"].items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not (isinstance(shape, list) and shape and all(isinstance(s, int) and s > 0 for s in shape)
+                and info.get("dtype") in DTYPES and isinstance(info.get("rows"), int) and info["rows"] >= 0
+                and isinstance(info.get("file"), str)):
+            raise StoreError(f"activation store {marker.parent}: {MARKER} describes layer {name!r} wrongly (needs "
+                             f"shape, dtype in {list(DTYPES)}, rows and file): {info!r:.200}")
     return meta
+
+
+def _not_a_store(path: Path) -> str:
+    """Why ``path`` (a folder without the marker) is not a readable store."""
+    inner = sorted(p.parent.name for p in path.glob(f"*/{MARKER}"))
+    if (path / "manifest.json").exists() or inner:
+        where = f"{path}/activations/<checkpoint>" if (path / "manifest.json").exists() else \
+            ", ".join(str(path / name) for name in inner[:5])
+        return f"{path} is not an activation store but holds stores ({where}): give one of those"
+    return (f"activation store {path} is incomplete (no {MARKER}): the write was probably interrupted; compute "
+            "it again")
+
+
+#: a checkpoint label that is safe as a file name (written into state/<label>/)
+_SAFE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,+-]{0,199}")
 
 
 class ActivationStore:
@@ -217,8 +241,7 @@ class ActivationStore:
             raise StoreError(f"activation store {self.path}: no such folder")
         marker = self.path / MARKER
         if not marker.exists():
-            raise StoreError(f"activation store {self.path} is incomplete (no {MARKER}): the write was probably "
-                             "interrupted; compute it again")
+            raise StoreError(_not_a_store(self.path))
         self.meta = _read_marker(marker)
 
     @property
@@ -246,8 +269,13 @@ class ActivationStore:
 
     @property
     def label(self) -> str:
-        """The checkpoint label the store is filed under (its folder name when none is recorded)."""
-        return self.description.checkpoint or self.path.name
+        """The checkpoint label the store is filed under: the recorded one when it is a safe file name, else the
+        store's folder name (a store from elsewhere must not choose where fluency writes)."""
+        recorded = self.description.checkpoint
+        if recorded and _SAFE_LABEL.fullmatch(recorded):
+            return recorded
+        name = self.path.resolve().name
+        return name if _SAFE_LABEL.fullmatch(name) else "store"
 
     @property
     def image_ids(self) -> list[str]:
@@ -275,7 +303,7 @@ class ActivationStore:
         """``(ids, B×shape array)`` per batch; the array is a view on Arrow's buffer (no copy)."""
         shape, dtype = self.shape(layer), self.dtype(layer)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        with pq.ParquetFile(self._file(layer)) as pf:
+        with pq.ParquetFile(self._file(layer), pre_buffer=False) as pf:  # pre-buffering keeps every row group
             for batch in pf.iter_batches(batch_size=batch_size):
                 column = batch.column("activation")
                 if column.type != pa.binary(nbytes) or column.null_count:

@@ -185,7 +185,7 @@ def merge_tables(sources: Iterable[Path], out: Path, drop_ids: Sequence[str] = (
             for source in sources:
                 _check_format(pq.read_schema(source), source)
                 drop_columns = pa.array(sorted(set(map(str, (replaced or {}).get(source, ())))), pa.string())
-                with pq.ParquetFile(source) as pf:
+                with pq.ParquetFile(source, pre_buffer=False) as pf:
                     for group in range(pf.num_row_groups):
                         part = conform(pf.read_row_group(group), source)
                         if len(drop):
