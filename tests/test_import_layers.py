@@ -130,3 +130,31 @@ def test_the_check_catches_an_upward_import(tmp_path: Path, importer: str, line:
     target.write_text(target.read_text(encoding="utf-8") + f"\n\ndef _upward():\n    {line}\n", encoding="utf-8")
     found = violations(scratch)
     assert len(found) == 1 and why in found[0], found
+
+
+PUBLIC = {"fluency", "fluency.api", "fluency.blocks"}
+
+
+def test_built_in_plugins_use_only_the_public_api() -> None:
+    """What a third-party package can import is all the built-ins import from fluency: ``fluency`` (its
+    ``__all__``), ``fluency.api`` and ``fluency.blocks``."""
+    private = []
+    for path in sorted((PACKAGE / "plugins").glob("*.py")):
+        importer = module_name(path, PACKAGE)
+        for target in imported_modules(ast.parse(path.read_text(encoding="utf-8")), importer, False):
+            parent, _, name = target.rpartition(".")
+            public = target in PUBLIC or (parent == "fluency" and name in fluency.__all__)
+            if target.split(".")[0] == "fluency" and not public:
+                private.append(f"{importer} -> {target}")
+    assert private == []
+
+
+def test_the_public_modules_ship_typed_and_complete() -> None:
+    import fluency.api
+    import fluency.blocks
+
+    assert (PACKAGE / "py.typed").exists()
+    for module in (fluency, fluency.api, fluency.blocks):
+        missing = [name for name in module.__all__ if not hasattr(module, name)]
+        assert missing == [], (module.__name__, missing)
+    assert fluency.api.PLUGIN_API_VERSION == "1.0"

@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 from fluency import MetricSpec, hookimpl
@@ -265,3 +266,89 @@ def test_blocked_names_are_normalised_and_match_distributions_and_entry_points(m
     assert not {"m-one", "m-two"} & set(pm.names("metric"))
     blocked = PluginManager(blocked=["FLUENCY.GOOD_PKG", "Kept"])
     assert {r.name for r in blocked.list() if r.status == "blocked"} == {"good-one", "kept"}
+
+
+@pytest.mark.parametrize("declared, ok", [(None, True), ("1", True), ("1.0", True), ("2", False), ("1.9", False),
+                                          ("one", False)])
+def test_a_plugin_for_another_api_version_is_listed_incompatible(declared: str | None, ok: bool) -> None:
+    import types
+
+    from fluency.api import PLUGIN_API_VERSION, MetricSpec, hookimpl
+    from fluency.plugins.default_hoyer import Hoyer
+
+    module = types.ModuleType("fluency_future")
+    if declared is not None:
+        module.FLUENCY_PLUGIN_API = declared
+
+    @hookimpl
+    def fluency_register_metrics():
+        return [MetricSpec(name="future-metric", factory=Hoyer)]
+
+    module.fluency_register_metrics = fluency_register_metrics
+    pm = PluginManager(autoload=False)
+    pm.register(module, "fluency_future", package="fluency-future", version="3.0")
+    (record,) = [r for r in pm.records if r.package == "fluency-future"]
+    assert (record.status == "ok") is ok
+    if not ok:
+        assert record.error.startswith("PluginError: incompatible") and record.kind is None
+        if declared != "one":
+            assert f"built for fluency plugin API {declared}, this fluency provides {PLUGIN_API_VERSION}" in record.error
+        with pytest.raises(PluginError, match="fluency-future 3.0"):
+            pm.get("metric", "future-metric")
+
+
+def _module(name: str, **hooks):
+    import types
+
+    module = types.ModuleType(name)
+    for hook_name, hook in hooks.items():
+        setattr(module, hook_name, hookimpl(hook))
+    return module
+
+
+def test_an_option_default_that_fails_its_own_declaration_breaks_the_plugin() -> None:
+    from fluency.api import Option
+    from fluency.plugins.default_hoyer import Hoyer
+
+    module = _module("fluency_baddefault", fluency_register_metrics=lambda: [MetricSpec(
+        name="bad-default", factory=Hoyer, options={"k": Option("int", "abc"), "c": Option("str", "x", choices=("y",))})])
+    pm = PluginManager(autoload=False)
+    pm.register(module, "fluency_baddefault", package="fluency-baddefault", version="0.1")
+    (record,) = [r for r in pm.records if r.package == "fluency-baddefault"]
+    assert record.status == "broken" and "the default of option 'k': expected int" in record.error
+
+
+def test_contract_violations_and_column_clashes_are_one_line_naming_the_plugin(tmp_path: Path) -> None:
+    import fluency
+    from fluency.api import FluencyError, FluencyMetric, MetricValues
+
+    class Single(FluencyMetric):  # a MetricValues instead of a list of them
+        def compute(self, batch):
+            return MetricValues("single", [1.0] * len(batch.image_ids))
+
+    class Short(FluencyMetric):  # one value too few
+        def compute(self, batch):
+            return [MetricValues("short", [1.0] * (len(batch.image_ids) - 1))]
+
+    class FakeGini(FluencyMetric):  # writes the built-in gini's column
+        def compute(self, batch):
+            return [MetricValues("gini", [0.5] * len(batch.image_ids), "enc5")]
+
+    specs = [MetricSpec(name=n, factory=f) for n, f in (("single", Single), ("short", Short), ("fake-gini", FakeGini))]
+    pm = PluginManager(autoload=False)
+    pm.register(_module("fluency_contracts", fluency_register_metrics=lambda: specs), "fluency_contracts",
+                package="fluency-contracts", version="0.2")
+    cases = [(["single"], r"metric 'single' \(fluency-contracts 0.2\) broke its contract: compute\(\) returned "
+                          r"MetricValues, expected a list of MetricValues"),
+             (["short"], r"metric 'short' \(fluency-contracts 0.2\) broke its contract: 31 values of 'short'"),
+             (["gini", "fake-gini"], r"metric plugins 'gini' \(fluency .*\) and 'fake-gini' \(fluency-contracts 0.2\) "
+                                     r"both write the metric column 'gini'")]
+    for k, (metrics, message) in enumerate(cases):
+        with pytest.raises(FluencyError, match=message):
+            fluency.run(metrics=metrics, out=tmp_path / f"r{k}", manager=pm, progress=False, figures=False,
+                        layers=["enc5"])
+    run = fluency.run(metrics=["gini"], out=tmp_path / "ok", manager=pm, progress=False, figures=False,
+                      layers=["enc5"])
+    with pytest.raises(FluencyError, match="both write the metric column 'gini'"):  # adding it to the run later
+        fluency.measure(run.path, ["fake-gini"], manager=pm, progress=False)
+    assert set(pd.read_parquet(run.path / "metrics.parquet")["metric"]) == {"gini"}

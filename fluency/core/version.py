@@ -12,3 +12,6 @@ STORE_FORMAT_VERSION = 2
 METRIC_TABLE_FORMAT_VERSION = 2
 #: a run folder's manifest.json
 MANIFEST_FORMAT_VERSION = 2
+#: the plugin API (fluency.api, fluency.blocks): a plugin declaring another major version, or a newer minor
+#: one, is listed as broken instead of failing at use time
+PLUGIN_API_VERSION = "1.0"

@@ -12,8 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
-from fluency.core.plugin.architecture import require_attention_layers
-from fluency.core.errors import FluencyError
+from fluency.api import FluencyError, require_attention_layers
 
 
 class AttentionL1(FluencyMetric):

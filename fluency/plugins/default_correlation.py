@@ -28,9 +28,7 @@ import pandas as pd
 from scipy import stats
 
 from fluency import Analysis, AnalysisData, AnalysisSpec, Option, hookimpl
-from fluency.core.plugin.analysis import RESULT_COLUMNS
-from fluency.core.errors import FluencyError
-from fluency.core.stats import DEPENDENT_METHODS, compare_dependent_correlations
+from fluency.api import DEPENDENT_METHODS, FluencyError, RESULT_COLUMNS, compare_dependent_correlations
 
 MIN_N = 3
 BOOT_OPTIONS = {

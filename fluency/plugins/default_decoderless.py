@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
-from fluency.core.errors import FluencyError
+from fluency.api import FluencyError
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -56,10 +56,6 @@ def invert_encoder(model: Any, images: torch.Tensor, steps: int, lr: float, tv: 
 
 
 class Decoderless(FluencyMetric):
-
-    def layers(self, model: object) -> list[str]:
-        return []
-
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
         if batch.model is None:
             raise FluencyError("decoderless needs the model (MetricSpec needs='model')")
@@ -72,7 +68,7 @@ class Decoderless(FluencyMetric):
             out = [MetricValues("decoderless-latent", latent),
                    MetricValues("decoderless-pixel", (n - batch.images).pow(2).flatten(1).mean(1))]
             if o.get("lpips", False):
-                from fluency.core.model.backbones import lpips_model
+                from fluency.blocks import lpips_model
 
                 net = lpips_model(o.get("lpips_net", "alex"), o.get("lpips_weights")).to(n.device)
                 out.append(MetricValues("decoderless-lpips", net(n, batch.images, normalize=True).flatten()))

@@ -36,9 +36,8 @@ import numpy as np
 import torch
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl, units_as_rows
-from fluency.core.errors import FluencyError
-from fluency.core.plugin.layer_options import (ALL_LAYERS, all_layers_options, channel_rows, layer_weights, per_option,
-                                        wants_all_layers, weighted_mean)
+from fluency.api import (ALL_LAYERS, FluencyError, all_layers_options, channel_rows, layer_weights, per_option,
+                         wants_all_layers, weighted_mean)
 
 NEGATIVE_CHOICES = ("abs", "shift")
 #: values (rows × N) sorted at once on a GPU: bounds the float64 working copy at 8 MiB

@@ -14,9 +14,8 @@ from typing import Any
 import torch
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl, units_as_rows
-from fluency.core.errors import FluencyError
-from fluency.core.plugin.layer_options import (ALL_LAYERS, all_layers_options, channel_rows, layer_weights, per_option,
-                                        wants_all_layers, weighted_mean)
+from fluency.api import (ALL_LAYERS, FluencyError, all_layers_options, channel_rows, layer_weights, per_option,
+                         wants_all_layers, weighted_mean)
 
 
 def hoyer_from_norms(l1: torch.Tensor, l2: torch.Tensor, n: int) -> torch.Tensor:

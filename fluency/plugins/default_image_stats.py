@@ -73,10 +73,6 @@ def jpeg_bits_per_pixel(images: torch.Tensor, quality: int) -> torch.Tensor:
 
 
 class ImageStats(FluencyMetric):
-
-    def layers(self, model: object) -> list[str]:
-        return []
-
     @torch.no_grad()
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
         x = batch.images.float().cpu()

@@ -46,9 +46,7 @@ from typing import Any
 import torch
 
 from fluency import ConstraintSpec, Option, hookimpl
-from fluency.core.plugin.architecture import FluencyVAE
-from fluency.core.plugin.constraint import Constraint, require_layers, weight_option
-from fluency.core.errors import FluencyError, OptionError
+from fluency.api import Constraint, FluencyError, FluencyVAE, OptionError, require_layers, weight_option
 
 MAPPINGS = ("sigmoid", "tanh", "clamp")
 UNITS = ("element", "channel")

@@ -17,7 +17,7 @@ With ``normalize=false`` the penalty is the plain L1 norm, dominated by the larg
 from __future__ import annotations
 
 from fluency import ConstraintSpec, Option, hookimpl
-from fluency.core.plugin.constraint import L1Penalty, weight_option
+from fluency.api import L1Penalty, weight_option
 
 
 

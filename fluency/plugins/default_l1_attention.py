@@ -23,10 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from fluency import ConstraintSpec, Option, hookimpl
-from fluency.core.plugin.architecture import FluencyVAE
-from fluency.core.plugin.architecture import require_attention_layers
-from fluency.core.errors import FluencyError
-from fluency.core.plugin.constraint import L1Penalty, weight_option
+from fluency.api import FluencyError, FluencyVAE, L1Penalty, require_attention_layers, weight_option
 
 def attention_layers_of(model: Any) -> list[str]:
     """``model.attention_layers()``, or a :class:`FluencyError` if the model has none."""

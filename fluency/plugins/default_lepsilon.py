@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl, units_as_rows
-from fluency.core.errors import FluencyError
-from fluency.core.plugin.layer_options import ALL_LAYERS, all_layers_options, layer_weights, wants_all_layers, weighted_mean
+from fluency.api import ALL_LAYERS, FluencyError, all_layers_options, layer_weights, wants_all_layers, weighted_mean
 
 MODES = ("absolute", "relative")
 

@@ -15,21 +15,18 @@ from typing import Any
 import torch
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
-from fluency.core.errors import FluencyError
+from fluency.api import FluencyError
 
 
 class LPIPSMetric(FluencyMetric):
-
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self._net: torch.nn.Module | None = None
 
-    def layers(self, model: object) -> list[str]:
-        return []
 
     def net(self, device: torch.device) -> torch.nn.Module:
         if self._net is None:
-            from fluency.core.model.backbones import lpips_model
+            from fluency.blocks import lpips_model
 
             self._net = lpips_model(self.options.get("net", "alex"), self.options.get("weights"))
         return self._net.to(device).eval()

@@ -17,8 +17,7 @@ import numpy as np
 import pandas as pd
 
 from fluency import Analysis, AnalysisData, AnalysisSpec, Option, hookimpl
-from fluency.core.plugin.analysis import RESULT_COLUMNS
-from fluency.core.errors import FluencyError
+from fluency.api import FluencyError, RESULT_COLUMNS
 
 
 def _safe(name: str) -> str:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
-from fluency.core.errors import FluencyError
-from fluency.core.model.losses import LOSSES
+from fluency.api import FluencyError, LOSSES
 
 
 def _reconstruct(batch: MetricBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,10 +23,6 @@ def _reconstruct(batch: MetricBatch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ReconError(FluencyMetric):
-
-    def layers(self, model: object) -> list[str]:
-        return []
-
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
         recon, x = _reconstruct(batch)
         out = []
@@ -39,10 +34,6 @@ class ReconError(FluencyMetric):
 
 
 class ELBO(FluencyMetric):
-
-    def layers(self, model: object) -> list[str]:
-        return []
-
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
         if batch.model is None or not hasattr(batch.loss, "parts"):
             raise FluencyError("elbo needs the model and the checkpoint's loss (MetricSpec needs='model')")

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from fluency import Analysis, AnalysisData, AnalysisSpec, Option, hookimpl
-from fluency.core.plugin.analysis import RESULT_COLUMNS
+from fluency.api import RESULT_COLUMNS
 
 
 def _pipeline(alphas: np.ndarray, per_target: bool = False) -> Any:

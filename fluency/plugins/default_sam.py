@@ -30,7 +30,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
-from fluency.core.errors import FluencyError
+from fluency.api import FluencyError
 
 EPS = 1e-12
 
@@ -71,10 +71,6 @@ VMAP_CPU_BYTES = 512 << 20
 
 class SAMSharpness(FluencyMetric):
     """Per-image SAM sharpness; options ``rho``, ``adaptive``, ``terms``, ``parameters``, ``method``, ``chunk_size``."""
-
-
-    def layers(self, model: Any) -> list[str]:
-        return []
 
     def _loss(self, batch: MetricBatch) -> Callable[[Any, torch.Tensor], torch.Tensor]:
         """The per-image loss the ``terms`` option names: the whole training loss, or one of its parts."""

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fluency import Option, OptimizerSpec, hookimpl
-from fluency.core.errors import FluencyError, OptionError
+from fluency.api import FluencyError, OptionError
 
 EPS = 1e-12
 
@@ -143,7 +143,7 @@ def build_sam(params: Iterable[nn.Parameter], rho: float = 0.05, adaptive: bool 
     the module being trained, used only to keep its BatchNorm statistics to one update per
     step (fluency's training loop passes it).
     """
-    from fluency.core.plugin.manager import get_plugin_manager
+    from fluency.api import get_plugin_manager
 
     if base == "sam":
         raise OptionError("optimizer 'sam': the base optimizer cannot be sam itself")

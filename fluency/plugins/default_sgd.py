@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from fluency import Option, OptimizerSpec, hookimpl
-from fluency.core.errors import OptionError
+from fluency.api import OptionError
 
 
 def build_sgd(params: Iterable[torch.nn.Parameter], lr: float = 0.01, momentum: float = 0.9, nesterov: bool = False,

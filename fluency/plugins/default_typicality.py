@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
-from fluency.core.errors import FluencyError
+from fluency.api import FluencyError
 
 
 def pooled(a: torch.Tensor, max_features: int) -> torch.Tensor:
@@ -87,7 +87,7 @@ class Typicality(FluencyMetric):
         table_path = self.options.get("groups")
         if not table_path:
             return ["all"] * len(ids)
-        from fluency.core.inputs.ratings import read_table
+        from fluency.api import read_table
 
         columns = list(self.options.get("group_columns") or [])
         id_col = self.options.get("id_column", "image_id")
@@ -107,8 +107,8 @@ class Typicality(FluencyMetric):
         folder = self.options.get("reference")
         if not folder:
             return self._ids, {k: np.concatenate(v) for k, v in self._feats.items()}
-        from fluency.core.model.capture import capture_activations
-        from fluency.core.inputs.images import FolderSource, Preprocessing, find_images, iter_batches
+        from fluency.api import capture_activations
+        from fluency.api import FolderSource, Preprocessing, find_images, iter_batches
 
         model, root = self._model, Path(folder)
         if model is None:

@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from fluency import ArchitectureSpec, Option, hookimpl
-from fluency.core.model.blocks import (LATENTS, ArchitectureConfigError, BlockVAE, attention_stages, block_options,
-                                       build_decoder, build_encoder, check_choice, check_image_size, per_block)
+from fluency.blocks import (LATENTS, ArchitectureConfigError, BlockVAE, attention_stages, block_options,
+                            build_decoder, build_encoder, check_choice, check_image_size, per_block)
 
 N_BLOCKS = 5
 BLOCK_NAMES = tuple(f"enc{i}" for i in range(1, N_BLOCKS + 1))

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from fluency import ArchitectureSpec, Option, hookimpl
-from fluency.core.model.backbones import load_features, read_features_state_dict
-from fluency.core.model.blocks import (block_options, ArchitectureConfigError, BlockVAE, EncoderParts, attention_stages, build_decoder,
-                                 build_encoder, check_choice, check_image_size, per_block)
+from fluency.blocks import load_features, read_features_state_dict
+from fluency.blocks import (block_options, ArchitectureConfigError, BlockVAE, EncoderParts, attention_stages,
+                            build_decoder, build_encoder, check_choice, check_image_size, per_block)
 
 N_BLOCKS = 5
 BLOCK_NAMES = tuple(f"enc{i}" for i in range(1, N_BLOCKS + 1))

@@ -43,6 +43,7 @@ import pluggy
 from fluency.core.plugin import hookspecs
 from fluency.core.errors import FluencyError, OptionError, PluginError, error_text
 from fluency.core.plugin.specs import KINDS, SPEC_TYPES, Kind, PluginSpec
+from fluency.core.version import PLUGIN_API_VERSION
 
 T = TypeVar("T")
 
@@ -97,6 +98,22 @@ def read_registry() -> dict[str, Any]:
     """The parsed ``registry.toml`` (built-in plugin modules, option defaults, default analyses)."""
     with open(REGISTRY_PATH, "rb") as fh:
         return tomllib.load(fh)
+
+
+def check_api_version(plugin: object) -> None:
+    """Refuse a plugin whose ``FLUENCY_PLUGIN_API`` ("major[.minor]") this fluency does not provide: another
+    major version, or a newer minor one. A plugin that declares none is assumed compatible."""
+    declared = getattr(plugin, "FLUENCY_PLUGIN_API", None)
+    if declared is None:
+        return
+    match = re.fullmatch(r"(\d+)(?:\.(\d+))?", str(declared).strip())
+    if match is None:
+        raise PluginError(f"incompatible: FLUENCY_PLUGIN_API = {declared!r} is not a version like '1' or '1.0'")
+    have_major, have_minor = (int(x) for x in PLUGIN_API_VERSION.split("."))
+    major, minor = int(match.group(1)), int(match.group(2) or 0)
+    if major != have_major or minor > have_minor:
+        raise PluginError(f"incompatible: built for fluency plugin API {declared}, this fluency provides "
+                          f"{PLUGIN_API_VERSION}; install a version of the plugin made for it")
 
 
 class PluginManager:
@@ -154,6 +171,7 @@ class PluginManager:
         plugin = None
         try:
             plugin = get()
+            check_api_version(plugin)
             self._check_hook_names(plugin)
             self.pm.register(plugin, name=name)
             specs = self._call_hooks(plugin)

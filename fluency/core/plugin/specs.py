@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from fluency.core.errors import FluencyError
 from fluency.core.plugin.options import Option, resolve_options
 
 Kind = Literal["architecture", "constraint", "optimizer", "metric", "analysis"]
@@ -43,6 +44,10 @@ class PluginSpec:
         for key, opt in self.options.items():
             if not isinstance(opt, Option):
                 raise ValueError(f"{self.kind} {self.name!r}: option {key!r} is not a fluency Option")
+            try:  # a default that fails its own type, choices or bounds is the plugin's error, not the user's
+                opt.validate(opt.default, f"{self.kind} {self.name!r}: the default of option {key!r}")
+            except FluencyError as exc:
+                raise ValueError(str(exc)) from None
 
     def load(self) -> Callable[..., Any]:
         """Return the factory, importing it first if it is a ``"module:attribute"`` string."""
@@ -94,12 +99,22 @@ class MetricSpec(PluginSpec):
     them, e.g. low-level statistics; ``fluency measure`` computes these only with
     ``--images``) or ``"model"`` (the model, the images and the loss: only in a run with the
     checkpoint).
-    ``higher_is_more_fluent`` is ``True``, ``False`` or ``None`` (no direction).
+    ``higher_is_more_fluent`` is ``True``, ``False`` or ``None`` (no direction): the one place a
+    metric's direction is declared. ``reads_layers`` overrides whether activations are captured for
+    it (default: only for ``needs="activations"``).
     """
 
     kind: ClassVar[Kind] = "metric"
     needs: Literal["activations", "images", "model"] = "activations"
     higher_is_more_fluent: bool | None = None
+    reads_layers: bool | None = None
+
+    @property
+    def reads_activations(self) -> bool:
+        """Whether fluency captures (or reads from a store) the layers the metric's ``layers()`` names:
+        ``reads_layers``, by default true exactly for ``needs="activations"``. A model or image metric
+        reads none, with no ``layers()`` override needed."""
+        return self.needs == "activations" if self.reads_layers is None else bool(self.reads_layers)
 
     def check(self) -> None:
         super().check()

@@ -41,7 +41,7 @@ from fluency.core.progress import progress_bar
 from fluency.core.run.analyse import analyse
 from fluency.core.run.folder import (MANIFEST, RunResult, new_run_dir, now, outputs, read_manifest, versions,
                                      write_manifest)
-from fluency.core.run.measuring import CheckpointMetrics, MetricParts
+from fluency.core.run.measuring import CheckpointMetrics, MetricParts, column_clash
 from fluency.core.run.store import MARKER, ActivationStore
 from fluency.core.run.tables import MERGED, merge_tables, part_name, read_metric_table
 
@@ -283,6 +283,10 @@ def measure(target: str | Path, metrics: Sequence[str], *, analyses: Sequence[st
     staged = plan.out_dir / (MERGED + ".new")
     try:
         timings = _measure_stores(plan, parts, manager, batch_size, images, console)
+        for column, plugin in parts.columns.items():
+            owner = ((manifest.get("metric_columns") or {}).get(column) or {}).get("plugin", plugin)
+            if plan.in_place and owner != plugin and owner not in plan.dropped:
+                raise column_clash(manager, column, owner, plugin)
         old = [plan.out_dir / MERGED] if plan.in_place and (plan.out_dir / MERGED).exists() else []
         dropped_columns = [c for name in plan.dropped for c in plan.existing[name]["columns"]]
         merge_tables(old + parts.files(), staged, replaced={p: dropped_columns for p in old})

@@ -25,6 +25,13 @@ from fluency.core.run.tables import MetricTableWriter, part_name
 Resolved = Mapping[tuple[str, str], Mapping[str, Any]]
 
 
+def column_clash(manager: PluginManager, column: str, first: str, second: str) -> FluencyError:
+    """Two metric plugins writing the same metric column: their rows would be mixed in every analysis."""
+    return FluencyError(f"metric plugins {first!r} ({plugin_version(manager, 'metric', first)}) and {second!r} "
+                        f"({plugin_version(manager, 'metric', second)}) both write the metric column {column!r}; "
+                        "their rows would be mixed: measure one of them, or rename the other's column")
+
+
 class MetricParts:
     """The metric-table parts of one run: ``metrics/<plugin>-<options hash>.parquet``, opened on first use."""
 
@@ -50,8 +57,7 @@ class MetricParts:
                 options_hash=info["options_hash"])
         owner = self.columns.setdefault(values.metric, plugin)
         if owner != plugin:
-            raise FluencyError(f"metrics {owner!r} and {plugin!r} both write the column {values.metric!r}; "
-                               "measure them in separate runs")
+            raise column_clash(self.manager, values.metric, owner, plugin)
         writer.write(checkpoint, values.metric, values.layer, image_ids, values.as_numpy())
 
     def metric_columns(self) -> dict[str, dict[str, Any]]:
@@ -85,7 +91,8 @@ class CheckpointMetrics:
         """Every layer any of the metrics reads, in first-use order."""
         names: list[str] = []
         for name, metric in self.instances.items():
-            names += guarded(self.manager, "metric", name, lambda m=metric: m.layers(model))
+            if self.specs[name].reads_activations:
+                names += guarded(self.manager, "metric", name, lambda m=metric: m.layers(model))
         return list(dict.fromkeys(names))
 
     def compute(self, batch: MetricBatch, checkpoint: str, parts: MetricParts,
@@ -95,8 +102,9 @@ class CheckpointMetrics:
             if on_metric is not None:
                 on_metric(name)
             own = batch if self.specs[name].needs == "model" or batch.loss is None else _without_loss(batch)
-            for values in guarded(self.manager, "metric", name, lambda m=metric, b=own: m.compute(b)):
-                parts.write(name, checkpoint, batch.image_ids, values)
+            returned = guarded(self.manager, "metric", name, lambda m=metric, b=own: m.compute(b))
+            for values in self._checked(name, "compute()", returned):
+                self._write(parts, name, checkpoint, batch.image_ids, values)
 
     def finish(self, checkpoint: str, parts: MetricParts, state_dir: Path) -> None:
         """Values that need the whole set, and each metric's fitted state (``state_dir/<metric>.pt``)."""
@@ -108,8 +116,33 @@ class CheckpointMetrics:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(path) as tmp:
                     torch.save(state, tmp)
-            for ids, values in finished:
-                parts.write(name, checkpoint, ids, values)
+            for pair in self._checked(name, "finish()", finished, pairs=True):
+                self._write(parts, name, checkpoint, pair[0], pair[1])
+
+    def _broken(self, name: str, what: str) -> FluencyError:
+        return FluencyError(f"metric {name!r} ({plugin_version(self.manager, 'metric', name)}) broke its contract: "
+                            f"{what}")
+
+    def _checked(self, name: str, call: str, returned: Any, pairs: bool = False) -> list[Any]:
+        """What ``compute()``/``finish()`` returned, if it has the contract's shape; else one line naming the plugin."""
+        expected = "a list of (image_ids, MetricValues) pairs" if pairs else "a list of MetricValues"
+        if not isinstance(returned, (list, tuple)):
+            raise self._broken(name, f"{call} returned {type(returned).__name__}, expected {expected}")
+        for item in returned:
+            values = item[1] if pairs and isinstance(item, (list, tuple)) and len(item) == 2 else item
+            if not isinstance(values, MetricValues):
+                raise self._broken(name, f"{call} returned a {type(item).__name__} in its list, expected {expected}")
+        return list(returned)
+
+    def _write(self, parts: MetricParts, name: str, checkpoint: str, ids: Sequence[str], values: MetricValues) -> None:
+        try:
+            numbers = values.as_numpy()
+        except (TypeError, ValueError) as exc:
+            raise self._broken(name, f"the values of {values.metric!r} are not numbers ({exc})") from None
+        if len(numbers) != len(ids):
+            raise self._broken(name, f"{len(numbers)} values of {values.metric!r} (layer {values.layer!r}) for "
+                                     f"{len(ids)} images; give one value per image")
+        parts.write(name, checkpoint, ids, values)
 
 
 def _without_loss(batch: MetricBatch) -> MetricBatch:

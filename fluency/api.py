@@ -1,0 +1,52 @@
+"""The plugin API: everything a fluency plugin may import, in one module (built-in plugins use nothing else).
+
+Names are grouped by the plugin kind that needs them; the building blocks of architectures are in
+:mod:`fluency.blocks`. A plugin module may declare the API version it was written for::
+
+    FLUENCY_PLUGIN_API = "1"        # major[.minor]
+
+fluency loads it when the major versions agree and the plugin's minor version is not newer than
+:data:`PLUGIN_API_VERSION`'s; otherwise ``fluency plugins`` lists it as ``broken`` ("built for plugin
+API 2, this fluency provides 1.0") and the rest keeps working.
+"""
+
+from __future__ import annotations
+
+from fluency.core.errors import FluencyError, InputError, OptionError
+from fluency.core.inputs.images import FolderSource, Preprocessing, find_images, iter_batches
+from fluency.core.inputs.ratings import read_table
+from fluency.core.model.capture import capture_activations
+from fluency.core.model.losses import LOSSES
+from fluency.core.plugin.analysis import RESULT_COLUMNS, Analysis, AnalysisData
+from fluency.core.plugin.architecture import FluencyVAE, VAEOutput, require_attention_layers
+from fluency.core.plugin.constraint import Constraint, L1Penalty, require_layers, weight_option
+from fluency.core.plugin.hookspecs import hookimpl
+from fluency.core.plugin.layer_options import (ALL_LAYERS, all_layers_options, channel_rows, layer_weights,
+                                               per_option, wants_all_layers, weighted_mean)
+from fluency.core.plugin.manager import get_plugin_manager
+from fluency.core.plugin.metric import FluencyMetric, MetricBatch, MetricValues, ModelDescription, units_as_rows
+from fluency.core.plugin.options import Option
+from fluency.core.plugin.specs import AnalysisSpec, ArchitectureSpec, ConstraintSpec, MetricSpec, OptimizerSpec
+from fluency.core.run.store import ActivationStore
+from fluency.core.stats import DEPENDENT_METHODS, compare_dependent_correlations, fdr_bh
+from fluency.core.version import PLUGIN_API_VERSION
+
+__all__ = [
+    # declaring plugins
+    "PLUGIN_API_VERSION", "hookimpl", "Option",
+    "ArchitectureSpec", "ConstraintSpec", "OptimizerSpec", "MetricSpec", "AnalysisSpec",
+    "FluencyError", "OptionError", "InputError",
+    # metrics
+    "FluencyMetric", "MetricBatch", "MetricValues", "ModelDescription", "units_as_rows",
+    "ALL_LAYERS", "all_layers_options", "per_option", "wants_all_layers", "layer_weights", "weighted_mean",
+    "channel_rows", "LOSSES", "capture_activations", "FolderSource", "Preprocessing", "find_images",
+    "iter_batches", "read_table", "ActivationStore",
+    # analyses
+    "Analysis", "AnalysisData", "RESULT_COLUMNS", "fdr_bh", "compare_dependent_correlations", "DEPENDENT_METHODS",
+    # constraints
+    "Constraint", "L1Penalty", "require_layers", "weight_option",
+    # architectures (building blocks: fluency.blocks)
+    "FluencyVAE", "VAEOutput", "require_attention_layers",
+    # optimizers that wrap another optimizer plugin
+    "get_plugin_manager",
+]
