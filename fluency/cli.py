@@ -13,7 +13,7 @@ from rich.table import Table
 
 from fluency.core.version import __version__
 from fluency.core.model.devices import DEVICES
-from fluency.core.errors import FluencyError
+from fluency.core.errors import FluencyError, PluginFailure
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager
 from fluency.core.plugin.specs import KINDS
 
@@ -33,13 +33,24 @@ def _jsonable(df: Any) -> list[dict[str, Any]]:
     return json.loads(df.to_json(orient="records"))
 
 
+#: set by --debug: errors are shown with their traceback
+_DEBUG = {"on": False}
+
+
+def _set_debug(_ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    _DEBUG["on"] = bool(value)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fluency")
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+              help="Show the traceback of an error (e.g. a failing plugin) instead of one line.")
 def cli() -> None:
     """fluency: measure how fluently a brain-like VAE processes images, and test it against beauty ratings.
 
     Plugins: FLUENCY_DISABLE_PLUGIN_AUTOLOAD=1 skips third-party plugins, FLUENCY_BLOCK_PLUGINS=pkg,...
-    skips some, FLUENCY_STRICT_PLUGINS=1 makes a broken plugin an error.
+    skips some, FLUENCY_STRICT_PLUGINS=1 makes a broken plugin an error. Exit status: 0 done, 2 a user
+    error, 3 a plugin that failed or broke its contract, 130 interrupted.
     """
 
 
@@ -462,8 +473,13 @@ def main() -> None:
     except FluencyError as exc:
         from rich.markup import escape
 
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        if _DEBUG["on"]:
+            err.print_exception()
+        plugin = isinstance(exc, PluginFailure)
+        err.print(f"[red]{'plugin error' if plugin else 'error'}:[/red] {escape(str(exc))}"
+                  + ("" if _DEBUG["on"] or not plugin else " (--debug shows the traceback)"),
+                  highlight=False, soft_wrap=True)
+        sys.exit(3 if plugin else 2)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]: finished results are kept in the run folder (see manifest.json)")
         sys.exit(130)

@@ -352,3 +352,27 @@ def test_contract_violations_and_column_clashes_are_one_line_naming_the_plugin(t
     with pytest.raises(FluencyError, match="both write the metric column 'gini'"):  # adding it to the run later
         fluency.measure(run.path, ["fake-gini"], manager=pm, progress=False)
     assert set(pd.read_parquet(run.path / "metrics.parquet")["metric"]) == {"gini"}
+
+
+def test_a_failing_plugin_exits_with_its_own_status_and_debug_shows_the_traceback(tmp_path: Path, monkeypatch,
+                                                                                  capsys) -> None:
+    from fluency import cli as cli_module
+    from fluency.plugins.default_gini import Gini
+
+    def explode(self, batch):
+        raise RuntimeError("metric exploded")
+
+    monkeypatch.setattr(Gini, "compute", explode)
+    for debug, k in (([], 0), (["--debug"], 1)):
+        monkeypatch.setattr(sys, "argv", ["fluency", *debug, "run", "--metric", "gini", "--layers", "enc5",
+                                          "--no-figures", "--no-report", "--out", str(tmp_path / f"r{k}")])
+        with pytest.raises(SystemExit) as stop:
+            cli_module.main()
+        assert stop.value.code == 3
+        text = capsys.readouterr().err
+        assert "plugin error: metric 'gini' (fluency" in text and "failed: RuntimeError: metric exploded" in text
+        assert ("Traceback" in text) is bool(debug)
+    monkeypatch.setattr(sys, "argv", ["fluency", "run", "--metric", "nosuch", "--out", str(tmp_path / "u")])
+    with pytest.raises(SystemExit) as stop:
+        cli_module.main()
+    assert stop.value.code == 2  # a user error keeps status 2

@@ -19,6 +19,11 @@ class PluginError(FluencyError):
     """A plugin that is unknown, broken, blocked or clashing with another one."""
 
 
+class PluginFailure(FluencyError):
+    """Plugin code that failed, or broke its contract, while fluency used it: the plugin's fault, not the
+    user's (the command line exits with status 3 instead of 2)."""
+
+
 class InputError(FluencyError):
     """Bad user input: an unreadable image, a malformed ratings table, a missing file."""
 

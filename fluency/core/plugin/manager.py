@@ -41,7 +41,7 @@ from typing import Any, Literal, TypeVar
 import pluggy
 
 from fluency.core.plugin import hookspecs
-from fluency.core.errors import FluencyError, OptionError, PluginError, error_text
+from fluency.core.errors import FluencyError, OptionError, PluginError, PluginFailure, error_text
 from fluency.core.plugin.specs import KINDS, SPEC_TYPES, Kind, PluginSpec
 from fluency.core.version import PLUGIN_API_VERSION
 
@@ -296,5 +296,5 @@ def guarded(manager: PluginManager, kind: str, name: str, call: Callable[[], T])
     except FluencyError:
         raise
     except Exception as exc:
-        raise FluencyError(f"{kind} {name!r} ({plugin_version(manager, kind, name)}) failed: {error_text(exc)}") \
+        raise PluginFailure(f"{kind} {name!r} ({plugin_version(manager, kind, name)}) failed: {error_text(exc)}") \
             from exc

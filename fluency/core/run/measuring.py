@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fluency.core.atomic import atomic_path
-from fluency.core.errors import FluencyError
+from fluency.core.errors import PluginFailure
 from fluency.core.hashing import options_hash
 from fluency.core.plugin.manager import PluginManager, guarded, plugin_version
 from fluency.core.plugin.metric import FluencyMetric, MetricBatch, MetricValues, ModelDescription
@@ -25,9 +25,9 @@ from fluency.core.run.tables import MetricTableWriter, part_name
 Resolved = Mapping[tuple[str, str], Mapping[str, Any]]
 
 
-def column_clash(manager: PluginManager, column: str, first: str, second: str) -> FluencyError:
+def column_clash(manager: PluginManager, column: str, first: str, second: str) -> PluginFailure:
     """Two metric plugins writing the same metric column: their rows would be mixed in every analysis."""
-    return FluencyError(f"metric plugins {first!r} ({plugin_version(manager, 'metric', first)}) and {second!r} "
+    return PluginFailure(f"metric plugins {first!r} ({plugin_version(manager, 'metric', first)}) and {second!r} "
                         f"({plugin_version(manager, 'metric', second)}) both write the metric column {column!r}; "
                         "their rows would be mixed: measure one of them, or rename the other's column")
 
@@ -119,8 +119,8 @@ class CheckpointMetrics:
             for pair in self._checked(name, "finish()", finished, pairs=True):
                 self._write(parts, name, checkpoint, pair[0], pair[1])
 
-    def _broken(self, name: str, what: str) -> FluencyError:
-        return FluencyError(f"metric {name!r} ({plugin_version(self.manager, 'metric', name)}) broke its contract: "
+    def _broken(self, name: str, what: str) -> PluginFailure:
+        return PluginFailure(f"metric {name!r} ({plugin_version(self.manager, 'metric', name)}) broke its contract: "
                             f"{what}")
 
     def _checked(self, name: str, call: str, returned: Any, pairs: bool = False) -> list[Any]:
