@@ -158,3 +158,24 @@ def test_the_public_modules_ship_typed_and_complete() -> None:
         missing = [name for name in module.__all__ if not hasattr(module, name)]
         assert missing == [], (module.__name__, missing)
     assert fluency.api.PLUGIN_API_VERSION == "1.0"
+
+
+def test_every_public_name_is_documented() -> None:
+    """Every class and function of the public modules, and their public methods, has a docstring (inherited
+    docstrings count): the reference is generated from them."""
+    import inspect
+
+    import fluency.api
+    import fluency.blocks
+
+    missing = []
+    for module in (fluency, fluency.api, fluency.blocks):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and not inspect.getdoc(obj):
+                missing.append(f"{module.__name__}.{name}")
+            if inspect.isclass(obj):
+                missing += [f"{module.__name__}.{name}.{attr}" for attr, member in vars(obj).items()
+                            if not attr.startswith("_") and inspect.isfunction(member)
+                            and not inspect.getdoc(getattr(obj, attr))]
+    assert missing == []

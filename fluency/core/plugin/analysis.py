@@ -43,4 +43,5 @@ class Analysis:
         self.options = options
 
     def run(self, data: AnalysisData) -> pd.DataFrame:
+        """One row per test on ``data`` (the metric table and the ratings of the analysed images)."""
         raise NotImplementedError

@@ -50,12 +50,14 @@ class ModelDescription:
         return cls(architecture, tuple(model.default_metric_layers), attention, checkpoint, sha256, shape)
 
     def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, as the store's ``_COMPLETE.json`` records it (:meth:`from_dict` reads it back)."""
         return {"architecture": self.architecture, "default_metric_layers": list(self.default_metric_layers),
                 "attention_layers": list(self.attention), "checkpoint": self.checkpoint,
                 "checkpoint_sha256": self.checkpoint_sha256, "input_shape": list(self.input_shape)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelDescription:
+        """The description recorded by :meth:`as_dict` (missing fields take their defaults)."""
         return cls(str(data.get("architecture", "")), tuple(data.get("default_metric_layers") or ()),
                    tuple(data.get("attention_layers") or ()), str(data.get("checkpoint", "")),
                    str(data.get("checkpoint_sha256", "")), tuple(data.get("input_shape") or ()))
@@ -94,6 +96,7 @@ class MetricValues:
     layer: str | None = None
 
     def as_numpy(self) -> np.ndarray:
+        """The values as a flat float64 numpy array (from a tensor on any device, or a sequence)."""
         v = self.values.detach().cpu().double().numpy() if isinstance(self.values, torch.Tensor) else self.values
         return np.asarray(v, dtype=np.float64).reshape(-1)
 

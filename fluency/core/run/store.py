@@ -291,12 +291,15 @@ class ActivationStore:
         return self.meta["layers"][layer]
 
     def shape(self, layer: str) -> tuple[int, ...]:
+        """The shape of one image\'s activations in ``layer``."""
         return tuple(self._layer(layer)["shape"])
 
     def dtype(self, layer: str) -> np.dtype:
+        """The stored value type of ``layer`` (float16 or float32; readers hand metrics float32)."""
         return DTYPES[self._layer(layer)["dtype"]]
 
     def num_rows(self, layer: str) -> int:
+        """The number of images stored for ``layer``."""
         return int(self._layer(layer)["rows"])
 
     def iter_batches(self, layer: str, batch_size: int = 256) -> Iterator[tuple[list[str], np.ndarray]]:
