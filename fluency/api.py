@@ -24,7 +24,8 @@ from fluency.core.plugin.hookspecs import hookimpl
 from fluency.core.plugin.layer_options import (ALL_LAYERS, all_layers_options, channel_rows, layer_weights,
                                                per_option, wants_all_layers, weighted_mean)
 from fluency.core.plugin.manager import get_plugin_manager
-from fluency.core.plugin.metric import FluencyMetric, MetricBatch, MetricValues, ModelDescription, units_as_rows
+from fluency.core.plugin.metric import (FluencyMetric, MetricBatch, MetricValues, ModelDescription, per_image_noise,
+                                         units_as_rows)
 from fluency.core.plugin.options import Option
 from fluency.core.plugin.specs import AnalysisSpec, ArchitectureSpec, ConstraintSpec, MetricSpec, OptimizerSpec
 from fluency.core.run.store import ActivationStore
@@ -37,7 +38,7 @@ __all__ = [
     "ArchitectureSpec", "ConstraintSpec", "OptimizerSpec", "MetricSpec", "AnalysisSpec",
     "FluencyError", "OptionError", "InputError",
     # metrics
-    "FluencyMetric", "MetricBatch", "MetricValues", "ModelDescription", "units_as_rows",
+    "FluencyMetric", "MetricBatch", "MetricValues", "ModelDescription", "units_as_rows", "per_image_noise",
     "ALL_LAYERS", "all_layers_options", "per_option", "wants_all_layers", "layer_weights", "weighted_mean",
     "channel_rows", "LOSSES", "capture_activations", "FolderSource", "Preprocessing", "find_images",
     "iter_batches", "read_table", "ActivationStore",

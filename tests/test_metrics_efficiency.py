@@ -127,6 +127,15 @@ def test_lpips_properties_with_a_random_backbone(tmp_path: Path) -> None:
     metric = LPIPSMetric(net="alex", weights=str(tmp_path / "alex.pth"), samples=0)
     (v,) = metric.compute(MetricBatch(["a", "b"], a, model=Shifted(0.0)))
     assert np.allclose(v.as_numpy(), 0.0, atol=1e-7)
+    # with sampled z, each image's draws depend on the seed and its id, not on the batch it is in
+    from fluency.plugins.default_vae_small import VAESmall
+
+    vae = VAESmall(image_size=64, latent_dim=4, channels=[4, 4, 4, 4, 4], decoder_channels=[4, 4, 4, 4, 4]).eval()
+    sampled = LPIPSMetric(net="alex", weights=str(tmp_path / "alex.pth"), samples=2)
+    with torch.no_grad():
+        (both,) = sampled.compute(MetricBatch(["a", "b"], a, model=vae, seed=3))
+        (second,) = sampled.compute(MetricBatch(["b"], a[1:], model=vae, seed=3))
+    assert np.allclose(second.as_numpy(), both.as_numpy()[1:], atol=1e-6)
 
 
 def test_lpips_without_weights_says_where_to_put_them(tmp_path: Path, monkeypatch) -> None:

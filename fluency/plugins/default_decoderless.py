@@ -15,13 +15,13 @@ loss is a sum over images, so each gets its own gradient).
 
 from __future__ import annotations
 
-import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
-from fluency.api import FluencyError
+from fluency.api import FluencyError, per_image_noise
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -31,12 +31,15 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return dh + dw
 
 
-def invert_encoder(model: Any, images: torch.Tensor, steps: int, lr: float, tv: float, seed: int) -> torch.Tensor:
-    """Images whose latent means match those of ``images``, found from seeded noise."""
+def invert_encoder(model: Any, images: torch.Tensor, steps: int, lr: float, tv: float, seed: int,
+                   image_ids: Sequence[str] | None = None) -> torch.Tensor:
+    """Images whose latent means match those of ``images``, found from noise seeded per image (by ``seed`` and
+    the image's id; default ids: the row numbers). Every image's loss and Adam state are its own, so the
+    result does not depend on which other images share the batch."""
     with torch.no_grad():
         target = model.encode(images)[0]
-    gen = torch.Generator(device=images.device).manual_seed(seed)
-    logits = torch.randn(images.shape, generator=gen, device=images.device, dtype=images.dtype).mul_(0.1)
+    ids = [str(i) for i in range(len(images))] if image_ids is None else list(image_ids)
+    logits = per_image_noise(seed, ids, images.shape[1:], images.device, images.dtype).mul_(0.1)
     logits.requires_grad_(True)
     opt = torch.optim.Adam([logits], lr=lr)
     frozen = [p.requires_grad for p in model.parameters()]
@@ -60,9 +63,8 @@ class Decoderless(FluencyMetric):
         if batch.model is None:
             raise FluencyError("decoderless needs the model (MetricSpec needs='model')")
         o = self.options
-        seed = int(batch.seed) * 1_000_003 + zlib.crc32("\n".join(map(str, batch.image_ids)).encode())
         n = invert_encoder(batch.model, batch.images, int(o.get("steps", 200)), float(o.get("lr", 0.05)),
-                           float(o.get("tv_weight", 0.0)), seed)
+                           float(o.get("tv_weight", 0.0)), batch.seed, batch.image_ids)
         with torch.no_grad():
             latent = (batch.model.encode(n)[0] - batch.model.encode(batch.images)[0]).pow(2).sum(1)
             out = [MetricValues("decoderless-latent", latent),

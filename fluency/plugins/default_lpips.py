@@ -2,20 +2,19 @@
 
 Lower = the model's reconstruction is perceptually closer = more efficient processing. The
 reconstruction uses z = μ (deterministic); with ``samples`` = k > 0 it is instead the mean
-LPIPS over k reconstructions from z ~ N(μ, σ²), drawn from a generator seeded by the run's
-seed, so the numbers repeat. LPIPS version 0.1, inputs in [0, 1] (``normalize=True``); the
+LPIPS over k reconstructions from z ~ N(μ, σ²), each image's draws seeded by the run's seed
+and its id alone, so the numbers repeat and do not depend on the batch size or order. LPIPS version 0.1, inputs in [0, 1] (``normalize=True``); the
 network is frozen and in eval mode. Backbone weights: see :mod:`fluency.core.model.backbones`.
 """
 
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
 import torch
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
-from fluency.api import FluencyError
+from fluency.api import FluencyError, per_image_noise
 
 
 class LPIPSMetric(FluencyMetric):
@@ -40,12 +39,11 @@ class LPIPSMetric(FluencyMetric):
             recon = batch.model(x, sample=False).recon
             return [MetricValues("lpips", net(recon, x, normalize=True).flatten())]
         mu, logvar = batch.model.encode(x)
-        # seeded by the run's seed and the batch's ids (not Python's per-process hash): repeatable
-        key = zlib.crc32("\n".join(map(str, batch.image_ids)).encode())
-        gen = torch.Generator(device=x.device).manual_seed(int(batch.seed) * 1_000_003 + key)
+        # each image's k draws depend on the run's seed and its id alone, not on the batch
+        noise = per_image_noise(batch.seed, batch.image_ids, (k, *mu.shape[1:]), x.device, mu.dtype)
         total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        for _ in range(k):
-            z = mu + torch.randn(mu.shape, generator=gen, device=x.device, dtype=mu.dtype) * torch.exp(0.5 * logvar)
+        for s in range(k):
+            z = mu + noise[:, s] * torch.exp(0.5 * logvar)
             total += net(batch.model.decode(z), x, normalize=True).flatten().double()
         return [MetricValues("lpips", total / k)]
 

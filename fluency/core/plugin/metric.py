@@ -9,6 +9,8 @@ returns its values from :meth:`FluencyMetric.finish`.
 
 from __future__ import annotations
 
+import zlib
+
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,3 +163,16 @@ class FluencyMetric:
     def state(self) -> dict[str, Any] | None:
         """Fitted state to save with the run (tensors and plain types, loadable with ``weights_only=True``)."""
         return None
+
+
+def per_image_noise(seed: int, image_ids: Sequence[str], shape: Sequence[int], device: torch.device | str | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise of ``shape`` for each image (B×shape), each drawn from a generator seeded by the
+    run's ``seed`` and that image's id alone (crc32, not Python's per-process hash): a metric that draws
+    random numbers through it gives values that depend neither on the batch size nor on the order."""
+    out = torch.empty((len(image_ids), *shape), device=device, dtype=dtype)
+    for row, image_id in enumerate(image_ids):
+        key = (int(seed) * 1_000_003 + zlib.crc32(str(image_id).encode("utf-8"))) % (1 << 63)
+        generator = torch.Generator(device=out.device).manual_seed(key)
+        out[row] = torch.randn(tuple(shape), generator=generator, device=out.device, dtype=dtype)
+    return out
