@@ -481,3 +481,12 @@ def test_more_bad_stores_and_imports_are_one_line(float32_run, tmp_path: Path) -
         assert proc.returncode == 2 and "describes layer 'enc5' wrongly" in proc.stderr, proc.stderr
     proc = cli("store", "info", str(float32_run.path))
     assert proc.returncode == 2 and "is not an activation store but holds stores" in proc.stderr
+
+
+def test_attention_metric_on_a_store_without_attention_says_so(tmp_path: Path) -> None:
+    result = fluency.run(metrics=["gini"], out=tmp_path / "r", figures=False, progress=False, layers=["enc5"])
+    with pytest.raises(FluencyError, match=r"model \(architecture vae-small\) has no attention layers: measure a "
+                                           r"model trained with"):
+        fluency.measure(result.path / "activations" / "default", ["attention-l1"], out=tmp_path / "m",
+                        progress=False)
+    assert not (tmp_path / "m").exists()  # nothing left behind by the failed measure
