@@ -27,6 +27,15 @@ def fsync_dir(path: str | Path) -> None:
         pass
 
 
+def publish(partial: str | Path, path: str | Path) -> None:
+    """Make a finished ``partial`` file durable and rename it onto ``path`` (the rename made durable too):
+    how a writer that streams into ``NAME.partial`` says it is complete."""
+    with open(partial, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(partial, path)
+    fsync_dir(Path(path).parent)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` for the caller to write.

@@ -110,11 +110,7 @@ class Typicality(FluencyMetric):
         from fluency.api import capture_activations
         from fluency.api import FolderSource, Preprocessing, find_images, iter_batches
 
-        model, root = self._model, Path(folder)
-        if model is None:
-            raise FluencyError("typicality: the 'reference' option needs the model to measure the reference images; "
-                               "measuring a store has none: use `fluency run` with the checkpoint, or pass a saved "
-                               "'fit'")
+        model, root = self._model, Path(folder)  # compute() refused a batch without a model already
         channels, size, _ = model.input_shape
         files = find_images(root)
         source = FolderSource(root, {p.relative_to(root).with_suffix("").as_posix(): p for p in files},

@@ -269,8 +269,7 @@ def measure_checkpoint(loaded: LoadedCheckpoint, stimuli: Stimuli, the_plan: Run
     model = loaded.model.to(the_plan.device).eval()
     description = ModelDescription.of(model, loaded.architecture, loaded.label, loaded.sha256)
     metrics = CheckpointMetrics(manager, the_plan.metric_specs, the_plan.resolved)
-    read = metrics.layers(description)
-    check_layers(model, read)
+    read = metrics.layers(description)  # unknown layers: capture_activations names them
     stored = stored_layers(config, read, description, model)
     capture = list(dict.fromkeys([*read, *stored]))
     channels, size, _ = model.input_shape

@@ -28,10 +28,10 @@ The metric tables are in :mod:`fluency.core.run.tables`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
+from functools import cached_property
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from fluency.core.atomic import atomic_write_json, fsync_dir
+from fluency.core.atomic import atomic_write_json, fsync_dir, publish
 from fluency.core.errors import StoreError
 from fluency.core.plugin.metric import MetricBatch, ModelDescription
 from fluency.core.version import STORE_FORMAT_VERSION as FORMAT_VERSION
@@ -49,11 +49,6 @@ from fluency.core.version import STORE_FORMAT_VERSION as FORMAT_VERSION
 FORMAT = "fluency-activation-store"
 MARKER = "_COMPLETE.json"
 DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
 
 
 class _LayerWriter:
@@ -96,8 +91,7 @@ class _LayerWriter:
     def close(self) -> dict[str, Any]:
         self._flush()
         self.writer.close()
-        _fsync(self.partial)
-        os.replace(self.partial, self.path)
+        publish(self.partial, self.path)
         return {"shape": list(self.shape), "dtype": self.dtype.name, "rows": self.rows, "file": self.path.name}
 
 
@@ -256,7 +250,7 @@ class ActivationStore:
     def format_version(self) -> int:
         return int(self.meta["format_version"])
 
-    @property
+    @cached_property
     def description(self) -> ModelDescription:
         """The model the activations came from; for a store without one (version 1, or written without a
         model) the default metric layers are the stored layers, which is what version 1 stored."""
@@ -277,9 +271,9 @@ class ActivationStore:
         name = self.path.resolve().name
         return name if _SAFE_LABEL.fullmatch(name) else "store"
 
-    @property
+    @cached_property
     def image_ids(self) -> list[str]:
-        """The image ids of the store, in row order (read from the first layer's id column)."""
+        """The image ids of the store, in row order (read once from the first layer's id column)."""
         if not self.layers:
             return []
         with pq.ParquetFile(self._file(self.layers[0])) as pf:

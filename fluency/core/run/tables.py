@@ -18,7 +18,6 @@ than this fluency knows is refused with one line.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -29,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fluency.core.atomic import atomic_path, fsync_dir
+from fluency.core.atomic import atomic_path, publish
 from fluency.core.errors import StoreError
 from fluency.core.version import METRIC_TABLE_FORMAT_VERSION as FORMAT_VERSION
 
@@ -46,11 +45,6 @@ METRIC_SCHEMA = pa.schema(_ROW_FIELDS + _PART_FIELDS,
 def part_name(plugin: str, options_hash: str) -> str:
     """The file name of a metric part, relative to the run folder."""
     return f"{PARTS_DIR}/{plugin}-{options_hash}.parquet"
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
 
 
 class MetricTableWriter:
@@ -107,9 +101,7 @@ class MetricTableWriter:
         self.closed = True
         self.flush()
         self.writer.close()
-        _fsync(self.partial)
-        os.replace(self.partial, self.path)
-        fsync_dir(self.path.parent)
+        publish(self.partial, self.path)
 
     def abort(self) -> None:
         """Keep the rows written so far in ``PATH.partial`` (not renamed)."""
