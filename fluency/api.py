@@ -18,7 +18,9 @@ from fluency.core.inputs.ratings import read_table
 from fluency.core.model.capture import capture_activations
 from fluency.core.model.losses import LOSSES
 from fluency.core.plugin.analysis import RESULT_COLUMNS, Analysis, AnalysisData
-from fluency.core.plugin.architecture import FluencyVAE, VAEOutput, require_attention_layers
+from fluency.core.plugin.architecture import (EncoderOutput, FlowOutput, FluencyEncoder, FluencyFlow, FluencyModel,
+                                               FluencyVAE, ObjectiveSettings, VAEOutput, kl_divergence,
+                                               require_attention_layers)
 from fluency.core.plugin.constraint import Constraint, L1Penalty, require_layers, weight_option
 from fluency.core.plugin.hookspecs import hookimpl
 from fluency.core.plugin.layer_options import (ALL_LAYERS, all_layers_options, channel_rows, layer_weights,
@@ -27,7 +29,8 @@ from fluency.core.plugin.manager import get_plugin_manager
 from fluency.core.plugin.metric import (FluencyMetric, MetricBatch, MetricValues, ModelDescription, per_image_noise,
                                          units_as_rows)
 from fluency.core.plugin.options import Option
-from fluency.core.plugin.specs import AnalysisSpec, ArchitectureSpec, ConstraintSpec, MetricSpec, OptimizerSpec
+from fluency.core.plugin.specs import (CAPABILITIES, AnalysisSpec, ArchitectureSpec, ConstraintSpec, MetricSpec,
+                                        OptimizerSpec)
 from fluency.core.run.store import ActivationStore
 from fluency.core.stats import DEPENDENT_METHODS, compare_dependent_correlations, fdr_bh
 from fluency.core.version import PLUGIN_API_VERSION
@@ -47,7 +50,8 @@ __all__ = [
     # constraints
     "Constraint", "L1Penalty", "require_layers", "weight_option",
     # architectures (building blocks: fluency.blocks)
-    "FluencyVAE", "VAEOutput", "require_attention_layers",
+    "FluencyModel", "FluencyVAE", "FluencyFlow", "FluencyEncoder", "VAEOutput", "FlowOutput", "EncoderOutput",
+    "ObjectiveSettings", "CAPABILITIES", "kl_divergence", "require_attention_layers",
     # optimizers that wrap another optimizer plugin
     "get_plugin_manager",
 ]

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from fluency.core.plugin.architecture import VAEOutput
-from fluency.core.model.losses import kl_divergence, loss_from_config
+from fluency.core.model.losses import loss_from_config
+from fluency.core.plugin.architecture import kl_divergence
 from fluency.core.plugin.metric import MetricBatch
 from fluency.plugins.default_hoyer import Hoyer, hoyer
 from fluency.plugins.default_image_stats import ImageStats, spectral_slope
@@ -67,7 +68,7 @@ def test_elbo_terms_add_up() -> None:
     torch.manual_seed(0)
     model = VAESmall(image_size=32, latent_dim=8).eval()
     x = torch.rand(3, 3, 32, 32)
-    loss = loss_from_config({"terms": [{"name": "l2", "weight": 1.0}], "beta": 0.5})
+    loss = loss_from_config(model, {"terms": [{"name": "l2", "weight": 1.0}], "beta": 0.5})
     values = {v.metric: v.as_numpy() for v in ELBO().compute(MetricBatch(["a", "b", "c"], x, model=model, loss=loss))}
     out = model(x, sample=False)
     kl = kl_divergence(out.mu, out.logvar).detach().double().numpy()
@@ -80,12 +81,12 @@ def test_grad_norm_and_small_rho_sharpness() -> None:
     torch.manual_seed(0)
     model = VAESmall(image_size=32, latent_dim=8).double().eval()
     x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
-    batch = MetricBatch(["a", "b", "c"], x, model=model, loss=loss_from_config({}))
+    batch = MetricBatch(["a", "b", "c"], x, model=model, loss=loss_from_config(model, {}))
     (g,) = GradNorm(parameters="all").compute(batch)
     (s,) = SAMSharpness(rho=1e-5, method="loop").compute(batch)
     assert np.allclose(s.as_numpy(), 1e-5 * g.as_numpy(), rtol=1e-3)
     x0 = x[:1]
-    loss = loss_from_config({})(model(x0, sample=False), x0).sum()
+    loss = loss_from_config(model, {})(model(x0, sample=False), x0).sum()
     grads = torch.autograd.grad(loss, list(model.parameters()))
     assert g.as_numpy()[0] == pytest.approx(float(torch.sqrt(sum((q ** 2).sum() for q in grads))), rel=1e-10)
 

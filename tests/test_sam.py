@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fluency.core.errors import FluencyError
-from fluency.core.model.losses import kl_divergence, loss_from_config
+from fluency.core.model.losses import loss_from_config
+from fluency.core.plugin.architecture import kl_divergence
 from fluency.core.plugin.metric import MetricBatch
 from fluency.plugins.default_sam import SAMSharpness, sam_perturbation, sharpness
 from fluency.plugins.default_vae_small import VAESmall
@@ -66,7 +67,7 @@ def model_and_batch():
     torch.manual_seed(0)
     model = VAESmall(image_size=32, latent_dim=8).double().eval()
     images = torch.rand(5, 3, 32, 32, dtype=torch.float64)
-    return model, MetricBatch([f"i{k}" for k in range(5)], images, model=model, loss=loss_from_config({"beta": 1.0}))
+    return model, MetricBatch([f"i{k}" for k in range(5)], images, model=model, loss=loss_from_config(model, {"beta": 1.0}))
 
 
 def independent_loop(model, images, rho, terms="loss"):

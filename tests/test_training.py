@@ -100,7 +100,9 @@ def test_resume_is_exact(images: Path, tmp_path: Path, manager, settings: dict) 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(images: Path, tmp_path: Path, manager,
                                                                      monkeypatch) -> None:
-    real = training.kl_divergence
+    from fluency.core.plugin import architecture
+
+    real = architecture.kl_divergence
     calls = {"n": 0}
 
     def poisoned(mu, logvar):
@@ -108,7 +110,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(images: Path
         kl = real(mu, logvar)
         return kl * float("nan") if calls["n"] > 4 else kl  # epoch 1: 3 steps + 1 validation batch
 
-    monkeypatch.setattr(training, "kl_divergence", poisoned)
+    monkeypatch.setattr(architecture, "kl_divergence", poisoned)
     with pytest.raises(TrainingError, match=r"epoch 2: the loss became non-finite .*last.pt keeps epoch 1"):
         training.train(config(images, tmp_path / "n", epochs=3), manager=manager)
     assert read_checkpoint(tmp_path / "n" / "last.pt")["epoch"] == 1

@@ -37,7 +37,7 @@ def invert_encoder(model: Any, images: torch.Tensor, steps: int, lr: float, tv: 
     the image's id; default ids: the row numbers). Every image's loss and Adam state are its own, so the
     result does not depend on which other images share the batch."""
     with torch.no_grad():
-        target = model.encode(images)[0]
+        target = model.latent_code(images)
     ids = [str(i) for i in range(len(images))] if image_ids is None else list(image_ids)
     logits = per_image_noise(seed, ids, images.shape[1:], images.device, images.dtype).mul_(0.1)
     logits.requires_grad_(True)
@@ -49,7 +49,7 @@ def invert_encoder(model: Any, images: torch.Tensor, steps: int, lr: float, tv: 
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             x = torch.sigmoid(logits)  # keeps pixels in (0, 1)
-            loss = (model.encode(x)[0] - target).pow(2).sum(1) + tv * total_variation(x)
+            loss = (model.latent_code(x) - target).pow(2).sum(1) + tv * total_variation(x)
             loss.sum().backward()
             opt.step()
     finally:
@@ -66,7 +66,7 @@ class Decoderless(FluencyMetric):
         n = invert_encoder(batch.model, batch.images, int(o.get("steps", 200)), float(o.get("lr", 0.05)),
                            float(o.get("tv_weight", 0.0)), batch.seed, batch.image_ids)
         with torch.no_grad():
-            latent = (batch.model.encode(n)[0] - batch.model.encode(batch.images)[0]).pow(2).sum(1)
+            latent = (batch.model.latent_code(n) - batch.model.latent_code(batch.images)).pow(2).sum(1)
             out = [MetricValues("decoderless-latent", latent),
                    MetricValues("decoderless-pixel", (n - batch.images).pow(2).flatten(1).mean(1))]
             if o.get("lpips", False):
@@ -80,7 +80,7 @@ class Decoderless(FluencyMetric):
 @hookimpl
 def fluency_register_metrics() -> list[MetricSpec]:
     return [MetricSpec(
-        name="decoderless", factory=Decoderless, needs="model", higher_is_more_fluent=False,
+        name="decoderless", factory=Decoderless, needs="model", requires=("latent",), higher_is_more_fluent=False,
         description="Invert the encoder from noise (optional TV prior); latent, pixel and LPIPS distance to the image.",
         options={"steps": Option("int", 200, "Adam iterations on the pixels", minimum=1),
                  "lr": Option("float", 0.05, "step size", minimum=0.0),

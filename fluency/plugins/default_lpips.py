@@ -51,7 +51,7 @@ class LPIPSMetric(FluencyMetric):
 @hookimpl
 def fluency_register_metrics() -> list[MetricSpec]:
     return [MetricSpec(
-        name="lpips", factory=LPIPSMetric, needs="model", higher_is_more_fluent=False,
+        name="lpips", factory=LPIPSMetric, needs="model", requires=("decoder",), higher_is_more_fluent=False,
         description="LPIPS distance between each image and its reconstruction (Zhang et al. 2018, v0.1).",
         options={"net": Option("str", "alex", "backbone", choices=("alex", "vgg", "squeeze")),
                  "weights": Option("str", None, "local torchvision state dict of the backbone (full or features-only);"

@@ -46,12 +46,14 @@ class ELBO(FluencyMetric):
 @hookimpl
 def fluency_register_metrics() -> list[MetricSpec]:
     return [
-        MetricSpec(name="recon-error", factory=ReconError, needs="model", higher_is_more_fluent=False,
+        MetricSpec(name="recon-error", factory=ReconError, needs="model", requires=("decoder",),
+                   higher_is_more_fluent=False,
                    description="Pixel-space L1, L2 (means) and 1 − SSIM between each image and its reconstruction.",
                    options={"kinds": Option("list[str]", ["l1", "l2", "ssim"], "which distances",
                                             choices=("l1", "l2", "ssim")),
                             "ssim_window": Option("int", 11, "SSIM Gaussian window (odd)", minimum=3)}),
-        MetricSpec(name="elbo", factory=ELBO, needs="model", higher_is_more_fluent=False,
+        MetricSpec(name="elbo", factory=ELBO, needs="model", requires=("decoder", "objective"),
+                   higher_is_more_fluent=False,
                    description="Per-image terms of the checkpoint's loss: reconstruction, KL and their sum.",
                    options={}),
     ]

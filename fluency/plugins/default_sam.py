@@ -192,6 +192,7 @@ def fluency_register_metrics() -> list[MetricSpec]:
             factory=GradNorm,
             description="Per-image norm of the loss gradient over the weights (SAM sharpness ≈ ρ·grad-norm).",
             needs="model",
+            requires=("objective",),
             higher_is_more_fluent=False,
             options={"parameters": Option("str", "all", "which weights", choices=("all", "encoder")),
                      "terms": Option("str", "loss", TERMS_HELP, choices=TERMS)},
@@ -201,6 +202,7 @@ def fluency_register_metrics() -> list[MetricSpec]:
             factory=SAMSharpness,
             description="Per-image SAM sharpness L_i(W+ε̂_i) − L_i(W) with the image's own gradient (Foret et al. 2021).",
             needs="model",
+            requires=("objective",),
             higher_is_more_fluent=False,
             options={
                 "rho": Option("float", 0.05, "radius ρ of the weight perturbation", minimum=0.0),

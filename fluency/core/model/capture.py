@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fluency.core.plugin.architecture import FluencyVAE
+from fluency.core.plugin.architecture import FluencyModel
 from fluency.core.errors import FluencyError
 
 
-def check_layers(model: FluencyVAE, layers: Sequence[str]) -> None:
+def check_layers(model: FluencyModel, layers: Sequence[str]) -> None:
     """Raise a :class:`FluencyError` naming any layer the model does not have."""
     available = model.hookable_layers()
     unknown = [name for name in layers if name not in available]
@@ -22,7 +22,7 @@ def check_layers(model: FluencyVAE, layers: Sequence[str]) -> None:
 
 
 @contextmanager
-def capture_activations(model: FluencyVAE, layers: Sequence[str],
+def capture_activations(model: FluencyModel, layers: Sequence[str],
                         detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, every forward pass stores each named layer's output in the yielded dict.
 

@@ -24,7 +24,7 @@ import torch
 from fluency.core.atomic import atomic_write_bytes
 from fluency.core.errors import CheckpointError, PluginError, error_text
 from fluency.core.hashing import file_sha256
-from fluency.core.plugin.architecture import FluencyVAE
+from fluency.core.plugin.architecture import FluencyModel
 from fluency.core.plugin.manager import PluginManager
 
 FORMAT = "fluency-checkpoint"
@@ -51,7 +51,7 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
-def save_checkpoint(path: str | Path, model: FluencyVAE, architecture: str, **info: Any) -> None:
+def save_checkpoint(path: str | Path, model: FluencyModel, architecture: str, **info: Any) -> None:
     """Write a checkpoint atomically; ``info`` holds loss, optimizer, epoch, history, provenance, ...
 
     Everything but the weights is converted to plain Python types so that the file loads
@@ -90,7 +90,7 @@ class LoadedCheckpoint:
     path: Path
     label: str
     sha256: str
-    model: FluencyVAE
+    model: FluencyModel
     info: dict[str, Any]
 
     @property

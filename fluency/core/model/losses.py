@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from fluency.core.errors import FluencyError, OptionError
-from fluency.core.plugin.architecture import VAEOutput
+from fluency.core.plugin.architecture import FluencyModel, ObjectiveSettings
 from fluency.core.plugin.options import Option, resolve_options
 
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -237,12 +237,7 @@ class ReconstructionLoss(nn.Module):
         return sum(float(t["weight"]) * parts[t["name"]] for t in self.terms)
 
 
-def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, diag e^logvar) ‖ N(0, I)) per image: −½ Σ (1 + lv − mu² − e^lv)."""
-    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=tuple(range(1, mu.dim())))
-
-
-def loss_terms_from_config(config: dict[str, Any]) -> list[dict[str, Any]]:
+def loss_terms_from_config(config: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The reconstruction terms of a checkpoint's ``loss`` entry (old ``{"reconstruction": "mse"}`` too)."""
     if "terms" in config:
         return [dict(t) for t in config["terms"]]
@@ -253,24 +248,40 @@ def loss_terms_from_config(config: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 class CheckpointLoss:
-    """The per-image training loss of a checkpoint: weighted reconstruction terms + β·KL (β after warm-up).
+    """The per-image training objective of a checkpoint's model, as its training run configured it.
 
-    Calling it gives the total (``f(output, images) -> B``); :meth:`parts` gives every term.
+    Calling it gives the total (``f(output, images) -> B``); :meth:`parts` gives every term the
+    architecture's :meth:`~fluency.core.plugin.architecture.FluencyModel.objective` returns (for a VAE
+    ``loss``, ``recon`` and ``kl``). The reconstruction losses (LPIPS, say, with its weights) are built on
+    first use, so measuring a checkpoint with activation metrics never needs them.
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.recon = ReconstructionLoss(loss_terms_from_config(config))
-        self.beta = float(config.get("beta", 1.0))
+    def __init__(self, model: FluencyModel, config: Mapping[str, Any]) -> None:
+        self.model, self.config = model, dict(config)
+        self._settings: ObjectiveSettings | None = None
 
-    def parts(self, out: VAEOutput, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        recon = self.recon(out.recon, images)
-        kl = kl_divergence(out.mu, out.logvar)
-        return {"loss": recon + self.beta * kl, "recon": recon, "kl": kl}
+    @property
+    def settings(self) -> ObjectiveSettings:
+        """The objective's settings, building the reconstruction losses the first time (VAEs only)."""
+        if self._settings is None:
+            beta = float(self.config.get("beta", 1.0))
+            if "decoder" in self.model.provides:
+                terms = loss_terms_from_config(self.config)
+                recon = ReconstructionLoss(terms)
+                self._settings = ObjectiveSettings(recon.components, {t["name"]: float(t["weight"]) for t in terms},
+                                                   beta)
+            else:
+                self._settings = ObjectiveSettings(beta=beta)
+        return self._settings
 
-    def __call__(self, out: VAEOutput, images: torch.Tensor) -> torch.Tensor:
+    def parts(self, out: Any, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every per-image term of the objective, ``loss`` the total."""
+        return self.model.objective(out, images, self.settings)
+
+    def __call__(self, out: Any, images: torch.Tensor) -> torch.Tensor:
         return self.parts(out, images)["loss"]
 
 
-def loss_from_config(config: dict[str, Any]) -> CheckpointLoss:
-    """The :class:`CheckpointLoss` described by a checkpoint's ``loss`` entry."""
-    return CheckpointLoss(config)
+def loss_from_config(model: FluencyModel, config: Mapping[str, Any]) -> CheckpointLoss:
+    """The :class:`CheckpointLoss` of ``model`` described by its checkpoint's ``loss`` entry."""
+    return CheckpointLoss(model, config)

@@ -96,7 +96,9 @@ def latent_means(model: Any, source: ImageSource, device: torch.device, batch_si
     shape: tuple[int, ...] = ()
     try:
         for batch_ids, x in iter_batches(source, batch_size):
-            mu, _ = model.encode(x.to(device))
+            mu = model.latent(model(x.to(device), sample=False))
+            if mu is None:
+                break
             shape = tuple(mu.shape[1:])
             parts.append(mu.flatten(1).float().cpu().numpy())
             ids += batch_ids
@@ -149,8 +151,12 @@ def write_checkpoint_figures(loaded: LoadedCheckpoint, stimuli: Stimuli, out_dir
     fig_dir = out_dir / "figures"
     written: dict[str, str] = {}
 
+    if "latent" not in model.provides:
+        return _curves(loaded, fig_dir, {})
     ids, mu, mu_shape = latents if latents is not None else latent_means(model, source, device, batch_size)
     write_latents(out_dir / "latents" / f"{label}.parquet", ids, mu)
+    if "decoder" not in model.provides:
+        return _curves(loaded, fig_dir, written)
 
     ratings = {} if stimuli.ratings is None else dict(zip(stimuli.ratings["image_id"].astype(str),
                                                           stimuli.ratings[stimuli.rating_column]))
@@ -179,7 +185,12 @@ def write_checkpoint_figures(loaded: LoadedCheckpoint, stimuli: Stimuli, out_dir
             f"μ(A = {a}) to μ(B = {b}), endpoints included, between the images themselves"
             + "".join(f"; {n}: {stimuli.rating_column} {ratings[i]:.2f}" for n, i in (("A", a), ("B", b))
                       if i in ratings) + ".")
+    return _curves(loaded, fig_dir, written)
 
+
+def _curves(loaded: LoadedCheckpoint, fig_dir: Path, written: dict[str, str]) -> dict[str, str]:
+    """Add the training curves stored in the checkpoint (if any) to ``written``; return it."""
+    label = loaded.label
     history = loaded.info.get("history") or []
     skip = {"epoch", "beta", "lr", "seconds"}
     if history and isinstance(history[0], dict) and "epoch" in history[0] and any(

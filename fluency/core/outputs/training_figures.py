@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 class TrainingFigures:
     """After each epoch: ``figures/curves.png`` (every epoch so far) and ``figures/recon-epoch-NNN.png``
-    (the first ``n_images`` validation images above their reconstructions; none without validation images)."""
+    (the first ``n_images`` validation images above their reconstructions; none without validation images or
+    for a model without a decoder)."""
 
     def __init__(self, n_images: int = 8) -> None:
         self.n_images = n_images
@@ -24,6 +25,6 @@ class TrainingFigures:
     def epoch_end(self, state: EpochEnd) -> None:
         folder = state.out / "figures"
         training_curves(state.history, folder / "curves.png")
-        if state.val_indices:
+        if state.val_indices and "decoder" in getattr(state.model, "provides", ()):
             reconstruction_grid(state.model, state.source, list(state.val_indices[:self.n_images]),
                                 folder / f"recon-epoch-{state.epoch:03d}.png", state.device)

@@ -1,17 +1,44 @@
-"""The contract of an Architecture plugin: a VAE with named, hookable layers."""
+"""The contract of an Architecture plugin: a model with named, hookable layers, of one of three kinds.
+
+- :class:`FluencyVAE` (``kind="vae"``): encoder, latent Gaussian, decoder; trained on the negative
+  ELBO (reconstruction + β·KL);
+- :class:`FluencyFlow` (``kind="flow"``): an invertible normalising flow; trained on the exact
+  negative log-likelihood in bits per dimension;
+- :class:`FluencyEncoder` (``kind="encoder"``): an encoder only (a pretrained network), never trained.
+
+Every kind says what it ``provides`` (``CAPABILITIES``); a metric that needs a decoder, a latent code,
+a training objective or an inverse declares it in its spec (``MetricSpec.requires``) and gets one clear line on a model without it. Training asks the model for its :meth:`FluencyModel.objective`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """How a training run configured the objective; read by the kinds that use it.
+
+    ``reconstruction(recon, images)`` gives each reconstruction term's unweighted per-image value by
+    name and ``weights`` their weights (a VAE's reconstruction loss); ``beta`` weighs a VAE's KL term.
+    A flow's objective (its exact likelihood) needs none of them.
+    """
+
+    reconstruction: Callable[[torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]] | None = None
+    weights: Mapping[str, float] = field(default_factory=dict)
+    beta: float = 1.0
+
+
 @dataclass
 class VAEOutput:
-    """What a forward pass returns: the reconstruction and the latent Gaussian."""
+    """What a VAE's forward pass returns: the reconstruction and the latent Gaussian."""
 
     recon: torch.Tensor
     mu: torch.Tensor
@@ -19,15 +46,37 @@ class VAEOutput:
     z: torch.Tensor
 
 
-class FluencyVAE(nn.Module):
-    """Base class of fluency models.
+@dataclass
+class FlowOutput:
+    """What a flow's forward pass returns: the latent ``z`` (B×…) and ``log_likelihood`` (B), the exact
+    log-density of each image in nats under the flow, with the change of variables from ``[0, 1]``
+    pixels included (so it is comparable across flows); ``dims`` is the number of input dimensions."""
 
-    Subclasses build their modules in ``__init__(**options)``, store the options in
-    ``self.options`` (they are saved in checkpoints to rebuild the model), and
-    implement :meth:`encode`, :meth:`decode` and :meth:`hookable_layers`.
-    Images are ``B×C×H×W`` floats in [0, 1]; reconstructions too.
+    z: torch.Tensor
+    log_likelihood: torch.Tensor
+    dims: int
+
+
+@dataclass
+class EncoderOutput:
+    """What an encoder-only model's forward pass returns: its last layer's output."""
+
+    features: torch.Tensor
+
+
+class FluencyModel(nn.Module):
+    """Base class of every architecture; subclass one of :class:`FluencyVAE`, :class:`FluencyFlow` or
+    :class:`FluencyEncoder`.
+
+    Subclasses build their modules in ``__init__(**options)`` (the options are kept in ``self.options``
+    and saved in checkpoints to rebuild the model) and implement :meth:`hookable_layers` and ``forward``.
+    Images are ``B×C×H×W`` floats in [0, 1].
     """
 
+    #: ``"vae"``, ``"flow"`` or ``"encoder"``
+    kind: ClassVar[str] = ""
+    #: the capabilities (among ``fluency.core.plugin.specs.CAPABILITIES``) this kind of model offers to metrics
+    provides: ClassVar[frozenset[str]] = frozenset()
     #: layers read by activation metrics when the user names none
     default_metric_layers: ClassVar[tuple[str, ...]] = ()
     #: name prefixes of the encoder's parameters (for metrics restricted to the encoder)
@@ -37,16 +86,8 @@ class FluencyVAE(nn.Module):
         super().__init__()
         self.options: dict[str, Any] = dict(options)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(mu, logvar)`` of the latent Gaussian."""
-        raise NotImplementedError
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Return the reconstruction of latent ``z``."""
-        raise NotImplementedError
-
     def hookable_layers(self) -> dict[str, nn.Module]:
-        """Named modules whose outputs are the model's layers, in forward order."""
+        """Named modules whose outputs (tensors) are the model's layers, in forward order."""
         raise NotImplementedError
 
     @property
@@ -59,11 +100,113 @@ class FluencyVAE(nn.Module):
         """The encoder's named parameters (those under :attr:`encoder_prefixes`)."""
         return {n: p for n, p in self.named_parameters() if n.startswith(self.encoder_prefixes)}
 
+    def latent(self, output: Any) -> torch.Tensor | None:
+        """The latent code of each image (B×…) in a forward pass's output, or None for a model without one."""
+        return None
+
+    def latent_code(self, x: torch.Tensor) -> torch.Tensor:
+        """The latent code of images ``x`` (B×…), as cheaply as the kind allows (a VAE skips its decoder)."""
+        code = self.latent(self(x, sample=False))
+        if code is None:
+            raise NotImplementedError(f"{type(self).__name__} ({self.kind or 'model'}) has no latent code")
+        return code
+
+    def objective(self, output: Any, images: torch.Tensor, settings: ObjectiveSettings) -> dict[str, torch.Tensor]:
+        """The training objective's terms per image (each of shape B) for a forward pass's ``output`` on
+        ``images``; ``"loss"`` is the total that training minimises. Models without ``"objective"`` in
+        :attr:`provides` are not trained."""
+        raise NotImplementedError(f"{type(self).__name__} ({self.kind or 'model'}) has no training objective")
+
+
+class FluencyVAE(FluencyModel):
+    """A variational autoencoder: implement :meth:`encode`, :meth:`decode` and :meth:`hookable_layers`.
+
+    Its objective is the negative ELBO per image: Σ_k w_k · recon_k + β · KL(q(z|x) ‖ N(0, I)), with the
+    reconstruction terms and β the training run chose (:class:`ObjectiveSettings`).
+    """
+
+    kind: ClassVar[str] = "vae"
+    provides: ClassVar[frozenset[str]] = frozenset({"decoder", "latent", "objective"})
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(mu, logvar)`` of the latent Gaussian."""
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Return the reconstruction of latent ``z``."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor, sample: bool = True) -> VAEOutput:
         """Encode, draw ``z`` (or take ``z = mu`` when ``sample`` is false) and decode."""
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
         return VAEOutput(self.decode(z), mu, logvar, z)
+
+    def latent(self, output: VAEOutput) -> torch.Tensor:
+        """The posterior mean ``mu``."""
+        return output.mu
+
+    def latent_code(self, x: torch.Tensor) -> torch.Tensor:
+        """The posterior mean ``mu`` of ``x``, from the encoder alone."""
+        return self.encode(x)[0]
+
+    def objective(self, output: VAEOutput, images: torch.Tensor,
+                  settings: ObjectiveSettings) -> dict[str, torch.Tensor]:
+        """``loss`` = ``recon`` + β·``kl`` per image; with several reconstruction terms also ``recon_<name>``."""
+        if settings.reconstruction is None:
+            raise ValueError("a VAE's objective needs ObjectiveSettings.reconstruction")
+        parts = dict(settings.reconstruction(output.recon, images))
+        recon = sum(float(settings.weights.get(k, 1.0)) * v for k, v in parts.items())
+        kl = kl_divergence(output.mu, output.logvar)
+        terms = {"loss": recon + settings.beta * kl, "recon": recon, "kl": kl}
+        terms.update({f"recon_{k}": v for k, v in parts.items()} if len(parts) > 1 else {})
+        return terms
+
+
+class FluencyFlow(FluencyModel):
+    """An invertible normalising flow: implement ``forward(x, sample=True) -> FlowOutput``, :meth:`inverse`
+    and :meth:`hookable_layers`.
+
+    ``sample`` is accepted for a common call signature and ignored: a flow's forward pass is
+    deterministic. Its objective is the exact negative log-likelihood in bits per dimension.
+    """
+
+    kind: ClassVar[str] = "flow"
+    provides: ClassVar[frozenset[str]] = frozenset({"latent", "objective", "inverse"})
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """The image whose latent is ``z`` (the exact inverse of the forward pass)."""
+        raise NotImplementedError
+
+    def latent(self, output: FlowOutput) -> torch.Tensor:
+        """The latent ``z``."""
+        return output.z
+
+    def objective(self, output: FlowOutput, images: torch.Tensor,
+                  settings: ObjectiveSettings) -> dict[str, torch.Tensor]:
+        """``loss`` = ``nll_bpd``, −log p(x) / (D · ln 2) per image."""
+        bpd = -output.log_likelihood / (output.dims * math.log(2.0))
+        return {"loss": bpd, "nll_bpd": bpd}
+
+
+class FluencyEncoder(FluencyModel):
+    """An encoder-only model (e.g. a pretrained ImageNet CNN as a model of the ventral stream): implement
+    ``forward(x, sample=True) -> EncoderOutput`` and :meth:`hookable_layers`. It has no decoder, latent
+    or objective and is used without training."""
+
+    kind: ClassVar[str] = "encoder"
+    provides: ClassVar[frozenset[str]] = frozenset()
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag e^logvar) ‖ N(0, I)) per image: −½ Σ (1 + lv − mu² − e^lv)."""
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=tuple(range(1, mu.dim())))
+
+
+def missing_capabilities(model: object, required: tuple[str, ...] | list[str]) -> list[str]:
+    """The capabilities in ``required`` that ``model`` (a model or a class) does not provide."""
+    provided = getattr(model, "provides", frozenset())
+    return [c for c in required if c not in provided]
 
 
 def require_attention_layers(model: object, who: str) -> list[str]:

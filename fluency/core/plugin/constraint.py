@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fluency.core.errors import FluencyError
-from fluency.core.plugin.architecture import FluencyVAE
+from fluency.core.plugin.architecture import FluencyModel
 from fluency.core.plugin.options import Option
 
 
@@ -23,16 +23,16 @@ class Constraint:
     def __init__(self, **options: Any) -> None:
         self.options = options
 
-    def layers(self, model: FluencyVAE) -> list[str]:
+    def layers(self, model: FluencyModel) -> list[str]:
         """Names of the layers whose activations :meth:`penalty` reads."""
         chosen = self.options.get("layers")
         return list(chosen) if chosen else list(model.default_metric_layers)
 
-    def penalty(self, activations: Mapping[str, torch.Tensor], model: FluencyVAE) -> torch.Tensor:
+    def penalty(self, activations: Mapping[str, torch.Tensor], model: FluencyModel) -> torch.Tensor:
         """The unweighted penalty (a scalar tensor, differentiable) for one batch."""
         raise NotImplementedError
 
-    def __call__(self, activations: Mapping[str, torch.Tensor], model: FluencyVAE) -> torch.Tensor:
+    def __call__(self, activations: Mapping[str, torch.Tensor], model: FluencyModel) -> torch.Tensor:
         """θ × :meth:`penalty`."""
         return float(self.options.get("weight", 1.0)) * self.penalty(activations, model)
 
@@ -74,6 +74,6 @@ class L1Penalty(Constraint):
         normalize = self.options.get("normalize")
         self.normalize = self.normalize_default if normalize is None else bool(normalize)
 
-    def penalty(self, activations: Mapping[str, torch.Tensor], model: FluencyVAE) -> torch.Tensor:
+    def penalty(self, activations: Mapping[str, torch.Tensor], model: FluencyModel) -> torch.Tensor:
         terms = [batch_l1(x, self.normalize) for x in require_layers(activations, self.layers(model), self.name)]
         return torch.stack(terms).sum() if len(terms) > 1 else terms[0]

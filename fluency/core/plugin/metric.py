@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fluency.core.plugin.architecture import FluencyVAE, VAEOutput
+from fluency.core.plugin.architecture import FluencyModel
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class ModelDescription:
         return list(self.attention)
 
     @classmethod
-    def of(cls, model: FluencyVAE, architecture: str, checkpoint: str = "", sha256: str = "") -> ModelDescription:
+    def of(cls, model: FluencyModel, architecture: str, checkpoint: str = "", sha256: str = "") -> ModelDescription:
         """The description of a live model."""
         method = getattr(model, "attention_layers", None)
         attention = tuple(method()) if callable(method) else ()
@@ -75,16 +75,19 @@ class MetricBatch:
     layers); use it, not ``model``, for defaults. ``images`` (B×C×H×W in [0, 1]) are present
     in a run and absent (None) when a store is measured, unless the spec ``needs="images"``
     and the user gave the images. Metrics whose spec ``needs="model"`` also get the model (in
-    eval mode) and ``loss``, the checkpoint's training loss per image,
-    ``loss(output, images) -> B``; call the model with ``sample=False`` (z = mu) so that the
-    loss is deterministic.
+    eval mode) and ``loss``, the checkpoint's training objective per image,
+    ``loss(output, images) -> B`` for ``output = model(images, sample=False)`` (z = mu, so the loss
+    is deterministic); ``loss.parts(output, images)`` gives each term of the architecture's
+    :meth:`~fluency.core.plugin.architecture.FluencyModel.objective` (a VAE: ``loss``, ``recon``,
+    ``kl``; a flow: ``loss``, ``nll_bpd``). Declare what the model must provide in the spec's
+    ``requires``.
     """
 
     image_ids: Sequence[str]
     images: torch.Tensor | None = None
     activations: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    model: FluencyVAE | None = None
-    loss: Callable[[VAEOutput, torch.Tensor], torch.Tensor] | None = None
+    model: FluencyModel | None = None
+    loss: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
     seed: int = 0
     description: ModelDescription | None = None
 
@@ -127,7 +130,7 @@ class FluencyMetric:
     def __init__(self, **options: Any) -> None:
         self.options = options
 
-    def layers(self, model: ModelDescription | FluencyVAE) -> list[str]:
+    def layers(self, model: ModelDescription | FluencyModel) -> list[str]:
         """Names of the layers whose activations :meth:`compute` reads (empty: none), given the model's
         description (or the model itself: both have ``default_metric_layers``)."""
         chosen = self.options.get("layers")

@@ -22,6 +22,9 @@ KINDS: tuple[Kind, ...] = ("architecture", "constraint", "optimizer", "metric", 
 
 #: what a metric may need: activations only, the images too, or the model with its loss
 NEEDS = ("activations", "images", "model")
+#: what a model may provide: a ``decode`` (image from latent), a ``latent`` code per image, a training
+#: ``objective`` (per-image loss terms), an exact ``inverse`` (latent back to image)
+CAPABILITIES = ("decoder", "latent", "objective", "inverse")
 _NAME = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
 
 
@@ -71,7 +74,8 @@ class PluginSpec:
 
 @dataclass(frozen=True)
 class ArchitectureSpec(PluginSpec):
-    """A model family. ``factory(**options)`` returns a :class:`fluency.core.plugin.architecture.FluencyVAE`."""
+    """A model family. ``factory(**options)`` returns a :class:`fluency.core.plugin.architecture.FluencyModel`
+    (a VAE, a flow or an encoder-only model)."""
 
     kind: ClassVar[Kind] = "architecture"
 
@@ -108,6 +112,7 @@ class MetricSpec(PluginSpec):
     needs: Literal["activations", "images", "model"] = "activations"
     higher_is_more_fluent: bool | None = None
     reads_layers: bool | None = None
+    requires: tuple[str, ...] = ()
 
     @property
     def reads_activations(self) -> bool:
@@ -120,6 +125,12 @@ class MetricSpec(PluginSpec):
         super().check()
         if self.needs not in NEEDS:
             raise ValueError(f"metric {self.name!r}: needs must be one of {list(NEEDS)}, not {self.needs!r}")
+        unknown = [c for c in self.requires if c not in CAPABILITIES]
+        if isinstance(self.requires, str) or unknown:
+            raise ValueError(f"metric {self.name!r}: requires must be a tuple of {list(CAPABILITIES)}, "
+                             f"not {self.requires!r}")
+        if self.requires and self.needs != "model":
+            raise ValueError(f"metric {self.name!r}: requires={self.requires!r} needs needs='model'")
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from fluency.core.atomic import atomic_path
-from fluency.core.errors import PluginFailure
+from fluency.core.errors import FluencyError, PluginFailure
 from fluency.core.hashing import options_hash
+from fluency.core.plugin.architecture import missing_capabilities
 from fluency.core.plugin.manager import PluginManager, guarded, plugin_version
 from fluency.core.plugin.metric import FluencyMetric, MetricBatch, MetricValues, ModelDescription
 from fluency.core.plugin.specs import MetricSpec
@@ -30,6 +31,23 @@ def column_clash(manager: PluginManager, column: str, first: str, second: str) -
     return PluginFailure(f"metric plugins {first!r} ({plugin_version(manager, 'metric', first)}) and {second!r} "
                         f"({plugin_version(manager, 'metric', second)}) both write the metric column {column!r}; "
                         "their rows would be mixed: measure one of them, or rename the other's column")
+
+
+#: how a missing capability is named in errors
+_CAPABILITY_WORDS = {"decoder": "a decoder", "latent": "a latent code", "objective": "a training objective",
+                     "inverse": "an exact inverse"}
+
+
+def check_requirements(specs: Mapping[str, MetricSpec], model: Any, architecture: str, label: str) -> None:
+    """Stop, naming metric, model and what is missing, if a metric requires a capability the model lacks."""
+    for name, spec in specs.items():
+        missing = missing_capabilities(model, spec.requires)
+        if missing:
+            kind = getattr(model, "kind", "") or "model"
+            needed = " and ".join(_CAPABILITY_WORDS[m] for m in missing)
+            raise FluencyError(f"metric {name!r} needs a model with {needed}; "
+                               f"checkpoint {label!r} is {architecture!r}, a {kind} model without: measure it with "
+                               "other metrics or choose another model")
 
 
 class MetricParts:

@@ -49,7 +49,7 @@ from fluency.core.run.checkpoints import labels as checkpoint_labels
 from fluency.core.run.checkpoints import unique_checkpoints
 from fluency.core.run.config import RunConfig
 from fluency.core.run.folder import RunRecord, RunResult, now, outputs, prepare_out, versions
-from fluency.core.run.measuring import CheckpointMetrics, MetricParts
+from fluency.core.run.measuring import CheckpointMetrics, MetricParts, check_requirements
 from fluency.core.run.store import ActivationStoreWriter
 from fluency.core.run.tables import MERGED, merge_tables, read_metric_table
 from fluency.core.version import __version__
@@ -267,6 +267,7 @@ def measure_checkpoint(loaded: LoadedCheckpoint, stimuli: Stimuli, the_plan: Run
     """
     config = the_plan.config
     model = loaded.model.to(the_plan.device).eval()
+    check_requirements(the_plan.metric_specs, model, loaded.architecture, loaded.label)
     description = ModelDescription.of(model, loaded.architecture, loaded.label, loaded.sha256)
     metrics = CheckpointMetrics(manager, the_plan.metric_specs, the_plan.resolved)
     read = metrics.layers(description)  # unknown layers: capture_activations names them
@@ -274,7 +275,7 @@ def measure_checkpoint(loaded: LoadedCheckpoint, stimuli: Stimuli, the_plan: Run
     capture = list(dict.fromkeys([*read, *stored]))
     channels, size, _ = model.input_shape
     source = stimuli.make_source(Preprocessing(size, channels))
-    loss = loss_from_config(loaded.info.get("loss", {}))
+    loss = loss_from_config(model, loaded.info.get("loss", {}))
     writer = _store_writer(out_dir, loaded, description, source, the_plan, manager) if stored else None
     task = bars.add_task(f"metrics {escape('[' + loaded.label + ']')}", total=len(source), status="")
     latent_ids: list[str] = []
@@ -285,10 +286,11 @@ def measure_checkpoint(loaded: LoadedCheckpoint, stimuli: Stimuli, the_plan: Run
         for ids, x in iter_batches(source, config.batch_size, on_error=skip):
             x = x.to(the_plan.device)
             with torch.no_grad(), capture_activations(model, capture) as acts:
-                mu = model(x, sample=False).mu
-            latent_ids += ids
-            latent_parts.append(mu.flatten(1).float().cpu().numpy())
-            mu_shape = tuple(mu.shape[1:])
+                mu = model.latent(model(x, sample=False))
+            if mu is not None:
+                latent_ids += ids
+                latent_parts.append(mu.flatten(1).float().cpu().numpy())
+                mu_shape = tuple(mu.shape[1:])
             acts = {k: v.float() for k, v in acts.items()}
             _check_finite(acts, ids, loaded.label)
             for layer in stored:

@@ -1,8 +1,9 @@
-"""``fluency train``: fit an Architecture plugin's VAE to a folder of images.
+"""``fluency train``: fit an Architecture plugin's model to a folder of images.
 
-Per image, the loss is Σ_k w_k·recon_k (see :mod:`fluency.core.model.losses`) +
-β(epoch)·KL + Σ_c θ_c·constraint_c, where β rises linearly from 0 over
-``beta_warmup`` epochs. The optimizer (a plugin) is always stepped with a closure,
+Per image, the loss is the architecture's objective (for a VAE Σ_k w_k·recon_k, see
+:mod:`fluency.core.model.losses`, + β(epoch)·KL, where β rises linearly from 0 over
+``beta_warmup`` epochs; for a flow the negative log-likelihood in bits per dimension)
++ Σ_c θ_c·constraint_c. Encoder-only models are not trained. The optimizer (a plugin) is always stepped with a closure,
 so SAM's two passes work; BatchNorm statistics are protected by the optimizer.
 
 Everything lands in ``out/``:
@@ -47,7 +48,8 @@ from fluency.core.plugin.config import resolve_plugin_options
 from fluency.core.model.devices import resolve_device
 from fluency.core.errors import FluencyError, OptionError, TrainingError
 from fluency.core.inputs.images import RESIZE, FolderSource, Preprocessing, find_images
-from fluency.core.model.losses import LOSSES, ReconstructionLoss, kl_divergence, parse_loss_terms
+from fluency.core.model.losses import LOSSES, ReconstructionLoss, parse_loss_terms
+from fluency.core.plugin.architecture import ObjectiveSettings
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager
 from fluency.core.progress import progress_bar
 from fluency.core.train.schedules import build_scheduler
@@ -202,8 +204,8 @@ class _Run:
     cfg: TrainConfig
     out: Path
     device: torch.device
-    model: torch.nn.Module
-    recon_loss: ReconstructionLoss
+    model: Any
+    recon_loss: ReconstructionLoss | None
     loss_terms: list[dict[str, Any]]
     constraints: dict[str, Any]
     capture: list[str]
@@ -301,7 +303,10 @@ def _build(cfg: TrainConfig, manager: PluginManager, options: _Options, files: S
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model = manager.get("architecture", cfg.architecture).load()(**options.architecture).to(device)
-    recon_loss = ReconstructionLoss(options.loss_terms).to(device)
+    if "objective" not in getattr(model, "provides", ()):
+        raise TrainingError(f"architecture {cfg.architecture!r} ({getattr(model, 'kind', '') or 'no kind'}) has no "
+                            "training objective: it is used as it is (fluency run --model ...), not trained")
+    recon_loss = ReconstructionLoss(options.loss_terms).to(device) if "decoder" in model.provides else None
     constraints = {name: manager.get("constraint", name).load()(**opts) for name, opts in options.constraints.items()}
     capture = list(dict.fromkeys(layer for c in constraints.values() for layer in c.layers(model)))
     root = Path(cfg.images)
@@ -419,15 +424,14 @@ def _train_step(run: _Run, batch: torch.Tensor, beta: float) -> dict[str, float]
 
 
 def _loss_terms(run: _Run, batch: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
-    """The batch-mean loss terms (recon, kl, per-loss recon_*, constraints) and their total, ``loss``."""
+    """The batch means of the architecture's objective terms (for a VAE recon, kl and per-loss recon_*),
+    then each constraint's penalty, and their total, ``loss``."""
+    settings = ObjectiveSettings(run.recon_loss.components if run.recon_loss is not None else None,
+                                 {t["name"]: float(t["weight"]) for t in run.loss_terms}, beta)
     with capture_activations(run.model, run.capture, detach=False) as acts:
         output = run.model(batch)
-    recon_parts = run.recon_loss.components(output.recon, batch)
-    recon = sum(float(t["weight"]) * recon_parts[t["name"]] for t in run.loss_terms).mean()
-    kl = kl_divergence(output.mu, output.logvar).mean()
-    terms = {"recon": recon, "kl": kl}
-    terms.update({f"recon_{k}": v.mean() for k, v in recon_parts.items()} if len(recon_parts) > 1 else {})
-    total = recon + beta * kl
+    terms = {k: v.mean() for k, v in run.model.objective(output, batch, settings).items()}
+    total = terms.pop("loss")
     for name, constraint in run.constraints.items():
         terms[name] = constraint(acts, run.model)
         total = total + terms[name]
