@@ -152,12 +152,13 @@ def test_built_in_plugins_use_only_the_public_api() -> None:
 def test_the_public_modules_ship_typed_and_complete() -> None:
     import fluency.api
     import fluency.blocks
+    import fluency.testing
 
     assert (PACKAGE / "py.typed").exists()
-    for module in (fluency, fluency.api, fluency.blocks):
+    for module in (fluency, fluency.api, fluency.blocks, fluency.testing):
         missing = [name for name in module.__all__ if not hasattr(module, name)]
         assert missing == [], (module.__name__, missing)
-    assert fluency.api.PLUGIN_API_VERSION == "1.0"
+    assert fluency.api.PLUGIN_API_VERSION == "1.1"
 
 
 def test_every_public_name_is_documented() -> None:
@@ -167,9 +168,10 @@ def test_every_public_name_is_documented() -> None:
 
     import fluency.api
     import fluency.blocks
+    import fluency.testing
 
     missing = []
-    for module in (fluency, fluency.api, fluency.blocks):
+    for module in (fluency, fluency.api, fluency.blocks, fluency.testing):
         for name in module.__all__:
             obj = getattr(module, name)
             if (inspect.isclass(obj) or inspect.isfunction(obj)) and not inspect.getdoc(obj):
