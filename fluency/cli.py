@@ -121,13 +121,14 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
 def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = None) -> None:
     """The summary of a run or measure (``seconds``: how long it took, default the run's total): relations
     table (or JSON), notes, and where the results are."""
-    from fluency.core.outputs.summary import print_matching, print_unreadable, relations_table
+    from fluency.core.outputs.summary import SECTION_TITLES, print_matching, print_unreadable, relations_table
 
-    strongest = result.strongest(top)
+    strongest, sections = result.strongest(top), result.sections()
     if as_json:
         _emit_json({"run": str(result.path), "status": result.manifest["status"],
                     "n_images": int(result.metrics["image_id"].nunique()), "metric_rows": len(result.metrics),
                     "strongest": _jsonable(strongest) if len(strongest) else [],
+                    "other_effects": {kind: _jsonable(rows) for kind, rows in sections.items()},
                     "matching": result.manifest.get("matching"), "unreadable_images": result.unreadable,
                     "timings": result.manifest["timings"]})
         return
@@ -142,10 +143,15 @@ def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = 
     seconds = result.manifest["timings"].get("total") if seconds is None else seconds
     took = f" in {seconds:.1f} s" if seconds is not None else ""
     out_console.print(f"[bold]{len(result.metrics)}[/bold] metric values for [bold]{n_images}[/bold] images{took}.")
+    effects, directions = result.effects(), result.manifest["metric_columns"]
     if len(strongest):
-        out_console.print(relations_table(strongest, result.manifest["metric_columns"]))
-    else:
+        out_console.print(relations_table(strongest, directions, effects))
+    for kind, rows in sections.items():
+        out_console.print(relations_table(rows, directions, effects, SECTION_TITLES[kind]))
+    if not result.analyses:
         out_console.print("No analyses ran (pass --ratings to relate the metrics to ratings).")
+    elif not len(strongest) and not sections:
+        out_console.print("The analyses declare no effect size to summarise; their tables are in analyses/.")
     written = [name for name in ("report.html", "metrics.parquet", "analyses/", "activations/", "latents/",
                                  "figures/", "manifest.json")
                if (result.path / name.rstrip("/")).exists()]

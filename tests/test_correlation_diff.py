@@ -336,9 +336,13 @@ def test_run_over_checkpoints_compares_them_and_corrects_every_test(tmp_path: Pa
     from fluency.core.outputs.summary import relations_table
 
     console = Console(record=True, width=200)
-    console.print(relations_table(result.strongest(None), result.manifest["metric_columns"]))
+    effects = result.effects()
+    console.print(relations_table(result.strongest(None), result.manifest["metric_columns"], effects))
+    assert "r_A − r_B" not in console.export_text()  # a comparison is not ranked with the correlations
+    console.print(relations_table(result.sections(None)["difference"], result.manifest["metric_columns"], effects))
     text = console.export_text()
-    assert "pearson r_diff" in text and "default−noisy" in text  # a comparison is not shown as a correlation
+    assert "pearson r_A − r_B" in text and "default−noisy" in text
     page = build_report(result.path).read_text()
-    assert (result.path / "figures" / "heatmap-pearson-diff.png").exists() and 'alt="heatmap-pearson-diff"' in page
+    assert (result.path / "figures" / "heatmap-pearson-r_diff.png").exists()
+    assert 'alt="heatmap-pearson-r_diff"' in page
     assert "<th>r_ab</th>" in page

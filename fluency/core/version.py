@@ -14,4 +14,4 @@ METRIC_TABLE_FORMAT_VERSION = 2
 MANIFEST_FORMAT_VERSION = 2
 #: the plugin API (fluency.api, fluency.blocks): a plugin declaring another major version, or a newer minor
 #: one, is listed as broken instead of failing at use time
-PLUGIN_API_VERSION = "1.0"
+PLUGIN_API_VERSION = "1.1"

@@ -28,7 +28,7 @@ import pandas as pd
 from scipy import stats
 
 from fluency import Analysis, AnalysisData, AnalysisSpec, Option, hookimpl
-from fluency.api import DEPENDENT_METHODS, FluencyError, RESULT_COLUMNS, compare_dependent_correlations
+from fluency.api import DEPENDENT_METHODS, RESULT_COLUMNS, EffectSize, FluencyError, compare_dependent_correlations
 
 MIN_N = 3
 BOOT_OPTIONS = {
@@ -211,14 +211,23 @@ class Partial(Correlation):
         return np.column_stack(columns)
 
 
+def _difference(statistic: str) -> EffectSize:
+    """The checkpoint comparison ``<statistic>_diff`` (A − B): its sign says which checkpoint relates more."""
+    return EffectSize(f"{statistic}_diff", f"{statistic}_A − {statistic}_B", kind="difference", range=None,
+                      directional=False)
+
+
 @hookimpl
 def fluency_register_analyses() -> list[AnalysisSpec]:
     return [
         AnalysisSpec(name="pearson", factory=Pearson, options={**BOOT_OPTIONS, **COMPARE_OPTIONS},
-                     description="Pearson correlation r of each metric and layer with the rating (p, bootstrap CI)."),
+                     description="Pearson correlation r of each metric and layer with the rating (p, bootstrap CI).",
+                     effects=(EffectSize("r", "Pearson r"), _difference("r"))),
         AnalysisSpec(name="spearman", factory=Spearman, options={**BOOT_OPTIONS, **COMPARE_OPTIONS},
-                     description="Spearman rank correlation rho of each metric and layer with the rating (p, bootstrap CI)."),
-        AnalysisSpec(name="partial", factory=Partial,
+                     description="Spearman rank correlation rho of each metric and layer with the rating (p, "
+                                 "bootstrap CI).",
+                     effects=(EffectSize("rho", "Spearman ρ"), _difference("rho"))),
+        AnalysisSpec(name="partial", factory=Partial, effects=(EffectSize("r_partial", "partial r"),),
                      description="Partial correlation of each metric with the rating, controlling for covariates.",
                      options={"covariates": Option("list[str]", None, "ratings-table columns or metrics "
                                                    "('metric' or 'metric@layer') to control for"),

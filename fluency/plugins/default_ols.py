@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from fluency import Analysis, AnalysisData, AnalysisSpec, Option, hookimpl
-from fluency.api import FluencyError, RESULT_COLUMNS
+from fluency.api import RESULT_COLUMNS, EffectSize, FluencyError
 
 
 def _safe(name: str) -> str:
@@ -65,6 +65,7 @@ class OLS(Analysis):
 def fluency_register_analyses() -> list[AnalysisSpec]:
     return [AnalysisSpec(
         name="ols", factory=OLS,
+        effects=(EffectSize("b", "OLS slope b", kind="coefficient", range=None, heatmap=False),),
         description="OLS of the rating on each metric (+ covariates, + categorical groups): b, SE, p, R², adj. R².",
         options={"covariates": Option("list[str]", None, "numeric ratings-table columns to control for"),
                  "groups": Option("list[str]", None, "categorical ratings-table columns (C(...) terms)")})]

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from fluency import Analysis, AnalysisData, AnalysisSpec, Option, hookimpl
-from fluency.api import RESULT_COLUMNS
+from fluency.api import RESULT_COLUMNS, EffectSize
 
 
 def _pipeline(alphas: np.ndarray, per_target: bool = False) -> Any:
@@ -106,6 +106,8 @@ class Ridge(Analysis):
 def fluency_register_analyses() -> list[AnalysisSpec]:
     return [AnalysisSpec(
         name="ridge", factory=Ridge,
+        effects=(EffectSize("r2_pooled", "cross-validated R²", kind="r2", range=None, directional=False,
+                            heatmap=False),),
         description="Cross-validated R² of the ratings from a metric's per-layer values (ridge, permutation p).",
         options={"folds": Option("int", 5, "K of the K-fold cross-validation", minimum=2),
                  "repeats": Option("int", 10, "seeded reshuffles of the K-fold split", minimum=1),

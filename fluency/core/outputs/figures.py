@@ -146,9 +146,16 @@ def latent_projection(coords: Any, paths: Path | Sequence[Path], title: str, axi
     _save(fig, paths)
 
 
-def correlation_heatmap(table: Any, path: Path, title: str, alpha: float = 0.05) -> None:
-    """Metric × layer heatmap of an analysis' estimates (one panel per checkpoint); * marks p_fdr < alpha."""
+def correlation_heatmap(table: Any, path: Path, title: str, alpha: float = 0.05,
+                        value_range: tuple[float, float] | None = (-1.0, 1.0)) -> None:
+    """Metric × layer heatmap of an analysis' estimates (one panel per checkpoint); * marks p_fdr < alpha.
+
+    ``value_range`` is the colour scale (None: symmetric around 0, from the largest |estimate|)."""
     import numpy as np
+
+    if value_range is None:
+        top = float(np.nanmax(np.abs(table["estimate"].to_numpy(float)))) if len(table) else 1.0
+        value_range = (-top, top) if np.isfinite(top) and top > 0 else (-1.0, 1.0)
 
     plt = _pyplot()
     table = table.assign(layer=table["layer"].fillna("(whole)"))
@@ -160,7 +167,8 @@ def correlation_heatmap(table: Any, path: Path, title: str, alpha: float = 0.05)
         sub = table[table["checkpoint"] == ck]
         est = sub.pivot_table(index="metric", columns="layer", values="estimate", aggfunc="first")
         sig = sub.pivot_table(index="metric", columns="layer", values="p_fdr", aggfunc="first").reindex_like(est)
-        image = ax.imshow(est.to_numpy(float), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        image = ax.imshow(est.to_numpy(float), cmap="RdBu_r", vmin=value_range[0], vmax=value_range[1],
+                          aspect="auto")
         ax.set_xticks(range(est.shape[1]), est.columns, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(est.shape[0]), est.index, fontsize=8)
         for i in range(est.shape[0]):
@@ -191,16 +199,18 @@ def scatter(x: Any, y: Any, path: Path, xlabel: str, ylabel: str, note: str) -> 
     _save(fig, path)
 
 
-def r2_bars(table: Any, path: Path) -> None:
-    """Cross-validated R² per metric (and checkpoint) with ± SD of the per-fold values."""
+def r2_bars(table: Any, path: Path, ylabel: str = "cross-validated R²") -> None:
+    """Cross-validated R² per metric (and checkpoint), with ± SD of the per-fold values where the table has
+    them (``r2_fold_sd``)."""
     plt = _pyplot()
     labels = [f"{m}" if table["checkpoint"].nunique() == 1 else f"{c}: {m}"
               for c, m in zip(table["checkpoint"], table["metric"])]
     fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(table), 3.0))
-    ax.bar(range(len(table)), table["estimate"], yerr=table["r2_fold_sd"], capsize=3, color="C0")
+    sd = table["r2_fold_sd"] if "r2_fold_sd" in table.columns else None
+    ax.bar(range(len(table)), table["estimate"], yerr=sd, capsize=3, color="C0")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(table)), labels, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("cross-validated R²", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
     _save(fig, path)
 
 

@@ -25,6 +25,8 @@ import pandas as pd
 from fluency.core.outputs import figures
 from fluency.core.atomic import atomic_write_text
 from fluency.core.errors import FluencyError
+from fluency.core.plugin.analysis import EffectSize
+from fluency.core.run.analyse import read_effects
 
 SORT_JS = """
 document.querySelectorAll('table.sortable th').forEach(function (th) {
@@ -158,6 +160,46 @@ def _table(df: pd.DataFrame, columns: list[str], table_id: str) -> str:
     return f'<table class="sortable" id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
+#: section headings of the effect-size views, by kind
+_HEADINGS = {"correlation": "Correlations with the rating", "coefficient": "Regression coefficients",
+             "difference": "Differences between checkpoints", "descriptive": "Descriptive estimates"}
+
+
+def _effect_views(analyses: dict[str, pd.DataFrame], effects: dict[tuple[str, str], EffectSize],
+                  fig_dir: Path) -> list[str]:
+    """A metric × layer heatmap of every declared effect size that asks for one (colour scale from its
+    ``range``), and cross-validated R² bars for ``kind="r2"``, grouped by kind."""
+    views: dict[str, list[str]] = {}
+    for (name, statistic), effect in effects.items():
+        table = analyses.get(name)
+        if table is None:
+            continue
+        table = table[(table["statistic"] == statistic)
+                      & (table.get("group", pd.Series("all", index=table.index)).fillna("all") == "all")]
+        if not len(table) or not table["estimate"].notna().any():
+            continue
+        stem = f"heatmap-{name}" if effect.kind == "correlation" else f"heatmap-{name}-{statistic}"
+        if effect.kind == "r2":
+            figures.r2_bars(table, fig_dir / f"{name}-r2.png", effect.title)
+            views.setdefault("r2", []).append(_img(fig_dir / f"{name}-r2.png"))
+        elif effect.heatmap:
+            for suffix in ("png", "svg"):
+                figures.correlation_heatmap(table, fig_dir / f"{stem}.{suffix}", f"{name}: {effect.title}",
+                                            value_range=effect.range)
+            views.setdefault(effect.kind, []).append(_img(fig_dir / f"{stem}.png", _CAPTIONS.get(effect.kind)))
+    out: list[str] = []
+    for kind, images in views.items():
+        heading = "Cross-validated prediction" if kind == "r2" else _HEADINGS[kind]
+        out += [f"<h2>{heading}</h2>", "<p>* : Benjamini–Hochberg p_fdr &lt; 0.05 across every test of the "
+                "run.</p>" if kind != "r2" else "", *images]
+    return out
+
+
+_CAPTIONS = {"difference": "Difference between the checkpoints' statistics, per pair (A−B); * marks p_fdr < 0.05 "
+                           "by the analysis' test (for pearson and spearman the dependent-correlation test, "
+                           "Steiger 1980, which accounts for both sharing the rating)."}
+
+
 def build_report(run_dir: str | Path, top_scatter: int = 6) -> Path:
     """Write ``RUN_DIR/report.html`` (and the figures it embeds) and return its path."""
     run = Path(run_dir)
@@ -174,32 +216,13 @@ def build_report(run_dir: str | Path, top_scatter: int = 6) -> Path:
     ratings = pd.read_parquet(run / "ratings.parquet") if (run / "ratings.parquet").exists() else None
     rating_col = manifest.get("inputs", {}).get("stimuli", {}).get("rating_column", "rating")
 
-    correlations = [n for n, t in analyses.items() if t["statistic"].isin(["r", "rho", "r_partial"]).any()]
-    if correlations:
-        parts.append("<h2>Correlations with the rating</h2><p>* : Benjamini–Hochberg p_fdr &lt; 0.05 across "
-                     "every test of the run.</p>")
-        for name in correlations:
-            table = analyses[name]
-            table = table[table.get("group", pd.Series("all", index=table.index)).fillna("all") == "all"]
-            is_diff = table["statistic"].astype(str).str.endswith("_diff")
-            figures.correlation_heatmap(table[~is_diff], fig_dir / f"heatmap-{name}.png", name)
-            figures.correlation_heatmap(table[~is_diff], fig_dir / f"heatmap-{name}.svg", name)
-            parts.append(_img(fig_dir / f"heatmap-{name}.png"))
-            if is_diff.any():  # checkpoints compared: r_A − r_B per pair, tested as dependent correlations
-                for suffix in ("png", "svg"):
-                    figures.correlation_heatmap(table[is_diff], fig_dir / f"heatmap-{name}-diff.{suffix}",
-                                                f"{name}: r_A − r_B")
-                parts.append(_img(fig_dir / f"heatmap-{name}-diff.png",
-                                  "Difference between the checkpoints' correlations with the rating, per pair "
-                                  "(A−B); * marks p_fdr < 0.05 by the dependent-correlation test (Steiger 1980), "
-                                  "which accounts for both correlations sharing the rating."))
-    if "ridge" in analyses and analyses["ridge"]["estimate"].notna().any():
-        ridge = analyses["ridge"][analyses["ridge"].get("group", "all") == "all"]
-        figures.r2_bars(ridge, fig_dir / "ridge-r2.png")
-        parts += ["<h2>Cross-validated prediction (ridge)</h2>", _img(fig_dir / "ridge-r2.png")]
+    effects = read_effects(manifest, list(analyses))
+    parts += _effect_views(analyses, effects, fig_dir)
     if analyses and metrics is not None and ratings is not None:
         table = pd.concat(analyses.values(), ignore_index=True)
-        table = table[table["statistic"].isin(["r", "rho"]) & table["p"].notna()].sort_values("p").drop_duplicates(
+        correlation = np.array([getattr(effects.get((a, str(s))), "kind", None) == "correlation"
+                                for a, s in zip(table["analysis"], table["statistic"])], dtype=bool)
+        table = table[correlation & table["p"].notna()].sort_values("p").drop_duplicates(
             ["checkpoint", "metric", "layer"]).head(top_scatter)
         if len(table):
             parts.append("<h2>Strongest relations</h2>")

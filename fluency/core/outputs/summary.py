@@ -20,40 +20,49 @@ def _fmt_p(p: float) -> str:
     return f"{p:.0e}" if p < 1e-3 else f"{p:.3f}"
 
 
-#: statistics whose sign says in which direction the metric goes with the rating
-DIRECTIONAL = {"r", "rho", "r_partial", "b"}
-
-
-def supports_fluency(estimate: float, higher_is_more_fluent: bool | None, statistic: str = "r") -> str:
-    """Whether a relation goes the way fluency theory predicts (more fluent ↔ higher rating)."""
-    if statistic not in DIRECTIONAL or higher_is_more_fluent is None or not math.isfinite(estimate) or estimate == 0:
+def supports_fluency(estimate: float, higher_is_more_fluent: bool | None, directional: bool = True) -> str:
+    """Whether a relation goes the way fluency theory predicts (more fluent ↔ higher rating): only for
+    statistics whose analysis declares them ``directional``."""
+    if not directional or higher_is_more_fluent is None or not math.isfinite(estimate) or estimate == 0:
         return "–"
     return "yes" if (estimate > 0) == higher_is_more_fluent else "no"
 
 
-def relations_table(strongest: pd.DataFrame, directions: dict[str, Any], alpha: float = 0.05) -> Table:
+#: the title of each section of non-correlation effect sizes
+SECTION_TITLES = {"coefficient": "Regression coefficients", "r2": "Prediction of the rating (R²)",
+                  "difference": "Differences between checkpoints", "descriptive": "Descriptive estimates (no test)"}
+
+
+def relations_table(rows: pd.DataFrame, directions: Mapping[str, Any], effects: Mapping[tuple[str, str], Any],
+                    title: str = "Strongest relations with the rating", alpha: float = 0.05) -> Table:
     """A compact rich table of analysis rows (already sorted), with FDR significance and the fluency direction.
 
-    The checkpoint column appears only when the rows come from several checkpoints; a comparison of two
-    checkpoints (``r_diff``, ``rho_diff``: estimate r_A − r_B, checkpoint ``A−B``) names its statistic in
-    the test column so that it is not read as a correlation.
+    ``effects`` (``{(analysis, statistic): EffectSize}``) says which statistics are directional and how they
+    are labelled; the test column names the statistic. The checkpoint and group columns appear only when
+    the rows come from several.
     """
-    several = strongest["checkpoint"].nunique() > 1
-    grouped = "group" in strongest.columns and strongest["group"].nunique() > 1
-    table = Table(title="Strongest relations with the rating", caption="p_fdr: Benjamini–Hochberg across all "
-                  f"tests of the run; * < {alpha}. fluent?: the direction processing-fluency theory predicts.")
+    several = rows["checkpoint"].nunique() > 1
+    grouped = "group" in rows.columns and rows["group"].nunique() > 1
+    directional = any(getattr(effects.get((r.analysis, r.statistic)), "directional", False)
+                      for r in rows.itertuples(index=False))
+    table = Table(title=title, caption="p_fdr: Benjamini–Hochberg across all tests of the run; "
+                  f"* < {alpha}." + (" fluent?: the direction processing-fluency theory predicts." if directional
+                                      else ""))
     columns = ["test", *(["checkpoint"] if several else []), *(["group"] if grouped else []), "metric", "layer",
-               "n", "estimate", "p", "p_fdr", "fluent?"]
+               "n", "estimate", "p", "p_fdr", *(["fluent?"] if directional else [])]
     for col in columns:
         table.add_column(col, justify="right" if col in ("n", "estimate", "p", "p_fdr") else "left")
-    for row in strongest.itertuples(index=False):
+    for row in rows.itertuples(index=False):
+        effect = effects.get((row.analysis, row.statistic))
         direction = directions.get(row.metric, {}).get("higher_is_more_fluent")
         sig = isinstance(row.p_fdr, float) and row.p_fdr < alpha
-        test = f"{row.analysis} {row.statistic}" if str(row.statistic).endswith("_diff") else row.analysis
-        cells = [test, *([row.checkpoint] if several else []), *([row.group] if grouped else []), row.metric,
+        cells = [f"{row.analysis} {effect.title if effect is not None else row.statistic}",
+                 *([row.checkpoint] if several else []), *([row.group] if grouped else []), row.metric,
                  "(whole)" if pd.isna(row.layer) else row.layer, str(row.n),
                  f"{row.estimate:+.3f}" if math.isfinite(row.estimate) else "–", _fmt_p(row.p),
-                 _fmt_p(row.p_fdr) + ("*" if sig else ""), supports_fluency(row.estimate, direction, row.statistic)]
+                 _fmt_p(row.p_fdr) + ("*" if sig else "")]
+        if directional:
+            cells.append(supports_fluency(row.estimate, direction, getattr(effect, "directional", False)))
         table.add_row(*cells, style="bold" if sig else None)
     return table
 

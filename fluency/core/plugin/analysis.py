@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 
@@ -11,6 +13,59 @@ import pandas as pd
 #: ``p`` is the test's two-sided p-value (NaN for descriptive analyses); ``layer`` is
 #: None for whole-model metrics
 RESULT_COLUMNS = ("analysis", "checkpoint", "metric", "layer", "n", "statistic", "estimate", "p")
+
+
+#: how an effect size is compared and shown: correlations are ranked together in the summary's main table;
+#: every other kind gets its own short section (regression coefficients, cross-validated R², differences
+#: between checkpoints, descriptive estimates that test nothing)
+EFFECT_KINDS = ("correlation", "coefficient", "r2", "difference", "descriptive")
+
+
+@dataclass(frozen=True)
+class EffectSize:
+    """How one ``statistic`` of an analysis' results is shown in the terminal summary and the report.
+
+    ``kind`` (one of :data:`EFFECT_KINDS`) decides where rows go: only ``"correlation"`` rows are ranked
+    against each other. ``range`` is the colour scale of the report's heatmaps (None: symmetric around 0
+    from the data); ``directional``: the sign says whether more fluent images are rated higher (the
+    summary's "fluent?" column); ``heatmap``: draw a metric × layer heatmap of the estimates.
+    """
+
+    statistic: str
+    label: str = ""
+    kind: Literal["correlation", "coefficient", "r2", "difference", "descriptive"] = "correlation"
+    range: tuple[float, float] | None = (-1.0, 1.0)
+    directional: bool = True
+    heatmap: bool = True
+
+    def check(self, where: str) -> None:
+        """Raise ``ValueError`` (naming ``where``) if a field is malformed."""
+        if not isinstance(self.statistic, str) or not self.statistic:
+            raise ValueError(f"{where}: EffectSize.statistic must be a non-empty string")
+        if self.kind not in EFFECT_KINDS:
+            raise ValueError(f"{where}: EffectSize kind {self.kind!r} is not one of {list(EFFECT_KINDS)}")
+        if self.range is not None and not (len(self.range) == 2 and all(math.isfinite(float(v)) for v in self.range)
+                                           and float(self.range[0]) < float(self.range[1])):
+            raise ValueError(f"{where}: EffectSize range {self.range!r} must be (low, high) with low < high")
+
+    @property
+    def title(self) -> str:
+        """``label``, else the statistic's name."""
+        return self.label or self.statistic
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, as the run's manifest records it (:meth:`from_dict` reads it back)."""
+        return {"statistic": self.statistic, "label": self.label, "kind": self.kind,
+                "range": list(self.range) if self.range is not None else None, "directional": self.directional,
+                "heatmap": self.heatmap}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EffectSize:
+        """The effect recorded by :meth:`as_dict`."""
+        rng = data.get("range")
+        return cls(str(data["statistic"]), str(data.get("label", "")), data.get("kind", "descriptive"),
+                   (float(rng[0]), float(rng[1])) if rng else None, bool(data.get("directional", False)),
+                   bool(data.get("heatmap", False)))
 
 
 @dataclass

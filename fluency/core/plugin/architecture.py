@@ -48,9 +48,14 @@ class VAEOutput:
 
 @dataclass
 class FlowOutput:
-    """What a flow's forward pass returns: the latent ``z`` (B×…) and ``log_likelihood`` (B), the exact
-    log-density of each image in nats under the flow, with the change of variables from ``[0, 1]``
-    pixels included (so it is comparable across flows); ``dims`` is the number of input dimensions."""
+    """What a flow's forward pass returns: the latent ``z`` (B×…), ``log_likelihood`` (B) and ``dims``, the
+    number of input dimensions D.
+
+    ``log_likelihood`` is each image's exact log-likelihood in nats as the flow literature reports it, for
+    the image's 8-bit values: log p(x) − D·ln 256, with p the flow's density of ``[0, 1]`` pixels (trained
+    with uniform dequantisation noise). The objective's bits per dimension are then the usual ones,
+    comparable across flows and papers.
+    """
 
     z: torch.Tensor
     log_likelihood: torch.Tensor

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from fluency.core.errors import FluencyError
+from fluency.core.plugin.analysis import EffectSize
 from fluency.core.plugin.options import Option, resolve_options
 
 Kind = Literal["architecture", "constraint", "optimizer", "metric", "analysis"]
@@ -135,9 +136,23 @@ class MetricSpec(PluginSpec):
 
 @dataclass(frozen=True)
 class AnalysisSpec(PluginSpec):
-    """A statistical analysis. ``factory(**options)`` returns a :class:`fluency.core.plugin.analysis.Analysis`."""
+    """A statistical analysis. ``factory(**options)`` returns a :class:`fluency.core.plugin.analysis.Analysis`.
+
+    ``effects`` declares, per ``statistic`` its results carry, how the summary and the report show it
+    (:class:`fluency.core.plugin.analysis.EffectSize`): which statistic is an effect size, its kind (only
+    correlations are ranked together), its range and whether its sign says something about fluency.
+    A statistic without a declaration is listed in the report's tables only.
+    """
 
     kind: ClassVar[Kind] = "analysis"
+    effects: tuple[EffectSize, ...] = ()
+
+    def check(self) -> None:
+        super().check()
+        if isinstance(self.effects, EffectSize) or not all(isinstance(e, EffectSize) for e in self.effects):
+            raise ValueError(f"analysis {self.name!r}: effects must be a tuple of EffectSize")
+        for effect in self.effects:
+            effect.check(f"analysis {self.name!r}")
 
 
 SPEC_TYPES: dict[Kind, type[PluginSpec]] = {

@@ -14,8 +14,8 @@ from rich.console import Console
 
 from fluency.core.atomic import atomic_path
 from fluency.core.errors import FluencyError
-from fluency.core.plugin.analysis import AnalysisData
-from fluency.core.plugin.manager import PluginManager, guarded
+from fluency.core.plugin.analysis import AnalysisData, EffectSize
+from fluency.core.plugin.manager import PluginManager, get_plugin_manager, guarded
 from fluency.core.plugin.specs import AnalysisSpec
 from fluency.core.progress import progress_bar
 from fluency.core.stats import fdr_bh
@@ -80,6 +80,25 @@ def analyse(metric_table: pd.DataFrame, ratings: pd.DataFrame | None, rating_col
         bars.update(task, status="")
     _write_with_fdr(outcome.results, out_dir / "analyses")
     return outcome
+
+
+def effects_record(specs: Mapping[str, AnalysisSpec]) -> dict[str, list[dict[str, Any]]]:
+    """The manifest's ``analysis_effects``: how each analysis declared its statistics are shown."""
+    return {name: [effect.as_dict() for effect in spec.effects] for name, spec in specs.items()}
+
+
+def read_effects(manifest: Mapping[str, Any], analyses: Sequence[str]) -> dict[tuple[str, str], EffectSize]:
+    """``{(analysis, statistic): EffectSize}`` as the run recorded them; an analysis the manifest has no record
+    of (a run written before effects were declared) takes the declaration of the installed plugin, if any."""
+    recorded = dict(manifest.get("analysis_effects") or {})
+    missing = [name for name in analyses if name not in recorded]
+    if missing:
+        manager = get_plugin_manager()
+        for name in missing:
+            if name in manager.names("analysis"):
+                recorded[name] = [e.as_dict() for e in manager.get("analysis", name).effects]
+    return {(name, str(e["statistic"])): EffectSize.from_dict(e) for name, effects in recorded.items()
+            for e in effects}
 
 
 def _write_with_fdr(results: dict[str, pd.DataFrame], folder: Path) -> None:

@@ -24,7 +24,9 @@ import torch
 from fluency.core.atomic import atomic_write_json
 from fluency.core.errors import FluencyError
 from fluency.core.inputs.ratings import MatchReport
+from fluency.core.plugin.analysis import EffectSize
 from fluency.core.plugin.manager import PluginManager, plugin_version
+from fluency.core.run.analyse import read_effects
 from fluency.core.version import MANIFEST_FORMAT_VERSION, __version__
 
 MANIFEST = "manifest.json"
@@ -45,22 +47,48 @@ class RunResult:
     report: MatchReport | None = None
     unreadable: dict[str, str] = field(default_factory=dict)  # image path (relative) -> why it was skipped
 
-    def strongest(self, top: int | None = 10) -> pd.DataFrame:
-        """Analysis rows, strongest first (smallest FDR-corrected p, then largest |estimate|).
+    def effects(self) -> dict[tuple[str, str], EffectSize]:
+        """``{(analysis, statistic): EffectSize}``: how each analysis declared its statistics are shown."""
+        return read_effects(self.manifest, list(self.analyses))
 
-        With ``top``, the ``top`` strongest rows plus the strongest row of every metric not among them,
-        so that no metric disappears from the summary.
-        """
+    def results(self) -> pd.DataFrame:
+        """Every analysis row with ``kind``, the declared kind of its statistic (None: undeclared), strongest
+        first within a kind (smallest FDR-corrected p, then largest |estimate|)."""
         if not self.analyses:
             return pd.DataFrame()
+        effects = self.effects()
         table = pd.concat(self.analyses.values(), ignore_index=True)
-        table = table.assign(_abs=table["estimate"].abs()).sort_values(["p_fdr", "_abs"], ascending=[True, False],
-                                                                       na_position="last")
-        table = table.drop(columns="_abs").reset_index(drop=True)
-        if top is None:
+        kinds = [getattr(effects.get((a, str(s))), "kind", None) for a, s in zip(table["analysis"], table["statistic"])]
+        table = table.assign(kind=kinds, _abs=table["estimate"].abs())
+        table = table.sort_values(["p_fdr", "_abs"], ascending=[True, False], na_position="last")
+        return table.drop(columns="_abs").reset_index(drop=True)
+
+    def strongest(self, top: int | None = 10) -> pd.DataFrame:
+        """The correlations (every statistic declared ``kind="correlation"``), strongest first: the comparable
+        effect sizes that the summary ranks. With ``top``, the ``top`` strongest rows plus the strongest row
+        of every metric not among them, so that no metric disappears from the summary."""
+        table = self.results()
+        if not len(table):
             return table
-        keep = set(table.index[:top]) | set(table.drop_duplicates("metric").index)
-        return table.loc[sorted(keep)].reset_index(drop=True)
+        return _top(table[table["kind"] == "correlation"].reset_index(drop=True), top)
+
+    def sections(self, top: int | None = 5) -> dict[str, pd.DataFrame]:
+        """The other declared effect sizes, one table per kind (coefficient, r2, difference, descriptive),
+        strongest first, at most ``top`` rows each: they are not comparable with correlations."""
+        table = self.results()
+        if not len(table):
+            return {}
+        kinds = [k for k in ("coefficient", "r2", "difference", "descriptive") if (table["kind"] == k).any()]
+        return {k: table[table["kind"] == k].reset_index(drop=True).head(top if top is not None else None)
+                for k in kinds}
+
+
+def _top(table: pd.DataFrame, top: int | None) -> pd.DataFrame:
+    """The ``top`` first rows plus the first row of every metric not among them."""
+    if top is None:
+        return table
+    keep = set(table.index[:top]) | set(table.drop_duplicates("metric").index)
+    return table.loc[sorted(keep)].reset_index(drop=True)
 
 
 def now() -> str:

@@ -38,7 +38,7 @@ from fluency.core.plugin.manager import PluginManager, get_plugin_manager, read_
 from fluency.core.plugin.metric import MetricBatch
 from fluency.core.plugin.specs import MetricSpec
 from fluency.core.progress import progress_bar
-from fluency.core.run.analyse import analyse
+from fluency.core.run.analyse import analyse, effects_record
 from fluency.core.run.folder import (MANIFEST, RunResult, new_run_dir, now, outputs, read_manifest, versions,
                                      write_manifest)
 from fluency.core.run.measuring import CheckpointMetrics, MetricParts, column_clash
@@ -397,6 +397,8 @@ def _updated_manifest(manifest: dict[str, Any], plan: MeasurePlan, parts: Metric
     return {**manifest, "status": "complete", "finished": manifest.get("finished") or now(), "inputs": inputs,
             "metrics": list(dict.fromkeys([*(manifest.get("metrics") or []), *new])),
             "analyses": list(plan.analysis_specs) if plan.ratings is not None else manifest.get("analyses", []),
+            "analysis_effects": (effects_record(plan.analysis_specs) if plan.ratings is not None
+                                 else manifest.get("analysis_effects", {})),
             "options": {**(manifest.get("options") or {}),
                         **{f"{k}.{n}": v for (k, n), v in plan.resolved.items() if n in new or k == "analysis"}},
             "metric_parts": kept_parts + written, "metric_columns": {**columns, **parts.metric_columns()},

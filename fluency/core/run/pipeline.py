@@ -44,7 +44,7 @@ from fluency.core.plugin.manager import PluginManager, get_plugin_manager, plugi
 from fluency.core.plugin.metric import MetricBatch, ModelDescription, units_as_rows
 from fluency.core.plugin.specs import AnalysisSpec, MetricSpec
 from fluency.core.progress import progress_bar
-from fluency.core.run.analyse import analyse
+from fluency.core.run.analyse import analyse, effects_record
 from fluency.core.run.checkpoints import labels as checkpoint_labels
 from fluency.core.run.checkpoints import unique_checkpoints
 from fluency.core.run.config import RunConfig
@@ -159,6 +159,7 @@ def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | N
         "command": sys.argv if Path(sys.argv[0]).name == "fluency" else None, "config": config.as_dict(),
         "inputs": {"stimuli": the_plan.stimuli.description, "duplicate_checkpoints": the_plan.duplicates},
         "metrics": list(the_plan.metric_specs), "analyses": list(the_plan.analysis_specs),
+        "analysis_effects": effects_record(the_plan.analysis_specs),
         "options": {f"{k}.{n}": v for (k, n), v in the_plan.resolved.items()},
         "device": str(the_plan.device), "versions": versions(manager, used),
         "matching": the_plan.stimuli.report.as_dict() if the_plan.stimuli.report is not None else None,
