@@ -28,9 +28,11 @@ from fluency.core.plugin.layer_options import (ALL_LAYERS, all_layers_options, c
 from fluency.core.plugin.manager import get_plugin_manager
 from fluency.core.plugin.metric import (FluencyMetric, MetricBatch, MetricValues, ModelDescription, per_image_noise,
                                          units_as_rows)
+from fluency.core.plugin.optimizer import OptimizerFactory
 from fluency.core.plugin.options import Option
 from fluency.core.plugin.specs import (CAPABILITIES, AnalysisSpec, ArchitectureSpec, ConstraintSpec, MetricSpec,
                                         OptimizerSpec)
+from fluency.core.run.folder import RunResult
 from fluency.core.run.store import ActivationStore
 from fluency.core.stats import DEPENDENT_METHODS, compare_dependent_correlations, fdr_bh
 from fluency.core.version import PLUGIN_API_VERSION
@@ -44,7 +46,7 @@ __all__ = [
     "FluencyMetric", "MetricBatch", "MetricValues", "ModelDescription", "units_as_rows", "per_image_noise",
     "ALL_LAYERS", "all_layers_options", "per_option", "wants_all_layers", "layer_weights", "weighted_mean",
     "channel_rows", "LOSSES", "capture_activations", "FolderSource", "Preprocessing", "find_images",
-    "iter_batches", "read_table", "ActivationStore",
+    "iter_batches", "read_table", "ActivationStore", "RunResult",
     # analyses
     "Analysis", "AnalysisData", "RESULT_COLUMNS", "EffectSize", "EFFECT_KINDS", "fdr_bh", "compare_dependent_correlations", "DEPENDENT_METHODS",
     # constraints
@@ -52,6 +54,6 @@ __all__ = [
     # architectures (building blocks: fluency.blocks)
     "FluencyModel", "FluencyVAE", "FluencyFlow", "FluencyEncoder", "VAEOutput", "FlowOutput", "EncoderOutput",
     "ObjectiveSettings", "CAPABILITIES", "kl_divergence", "require_attention_layers",
-    # optimizers that wrap another optimizer plugin
-    "get_plugin_manager",
+    # optimizers (a factory; one that wraps another optimizer plugin gets it from the manager)
+    "OptimizerFactory", "get_plugin_manager",
 ]

@@ -75,34 +75,34 @@ def test_options_are_validated() -> None:
     with pytest.raises(FluencyError):
         metric("activation-entropy", bins=1)
     with pytest.raises(FluencyError):
-        metric("pointwise-mi", estimator="histogram")
+        metric("mutual-info", estimator="histogram")
 
 
 @pytest.mark.parametrize("estimator", ["gaussian", "ksg"])
 def test_pointwise_mi_independent_of_batch_size(estimator: str) -> None:
     ids, images, acts = stimuli(21)
     options = {"dims": 4, "project": 16, "estimator": estimator}
-    one = run_metric(metric("pointwise-mi", **options), ids, images, acts, batch_size=1)
-    seven = run_metric(metric("pointwise-mi", **options), ids, images, acts, batch_size=7)
+    one = run_metric(metric("mutual-info", **options), ids, images, acts, batch_size=1)
+    seven = run_metric(metric("mutual-info", **options), ids, images, acts, batch_size=7)
     assert set(one) == {"enc1", "noise"}
     for layer in one:
         assert list(one[layer].index) == ids and np.isfinite(one[layer]).all()
         np.testing.assert_allclose(one[layer].to_numpy(), seven[layer].to_numpy(), rtol=1e-9, atol=1e-9)
     channels_last = {k: v.contiguous(memory_format=torch.channels_last) for k, v in acts.items()}
-    same = run_metric(metric("pointwise-mi", **options), ids, images, channels_last, batch_size=7)
+    same = run_metric(metric("mutual-info", **options), ids, images, channels_last, batch_size=7)
     np.testing.assert_allclose(same["enc1"].to_numpy(), seven["enc1"].to_numpy(), rtol=1e-9, atol=1e-9)
 
 
 def test_pointwise_mi_depends_on_the_run_seed_only_through_the_projection() -> None:
     ids, images, acts = stimuli(21)
-    a = run_metric(metric("pointwise-mi", dims=4, project=16), ids, images, acts, 7, seed=0)
-    b = run_metric(metric("pointwise-mi", dims=4, project=16), ids, images, acts, 7, seed=1)
+    a = run_metric(metric("mutual-info", dims=4, project=16), ids, images, acts, 7, seed=0)
+    b = run_metric(metric("mutual-info", dims=4, project=16), ids, images, acts, 7, seed=1)
     assert not np.allclose(a["enc1"].to_numpy(), b["enc1"].to_numpy())
 
 
 def test_pointwise_mi_is_higher_for_an_informative_layer() -> None:
     ids, images, acts = stimuli(300, seed=3)
-    values = run_metric(metric("pointwise-mi", dims=3, project=32), ids, images, acts, 32)
+    values = run_metric(metric("mutual-info", dims=3, project=32), ids, images, acts, 32)
     informative, noise = values["enc1"].mean(), values["noise"].mean()
     assert informative > 1.0  # bits
     assert abs(noise) < 0.1  # bias of the Gaussian estimator for independence: 3·3/(2·300·ln 2) ≈ 0.02 bits
@@ -111,9 +111,9 @@ def test_pointwise_mi_is_higher_for_an_informative_layer() -> None:
 def test_pointwise_mi_refuses_too_few_images_and_missing_images() -> None:
     ids, images, acts = stimuli(17)
     with pytest.raises(FluencyError, match="17 images are too few for dims=8 .need at least 18"):
-        run_metric(metric("pointwise-mi"), ids, images, acts, 8)
+        run_metric(metric("mutual-info"), ids, images, acts, 8)
     with pytest.raises(FluencyError, match="needs the images"):
-        metric("pointwise-mi").compute(MetricBatch(ids, None, acts, seed=0))
+        metric("mutual-info").compute(MetricBatch(ids, None, acts, seed=0))
 
 
 def metrics_table() -> pd.DataFrame:
@@ -122,7 +122,7 @@ def metrics_table() -> pd.DataFrame:
     frames = [pd.DataFrame({"image_id": ids, "checkpoint": ckpt, "metric": name, "layer": layer,
                             "value": rng.normal(shift, 1.0, len(ids))})
               for ckpt in ("a", "b") for layer in ("enc1", "enc2")
-              for name, shift in (("pointwise-mi", 1.5), ("gini", 0.3))]
+              for name, shift in (("mutual-info", 1.5), ("gini", 0.3))]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -138,7 +138,7 @@ def test_layer_mi_is_the_mean_with_a_bootstrap_interval() -> None:
     assert len(result) == 4 and set(result["analysis"]) == {"layer-mi"} and set(result["statistic"]) == {"mi_bits"}
     assert result["p"].isna().all() and (result["n"] == 40).all()
     for row in result.itertuples():
-        rows = table[(table["metric"] == "pointwise-mi") & (table["checkpoint"] == row.checkpoint)
+        rows = table[(table["metric"] == "mutual-info") & (table["checkpoint"] == row.checkpoint)
                      & (table["layer"] == row.layer)]
         assert row.estimate == pytest.approx(rows["value"].mean(), abs=1e-12)
         assert row.ci_low < row.estimate < row.ci_high
@@ -157,17 +157,17 @@ def test_layer_mi_ignores_the_ratings() -> None:
 
 def test_layer_mi_without_pointwise_rows_is_empty() -> None:
     table = metrics_table()
-    result = analysis().run(AnalysisData(table[table["metric"] != "pointwise-mi"], ratings(0), "rating"))
+    result = analysis().run(AnalysisData(table[table["metric"] != "mutual-info"], ratings(0), "rating"))
     assert result.empty and list(result.columns) == [*RESULT_COLUMNS, "ci_low", "ci_high"]
 
 
 def test_registers_through_the_plugin_manager() -> None:
     manager = get_plugin_manager()
     try:
-        manager.get("metric", "pointwise-mi")  # installed: loaded from the entry point already
+        manager.get("metric", "mutual-info")  # installed: loaded from the entry point already
     except FluencyError:
         manager.register(plugin, "mutual-info-test", "fluency-mutual-info", "0.1.0")
     assert manager.get("metric", "activation-entropy").higher_is_more_fluent is False
-    spec = manager.get("metric", "pointwise-mi")
+    spec = manager.get("metric", "mutual-info")
     assert spec.needs == "images" and spec.reads_activations and spec.higher_is_more_fluent is None
     assert manager.get("analysis", "layer-mi").resolve({})["n_boot"] == 2000

@@ -39,7 +39,8 @@ REGISTRATION_HOOKS = {
 
 @hookspec
 def fluency_register_architectures() -> list[ArchitectureSpec]:
-    """Return the model architectures (VAEs with named, hookable layers) this plugin provides."""
+    """Return the model architectures (VAEs, flows or encoder-only models with named, hookable layers) this
+    plugin provides."""
 
 
 @hookspec

@@ -90,7 +90,8 @@ class ConstraintSpec(PluginSpec):
 
 @dataclass(frozen=True)
 class OptimizerSpec(PluginSpec):
-    """An optimizer. ``factory(params, **options)`` returns a ``torch.optim.Optimizer`` stepped with a closure."""
+    """An optimizer. The factory (:class:`fluency.core.plugin.optimizer.OptimizerFactory`) takes
+    ``(params, **options)`` and returns a ``torch.optim.Optimizer`` stepped with a closure."""
 
     kind: ClassVar[Kind] = "optimizer"
 

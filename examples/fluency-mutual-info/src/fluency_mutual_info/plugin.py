@@ -1,11 +1,11 @@
-"""The plugins: metrics ``activation-entropy`` and ``pointwise-mi``, analysis ``layer-mi``.
+"""The plugins: metrics ``activation-entropy`` and ``mutual-info``, analysis ``layer-mi``.
 
 Mutual information is a property of a *set* of images, not of one image. The two metrics are the
 two honest per-image readings of it (see the package README):
 
 - ``activation-entropy``: a property of one image alone, the Shannon entropy of the histogram of
   its activations in a layer (how spread out the code is), not an MI;
-- ``pointwise-mi``: the local MI i(x_j; y_j) between an image's pixels and its layer response,
+- ``mutual-info``: the local MI i(x_j; y_j) between an image's pixels and its layer response,
   defined relative to the stimulus set; its mean over the set is the MI estimate, reported with a
   bootstrap interval by the analysis ``layer-mi``.
 
@@ -112,7 +112,7 @@ class PointwiseMI(FluencyMetric):
 
     def compute(self, batch: MetricBatch) -> list[MetricValues]:
         if batch.images is None:
-            raise FluencyError("pointwise-mi needs the images: with `fluency measure`, pass --images")
+            raise FluencyError("mutual-info needs the images: with `fluency measure`, pass --images")
         if self._seed is None:
             self._seed = int(batch.seed)
         self._ids.extend(map(str, batch.image_ids))
@@ -120,7 +120,7 @@ class PointwiseMI(FluencyMetric):
         for name in self.batch_layers(batch):
             a = batch.activations[name]
             if not bool(torch.isfinite(a).all()):
-                raise FluencyError(f"pointwise-mi: NaN/Inf activations in layer {name!r} for images "
+                raise FluencyError(f"mutual-info: NaN/Inf activations in layer {name!r} for images "
                                    f"{list(batch.image_ids)[:10]}")
             self._rows.setdefault(name, []).append(self._project(f"layer:{name}", a))
         return []
@@ -134,9 +134,9 @@ class PointwiseMI(FluencyMetric):
         estimator = self.options.get("estimator", "gaussian")
         need = max(2 * dims + 2, k + 1 if estimator == "ksg" else 0)
         if n < need:
-            raise FluencyError(f"pointwise-mi: {n} images are too few for dims={dims} (need at least {need}, as "
+            raise FluencyError(f"mutual-info: {n} images are too few for dims={dims} (need at least {need}, as "
                                f"the joint image-layer space has {2 * dims} dimensions); lower "
-                               "-o pointwise-mi.dims or measure more images")
+                               "-o mutual-info.dims or measure more images")
         rng = np.random.default_rng(self._seed or 0)
         x = reduce(np.concatenate(self._pixels), dims)
         out: list[tuple[Sequence[str], MetricValues]] = []
@@ -149,25 +149,25 @@ class PointwiseMI(FluencyMetric):
                 try:
                     values = gaussian_local_mi(x, y)
                 except ValueError as exc:
-                    raise FluencyError(f"pointwise-mi: layer {layer!r}: {exc}; the Gaussian MI is infinite, "
+                    raise FluencyError(f"mutual-info: layer {layer!r}: {exc}; the Gaussian MI is infinite, "
                                        "try fewer dims or estimator=ksg") from None
-            out.append((list(self._ids), MetricValues("pointwise-mi", values, layer)))
+            out.append((list(self._ids), MetricValues("mutual-info", values, layer)))
         return out
 
 
 class LayerMI(Analysis):
-    """Set-level MI between the images and each layer: the mean of ``pointwise-mi`` per (checkpoint, layer).
+    """Set-level MI between the images and each layer: the mean of ``mutual-info`` per (checkpoint, layer).
 
     One row per (checkpoint, layer): ``estimate`` the mean local MI in bits over the analysed images
     (``statistic = "mi_bits"``), ``p`` NaN (descriptive), ``n``, and a percentile bootstrap interval
     over images (``ci_low``, ``ci_high``) that holds the density fit fixed. Requires the run to
-    measure ``--metric pointwise-mi``; without its rows the result is empty. Reads no ratings.
+    measure ``--metric mutual-info``; without its rows the result is empty. Reads no ratings.
     """
 
     def run(self, data: AnalysisData) -> pd.DataFrame:
         from fluency_mutual_info.estimators import bootstrap_mean_ci
 
-        metrics = data.metrics[data.metrics["metric"] == "pointwise-mi"]
+        metrics = data.metrics[data.metrics["metric"] == "mutual-info"]
         n_boot, level, seed = int(self.options.get("n_boot", 2000)), float(self.options.get("ci", 0.95)), \
             int(self.options.get("seed", 0))
         rows = []
@@ -175,7 +175,7 @@ class LayerMI(Analysis):
             values = group["value"].to_numpy(float)
             values = values[np.isfinite(values)]
             low, high = bootstrap_mean_ci(values, n_boot, level, seed)
-            rows.append({"analysis": "layer-mi", "checkpoint": checkpoint, "metric": "pointwise-mi",
+            rows.append({"analysis": "layer-mi", "checkpoint": checkpoint, "metric": "mutual-info",
                          "layer": None if pd.isna(layer) else layer, "n": len(values), "statistic": "mi_bits",
                          "estimate": float(values.mean()) if len(values) else math.nan, "p": math.nan,
                          "ci_low": low, "ci_high": high})
@@ -196,7 +196,7 @@ def fluency_register_metrics() -> list[MetricSpec]:
                      "correction": Option("str", "none", "bias correction: none (plug-in) or miller-madow",
                                           choices=("none", "miller-madow"))}),
         MetricSpec(
-            name="pointwise-mi", factory=PointwiseMI, needs="images", reads_layers=True, higher_is_more_fluent=None,
+            name="mutual-info", factory=PointwiseMI, needs="images", reads_layers=True, higher_is_more_fluent=None,
             description="Local mutual information (bits) between an image's pixels and its response in each layer.\n"
                         "Relative to the stimulus set: pixels and responses are randomly projected, reduced by PCA, "
                         "and i = log p(x,y) − log p(x) − log p(y) is estimated (Gaussian or KSG); its mean over the "
@@ -216,8 +216,8 @@ def fluency_register_analyses() -> list[AnalysisSpec]:
     return [AnalysisSpec(
         name="layer-mi", factory=LayerMI,
         effects=(EffectSize("mi_bits", label="I (bits)", kind="descriptive", range=None, directional=False),),
-        description="Mutual information (bits) between the images and each layer: mean of pointwise-mi, bootstrap CI.\n"
-                    "Needs --metric pointwise-mi in the same run; descriptive (p is NaN); does not use the ratings.",
+        description="Mutual information (bits) between the images and each layer: mean of mutual-info, bootstrap CI.\n"
+                    "Needs --metric mutual-info in the same run; descriptive (p is NaN); does not use the ratings.",
         options={"n_boot": Option("int", 2000, "bootstrap resamples of the images (0: no interval)", minimum=0),
                  "ci": Option("float", 0.95, "confidence level of the interval", minimum=0.5, maximum=0.999),
                  "seed": Option("int", 0, "seed of the bootstrap resampling")})]
