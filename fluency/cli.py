@@ -357,12 +357,43 @@ def checkpoints_inspect(path: Path, as_json: bool) -> None:
     Console().print(table)
 
 
-@cli.command()
-@click.argument("pattern", default="*")
+class _ListOrSubcommand(click.Group):
+    """A group that is also a command: ``fluency plugins [PATTERN] [--kind K] [--json]`` lists plugins, and a
+    first word naming a subcommand (``fluency plugins new ...``) runs that instead. Options may follow PATTERN,
+    as they could when ``plugins`` was a plain command."""
+
+    allow_interspersed_args = True
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] in self.commands:
+            # the group's own parameters keep their defaults ("*" fills PATTERN); the subcommand parses the rest
+            super().parse_args(ctx, ["*", args[0]])
+            ctx.args = list(args[1:])
+            return ctx.args
+        return super().parse_args(ctx, args)
+
+
+class _PatternArgument(click.Argument):
+    """PATTERN of ``fluency plugins``, left out of a subcommand's usage ("fluency plugins new ...")."""
+
+    def get_usage_pieces(self, ctx: click.Context) -> list[str]:
+        # a subcommand's context (click 8.2+), or the group's while it runs a subcommand (click 8.1)
+        subcommand = not isinstance(ctx.command, _ListOrSubcommand) or ctx.invoked_subcommand
+        return [] if subcommand else super().get_usage_pieces(ctx)
+
+
+@cli.group(cls=_ListOrSubcommand, invoke_without_command=True, subcommand_metavar="| new KIND NAME [--dir DIR]")
+@click.argument("pattern", default="*", cls=_PatternArgument)
 @click.option("--kind", type=click.Choice(KINDS), help="Only plugins of this kind.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable list, with each plugin's options.")
-def plugins(pattern: str, kind: str | None, as_json: bool) -> None:
-    """List plugins (optionally matching a glob PATTERN such as 'g*'): kind, name, package, status."""
+@click.pass_context
+def plugins(ctx: click.Context, pattern: str, kind: str | None, as_json: bool) -> None:
+    """List plugins (optionally matching a glob PATTERN such as 'g*'): kind, name, package, status.
+
+    `fluency plugins new KIND NAME` writes a new plugin package instead (see `fluency plugins new --help`).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     manager = get_plugin_manager()
     rows = manager.list(pattern, kind)  # type: ignore[arg-type]
     if as_json:
@@ -376,6 +407,37 @@ def plugins(pattern: str, kind: str | None, as_json: bool) -> None:
         text = r.description if r.status == "ok" else (r.error or r.description)
         table.add_row(r.kind or "?", r.name, r.package, r.version, f"[{colours[r.status]}]{r.status}[/]", text)
     Console().print(table)
+
+
+#: the kinds of ``fluency plugins new``, in the order they are offered
+NEW_KINDS = ("metric", "analysis", "architecture", "constraint", "optimizer")
+
+
+@plugins.command("new", short_help="Write a new plugin package (fluency-NAME) that works as written.")
+@click.argument("kind", type=click.Choice(NEW_KINDS), metavar="KIND")
+@click.argument("name")
+@click.option("--dir", "directory", type=click.Path(path_type=Path),
+              help="Folder of the new package (default: ./fluency-NAME); it must not exist or be empty.")
+def plugins_new(kind: str, name: str, directory: Path | None) -> None:
+    """Write a new plugin package: a small, working plugin of KIND called NAME, with its tests and README.
+
+    KIND is metric, analysis, architecture, constraint or optimizer.
+
+    The package (distribution fluency-NAME, import package fluency_NAME) installs with pip, is found
+    through its entry point and passes its tests as written: edit src/fluency_NAME/plugin.py to make
+    it yours. Example: fluency plugins new metric my-metric
+    """
+    from fluency.scaffold import new_plugin
+
+    made = new_plugin(kind, name, directory)
+    shown = str(directory) if directory is not None else made.distribution
+    click.echo(f"Wrote the {kind} plugin {name!r} (package {made.distribution}, import {made.package}) "
+               f"in {shown}/:")
+    for relative in made.files:
+        click.echo(f"  {relative}")
+    click.echo("Next steps:")
+    for step in made.next_steps(shown):
+        click.echo(f"  {step}")
 
 
 @cli.command()
