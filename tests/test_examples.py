@@ -68,3 +68,21 @@ def test_glow_small_trains_and_is_measured_with_a_builtin_metric(env: PluginEnv,
     no_decoder = env.fluency("run", "--checkpoint", str(tmp_path / "glow" / "final.pt"), "--images", str(images),
                              "--metric", "recon-error", "--out", str(tmp_path / "bad"), cwd=tmp_path)
     assert no_decoder.returncode == 2 and "a flow model without" in no_decoder.stderr
+
+
+def test_the_example_packages_and_generated_plugins_use_only_the_public_api(tmp_path: Path) -> None:
+    import ast
+
+    from fluency.scaffold import new_plugin
+
+    for kind in ("metric", "analysis", "architecture", "constraint", "optimizer"):
+        new_plugin(kind, f"my-{kind}", tmp_path / kind)
+    files = [*EXAMPLES.rglob("*.py"), *tmp_path.rglob("*.py")]
+    private = []
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            private += [f"{file}: {n}" for n in names
+                        if n == "fluency.core" or n.startswith(("fluency.core.", "fluency.plugins"))]
+    assert len(files) > 20 and private == []
