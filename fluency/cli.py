@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
@@ -13,7 +15,7 @@ from rich.table import Table
 
 from fluency.core.version import __version__
 from fluency.core.model.devices import DEVICES
-from fluency.core.errors import FluencyError, PluginFailure
+from fluency.core.errors import FluencyError, PluginFailure, Terminated
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager
 from fluency.core.plugin.specs import KINDS
 
@@ -50,7 +52,7 @@ def cli() -> None:
 
     Plugins: FLUENCY_DISABLE_PLUGIN_AUTOLOAD=1 skips third-party plugins, FLUENCY_BLOCK_PLUGINS=pkg,...
     skips some, FLUENCY_STRICT_PLUGINS=1 makes a broken plugin an error. Exit status: 0 done, 2 a user
-    error, 3 a plugin that failed or broke its contract, 130 interrupted.
+    error, 3 a plugin that failed or broke its contract, 130 interrupted by Ctrl-C, 143 by SIGTERM.
     """
 
 
@@ -68,7 +70,7 @@ def cli() -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder; default: a new folder under runs/.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("-o", "--option", "options", multiple=True, metavar="[KIND.]PLUGIN.KEY=VALUE",
               help="Set a plugin option, e.g. -o sam.rho=0.1 (repeatable).")
 @click.option("--config", type=click.Path(path_type=Path), help="TOML file with one [PLUGIN] table of options each.")
@@ -82,7 +84,8 @@ def cli() -> None:
 @click.option("--by", help="Also run every analysis within each subgroup of these ratings columns (e.g. face_sex,face_eth).")
 @click.option("--min-group-size", type=click.IntRange(min=3), default=10, show_default=True,
               help="Subgroups with fewer rated images are reported, not analysed.")
-@click.option("--overwrite", is_flag=True, help="Reuse an existing --out run folder.")
+@click.option("--overwrite", is_flag=True,
+              help="Reuse the --out folder of an earlier run: the files that run wrote (only those) are replaced.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Relations shown in the summary.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @click.option("--interpolate", "interpolate", multiple=True, metavar="ID_A,ID_B",
@@ -277,21 +280,22 @@ def store_info(path: Path, as_json: bool) -> None:
 @click.option("--val-fraction", type=float, help="Seeded validation split (default 0.1).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), help="Also keep epoch-NNN.pt every N epochs.")
 @click.option("--device", type=click.Choice(DEVICES))
-@click.option("--seed", type=int)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1))
 @click.option("--no-figures", is_flag=True, default=None, help="Skip the training curves and reconstruction grids.")
 @click.option("-o", "--option", "options", multiple=True, metavar="[KIND.]PLUGIN.KEY=VALUE",
               help="Set a plugin or loss option, e.g. -o adam.beta1=0.5 -o lpips.net=vgg (repeatable).")
 @click.option("--config", type=click.Path(path_type=Path),
               help="TOML file: a [train] table of these settings and one table per plugin or loss.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out exactly where it stopped.")
+@click.option("--overwrite", is_flag=True, help="Replace the files of an earlier training run (or yours) in --out.")
 @click.option("--ratings", type=click.Path(path_type=Path), help="With --by: the table that defines subgroups.")
 @click.option("--id-column", default="image_id", show_default=True, help="Id column of --ratings.")
 @click.option("--by", help="Train one model per subgroup of these --ratings columns (e.g. face_sex,face_eth).")
 @click.option("--min-group-size", type=click.IntRange(min=2), default=16, show_default=True,
               help="Subgroups with fewer images are refused.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
-def train(options: tuple[str, ...], config: Path | None, resume: bool, ratings: Path | None, id_column: str,
-          by: str | None, min_group_size: int, as_json: bool, losses: tuple[str, ...],
+def train(options: tuple[str, ...], config: Path | None, resume: bool, overwrite: bool, ratings: Path | None,
+          id_column: str, by: str | None, min_group_size: int, as_json: bool, losses: tuple[str, ...],
           constraints: tuple[str, ...], no_figures: bool | None, **flags: Any) -> None:
     """Train a VAE on a folder of images; the final checkpoint is OUT/final.pt."""
     from fluency.core.outputs.training_figures import TrainingFigures
@@ -315,7 +319,8 @@ def train(options: tuple[str, ...], config: Path | None, resume: bool, ratings: 
         if ratings is None:
             raise FluencyError("--by needs --ratings (the table with the grouping columns)")
         sets = train_by_group(cfg, ratings, id_column, [c.strip() for c in by.split(",") if c.strip()],
-                              min_group_size, console=err, plugin_config=plugin_tables, observer=observer)
+                              min_group_size, console=err, plugin_config=plugin_tables, observer=observer,
+                              overwrite=overwrite)
         if as_json:
             _emit_json(sets)
         else:
@@ -323,7 +328,8 @@ def train(options: tuple[str, ...], config: Path | None, resume: bool, ratings: 
                 note = row.get("checkpoint") or f"refused: {row['refused']}"
                 Console().print(f"{row['label']}: {row['n_images']} images → {note}")
         return
-    result = train_model(cfg, console=err, resume=resume, plugin_config=plugin_tables, observer=observer)
+    result = train_model(cfg, console=err, resume=resume, overwrite=overwrite, plugin_config=plugin_tables,
+                         observer=observer)
     if as_json:
         _emit_json({"checkpoint": str(result.checkpoint), "history": result.history, "seconds": result.seconds})
     else:
@@ -518,21 +524,56 @@ def demo() -> None:
 @demo.command("export")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--n", "n", type=click.IntRange(min=1), default=None, help="Number of images (default: as embedded).")
-@click.option("--seed", type=int, default=None, help="Generator seed (default: as embedded).")
-def demo_export(folder: Path, n: int | None, seed: int | None) -> None:
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Generator seed (default: as embedded).")
+@click.option("--overwrite", is_flag=True, help="Replace FOLDER/ratings.csv and images of the same names.")
+def demo_export(folder: Path, n: int | None, seed: int | None, overwrite: bool) -> None:
     """Write the embedded stimuli to FOLDER/images/*.png and FOLDER/ratings.csv."""
     from fluency.core.inputs import demo as demo_module
 
     demo_module.export(folder, n or demo_module.DEFAULT_N, demo_module.DEFAULT_SIZE,
-                       demo_module.DEFAULT_SEED if seed is None else seed)
+                       demo_module.DEFAULT_SEED if seed is None else seed, overwrite=overwrite)
     Console().print(f"Wrote {folder}/images/ and {folder}/ratings.csv")
 
 
+#: the exit status of a command interrupted by each signal (128 + its number, as shells report it)
+INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def _interrupted(exc: BaseException) -> NoReturn:
+    """Ctrl-C (SIGINT) or SIGTERM: say what is kept (as the user guide does) and exit with 130 or 143."""
+    name = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
+    err.print(f"[red]interrupted[/red] ({name}): finished results are kept; a run folder's manifest.json says "
+              "status \"interrupted\" (`fluency train --resume` continues a training run)", highlight=False)
+    sys.exit(INTERRUPTED[name])
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM handler: stop like Ctrl-C (a second SIGTERM ends the process at once)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated("SIGTERM")
+
+
 def main() -> None:
-    """Entry point: user errors become one red line and exit status 2; bugs keep their traceback."""
+    """Entry point: user errors become one red line and exit status 2; bugs keep their traceback.
+
+    Exit status (docs/user-guide.md, "Exit status"): 0 done, 1 a bug (traceback), 2 a user error, 3 a plugin
+    failure, 130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM.
+    """
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        _main()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main() -> None:
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # click turns Ctrl-C (and SIGTERM) into Abort
+            _interrupted(exc.__cause__)
         err.print("[red]aborted[/red]")
         sys.exit(130)
     except click.ClickException as exc:
@@ -548,9 +589,8 @@ def main() -> None:
                   + ("" if _DEBUG["on"] or not plugin else " (--debug shows the traceback)"),
                   highlight=False, soft_wrap=True)
         sys.exit(3 if plugin else 2)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]: finished results are kept in the run folder (see manifest.json)")
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,18 @@ class StoreError(FluencyError):
     """An activation store that is incomplete, corrupt or of an unknown format."""
 
 
+class StorageFullError(FluencyError):
+    """The disk filled up (or a file-size or quota limit was reached) while fluency wrote a file."""
+
+
 class TrainingError(FluencyError):
     """Training that cannot go on (e.g. a NaN or infinite loss)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, systemd and ``kill`` send), raised like Ctrl-C's KeyboardInterrupt so that work stops
+    the same way: a run is recorded as ``interrupted`` and keeps what it finished (the command line exits with
+    143 instead of 130)."""
 
 
 def error_text(exc: BaseException, limit: int = 300) -> str:

@@ -12,6 +12,8 @@ STORE_FORMAT_VERSION = 2
 METRIC_TABLE_FORMAT_VERSION = 2
 #: a run folder's manifest.json
 MANIFEST_FORMAT_VERSION = 2
+#: a run folder's marker (.fluency-run) and ledger (.fluency-ledger) of the files fluency wrote there
+FOLDER_FORMAT_VERSION = 1
 #: the plugin API (fluency.api, fluency.blocks): a plugin declaring another major version, or a newer minor
 #: one, is listed as broken instead of failing at use time
 PLUGIN_API_VERSION = "1.1"

@@ -20,6 +20,7 @@ and ``fit = PATH`` reuses it instead of fitting. Higher = more typical = more fl
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,43 @@ def fit_gaussian(x: np.ndarray, dims: int, eps: float) -> dict[str, np.ndarray]:
 def log_likelihood(x: np.ndarray, g: dict[str, np.ndarray]) -> np.ndarray:
     p = (x - g["mean"]) @ g["components"]
     return -0.5 * ((p ** 2 / g["variances"]).sum(1) + np.log(2 * np.pi * g["variances"]).sum())
+
+
+def load_fit(path: str | Path) -> dict[str, Any]:
+    """A fit saved by an earlier run, read without unpickling code (``weights_only``) and checked: ``{"layers":
+    {layer: {group: {"mean": F, "components": F×k, "variances": k positive}}}}`` float tensors. Anything else
+    is one line naming the file."""
+    path = Path(path)
+    where = f"typicality: fit {path}"
+    if not path.is_file():
+        raise FluencyError(f"{where}: no such file (give the state/<checkpoint>/typicality.pt of an earlier run)")
+    try:
+        with warnings.catch_warnings():  # torch's notes on unusual pickles: the error below says enough
+            warnings.simplefilter("ignore", UserWarning)
+            fitted = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types; its message suggests unsafe loading, so it is not repeated
+        raise FluencyError(f"{where}: not a fit saved by fluency, or not safely loadable ({type(exc).__name__})") \
+            from None
+    layers = fitted.get("layers") if isinstance(fitted, dict) else None
+    if not isinstance(layers, dict) or not layers:
+        raise FluencyError(f"{where}: not a typicality fit (no 'layers' table)")
+    for layer, groups in layers.items():
+        for group, g in (groups.items() if isinstance(groups, dict) and groups else [(None, groups)]):
+            if not _valid_gaussian(g):
+                raise FluencyError(f"{where}: layer {layer!r} group {group!r} is not a Gaussian fit (needs float "
+                                   "tensors mean F, components F×k and positive finite variances k)")
+    return fitted
+
+
+def _valid_gaussian(g: Any) -> bool:
+    if not isinstance(g, dict) or not all(isinstance(g.get(k), torch.Tensor) and g[k].is_floating_point()
+                                          for k in ("mean", "components", "variances")):
+        return False
+    mean, components, variances = g["mean"], g["components"], g["variances"]
+    return (mean.dim() == 1 and components.dim() == 2 and variances.dim() == 1
+            and components.shape == (mean.shape[0], variances.shape[0]) and variances.shape[0] > 0
+            and bool(torch.isfinite(mean).all() and torch.isfinite(components).all())
+            and bool(torch.isfinite(variances).all() and (variances > 0).all()))
 
 
 class Typicality(FluencyMetric):
@@ -130,7 +168,7 @@ class Typicality(FluencyMetric):
             return []
         layer_names = list(self._feats)
         if self.options.get("fit"):
-            self._fitted = torch.load(self.options["fit"], map_location="cpu", weights_only=True)
+            self._fitted = load_fit(self.options["fit"])
         else:
             ref_ids, ref = self._reference(layer_names)
             ref_groups = self._groups(ref_ids)
@@ -150,6 +188,10 @@ class Typicality(FluencyMetric):
             fits = self._fitted["layers"].get(layer)
             if fits is None:
                 raise FluencyError(f"typicality: the saved fit has no layer {layer!r}")
+            wrong = sorted({int(g["mean"].shape[0]) for g in fits.values()} - {x.shape[1]})
+            if wrong:
+                raise FluencyError(f"typicality: the fit of layer {layer!r} has {wrong[0]} features, the responses "
+                                   f"{x.shape[1]} (fitted with another model or max_features?)")
             values = np.empty(len(x))
             for group in set(groups):
                 if group not in fits:

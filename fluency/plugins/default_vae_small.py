@@ -20,8 +20,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from fluency import ArchitectureSpec, Option, hookimpl
-from fluency.blocks import (LATENTS, ArchitectureConfigError, BlockVAE, attention_stages, block_options,
-                            build_decoder, build_encoder, check_choice, check_image_size, per_block)
+from fluency.blocks import (LATENTS, MAX_CHANNELS, MAX_IMAGE_SIZE, MAX_LATENT_DIM, ArchitectureConfigError, BlockVAE,
+                            attention_stages, block_options, build_decoder, build_encoder, check_choice,
+                            check_image_size, per_block)
 
 N_BLOCKS = 5
 BLOCK_NAMES = tuple(f"enc{i}" for i in range(1, N_BLOCKS + 1))
@@ -66,12 +67,14 @@ class VAESmall(BlockVAE):
 def small_options() -> dict[str, Option]:
     """The typed options of ``vae-small``."""
     return {
-        "image_size": Option("int", 64, "input height and width (a multiple of 32)", minimum=32),
+        "image_size": Option("int", 64, "input height and width (a multiple of 32)", minimum=32,
+                             maximum=MAX_IMAGE_SIZE),
         "in_channels": Option("int", 3, "image channels (3 = RGB, 1 = grayscale)", choices=(1, 3)),
-        "latent_dim": Option("int", 32, "size of the latent Gaussian", minimum=1),
-        "channels": Option("list[int]", [16, 32, 64, 64, 128], "channels of the 5 encoder blocks", minimum=1),
+        "latent_dim": Option("int", 32, "size of the latent Gaussian", minimum=1, maximum=MAX_LATENT_DIM),
+        "channels": Option("list[int]", [16, 32, 64, 64, 128], "channels of the 5 encoder blocks", minimum=1,
+                           maximum=MAX_CHANNELS),
         "decoder_channels": Option("list[int]", [64, 64, 32, 16, 8], "channels of the 5 decoder blocks",
-                                   minimum=1),
+                                   minimum=1, maximum=MAX_CHANNELS),
         **block_options(BLOCK_NAMES),
     }
 

@@ -26,6 +26,7 @@ from fluency import ArchitectureSpec, Option, hookimpl
 from fluency.blocks import load_features, read_features_state_dict
 from fluency.blocks import (block_options, ArchitectureConfigError, BlockVAE, EncoderParts, attention_stages,
                             build_decoder, build_encoder, check_choice, check_image_size, per_block)
+from fluency.blocks import MAX_CHANNELS, MAX_IMAGE_SIZE, MAX_LATENT_DIM
 
 N_BLOCKS = 5
 BLOCK_NAMES = tuple(f"enc{i}" for i in range(1, N_BLOCKS + 1))
@@ -176,13 +177,15 @@ def vgg_layer_names(enc: EncoderParts) -> dict[str, int]:
 def vgg_options(depth: str) -> dict[str, Option]:
     """The typed options of ``vae-vgg16`` / ``vae-vgg19``."""
     return {
-        "image_size": Option("int", 128, "input height and width (a multiple of 32)", minimum=32),
+        "image_size": Option("int", 128, "input height and width (a multiple of 32)", minimum=32,
+                             maximum=MAX_IMAGE_SIZE),
         "in_channels": Option("int", 3, "image channels (3 = RGB, 1 = grayscale)", choices=(1, 3)),
-        "latent_dim": Option("int", 128, "size of the latent Gaussian", minimum=1),
-        "width": Option("float", 1.0, "multiplier of VGG's channel counts (1.0 = torchvision's)", minimum=1e-3),
+        "latent_dim": Option("int", 128, "size of the latent Gaussian", minimum=1, maximum=MAX_LATENT_DIM),
+        "width": Option("float", 1.0, "multiplier of VGG's channel counts (1.0 = torchvision's)", minimum=1e-3,
+                        maximum=MAX_CHANNELS / max(VGG_WIDTHS)),
         "decoder_layers": Option("int", 5, "decoder conv layers: 5 (one per upsampling) or 10 (two)", choices=(5, 10)),
         "decoder_channels": Option("list[int]", [512, 256, 128, 64, 32], "channels of the 5 decoder stages",
-                                   minimum=1),
+                                   minimum=1, maximum=MAX_CHANNELS),
         **block_options(BLOCK_NAMES),
         "imagenet_weights": Option("str", None, f"local torchvision {depth.upper()} state dict (full or features-only) "
                                    "to initialise the encoder; needs norm none, no separable/spectral, RGB"),

@@ -19,6 +19,8 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
+from fluency.core.errors import FluencyError
+
 DEFAULT_N = 240
 DEFAULT_SIZE = 64
 DEFAULT_SEED = 0
@@ -54,8 +56,11 @@ def generate(n: int = DEFAULT_N, size: int = DEFAULT_SIZE, seed: int = DEFAULT_S
     clutter = rng.integers(0, MAX_CLUTTER + 1, n)
     images = np.stack([_render(rng, size, int(k)) for k in clutter])
     rating = np.clip(5.5 - 0.25 * clutter + rng.normal(0, 0.6, n), 1, 7).round(2)
-    ids = [f"stim-{i:03d}" for i in range(n)]
-    return images, pd.DataFrame({"image_id": ids, "rating": rating, "clutter": clutter})
+    return images, pd.DataFrame({"image_id": _ids(n), "rating": rating, "clutter": clutter})
+
+
+def _ids(n: int) -> list[str]:
+    return [f"stim-{i:03d}" for i in range(n)]
 
 
 def as_tensor(images: np.ndarray) -> torch.Tensor:
@@ -63,9 +68,16 @@ def as_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
 
 
-def export(folder: str | Path, n: int = DEFAULT_N, size: int = DEFAULT_SIZE, seed: int = DEFAULT_SEED) -> Path:
-    """Write the stimuli as ``folder/images/ID.png`` and ``folder/ratings.csv``; return the folder."""
+def export(folder: str | Path, n: int = DEFAULT_N, size: int = DEFAULT_SIZE, seed: int = DEFAULT_SEED,
+           overwrite: bool = False) -> Path:
+    """Write the stimuli as ``folder/images/ID.png`` and ``folder/ratings.csv``; return the folder. A file of
+    those names that exists already is replaced only with ``overwrite``."""
     folder = Path(folder)
+    targets = [folder / "ratings.csv", *(folder / "images" / f"{image_id}.png" for image_id in _ids(n))]
+    taken = [str(p.relative_to(folder)) for p in targets if p.exists() or p.is_symlink()]
+    if taken and not overwrite:
+        raise FluencyError(f"{folder} already holds {', '.join(taken[:3])}{' …' if len(taken) > 3 else ''}; pass "
+                           "--overwrite to replace them, or choose another folder")
     (folder / "images").mkdir(parents=True, exist_ok=True)
     images, ratings = generate(n, size, seed)
     for image_id, pixels in zip(ratings["image_id"], images):

@@ -7,6 +7,16 @@ or RGB reduced to luminance (ITU-R 601) as the model needs; the shorter side
 scaled to ``size`` (Lanczos, antialiased) and the centre cropped to a square.
 Conversions are done in floating point so no mode is silently truncated to 8 bits.
 
+A hostile file cannot exhaust memory or hang a run: only regular files are opened
+(a named pipe, socket or device named ``x.png`` is skipped and reported, never
+opened; symbolic links are followed, and what they point to must be a regular
+file); an image is refused from its header, before any pixel is decoded, if it has
+more than :data:`MAX_PIXELS` pixels; and the crop is resampled straight from the
+source pixels (never through a full-size scaled copy) one band at a time, so a
+1 × 100,000-pixel strip costs no more than its own pixels. Decoding needs at most
+:data:`BYTES_PER_PIXEL` bytes per source pixel, whatever the aspect ratio, and the
+threads decode at most :data:`MAX_PIXELS` pixels at once: about 2.5 GB in all.
+
 An :class:`ImageSource` gives the images of a run by index together with their
 ids and a fingerprint of the stimuli that goes into provenance records.
 """
@@ -16,11 +26,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -41,19 +54,49 @@ RESIZES = (RESIZE, "stretch")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _PREFETCH_WORKERS = 4
 
+#: the most pixels (width × height) an image may have: Pillow's own decompression-bomb threshold
+#: (``PIL.Image.MAX_IMAGE_PIXELS``, above which Pillow warns, and refuses at twice as many), about
+#: 9459 × 9459, beyond any stimulus but a camera's raw panorama. Checked from the header, before decoding.
+MAX_PIXELS = 89_478_485
+#: peak bytes per source pixel while an image is decoded and preprocessed (the decoded pixels, then one
+#: float32 band at a time with alpha; measured at most 24, for 32-bit integer and RGBA-to-grey images).
+#: Threads decode at most :data:`MAX_PIXELS` source pixels at once between them, so decoding holds at
+#: most ``MAX_PIXELS × BYTES_PER_PIXEL`` ≈ 2.5 GB, whatever the images and the number of threads.
+BYTES_PER_PIXEL = 28
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
 
 def is_image(path: Path) -> bool:
     """Whether ``path`` has one of :data:`IMAGE_EXTENSIONS` (any case)."""
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def find_images(root: str | Path) -> list[Path]:
-    """The images under ``root``, recursively, sorted by relative posix path.
+def not_regular(path: Path) -> str | None:
+    """Why ``path`` is not a regular file (``"a named pipe"``, ...), or None if it is one; never opens it.
 
-    Hidden files and folders (names starting with '.', e.g. macOS ``._X001.jpg``)
-    are skipped. Symlinked folders are followed once each. The paths returned are
-    ``root / relative_path`` so that ``p.relative_to(root)`` works.
+    Symbolic links are followed: a link to a regular file is one, a link to a pipe is not.
     """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if os.path.islink(path) else "no such file"
+    except OSError as exc:
+        return f"cannot be examined ({error_text(exc)})"
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def skipped_reason(kind: str) -> str:
+    """How a skipped non-regular file is reported (among the unreadable images)."""
+    return f"{kind}, not a regular file: skipped, never opened"
+
+
+def scan_images(root: str | Path) -> tuple[list[Path], dict[Path, str]]:
+    """``(images, skipped)`` under ``root``: the files :func:`find_images` returns, and the other entries with
+    an image's name (named pipes, sockets, devices, broken links) with why they are skipped, never opened."""
     root = Path(root)
     if not root.exists():
         raise InputError(f"image folder {root} does not exist")
@@ -76,7 +119,32 @@ def find_images(root: str | Path) -> list[Path]:
     if not found:
         raise InputError(f"no images in {root}: looked (recursively, skipping hidden files) for "
                          f"{', '.join(IMAGE_EXTENSIONS)} in any case")
-    return [path for _, path in sorted(found)]
+    images, skipped = [], {}
+    for _, path in sorted(found):
+        kind = not_regular(path)
+        if kind is None:
+            images.append(path)
+        else:
+            skipped[path] = skipped_reason(kind)
+    return images, skipped
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """The images under ``root``, recursively, sorted by relative posix path.
+
+    Hidden files and folders (names starting with '.', e.g. macOS ``._X001.jpg``)
+    are skipped. Symlinked folders are followed once each; symlinked files are
+    followed wherever they point (they are only read). Only regular files are
+    returned: a named pipe, socket or device with an image's name is left out
+    unopened (reading a pipe would hang), as is a broken link. The paths returned
+    are ``root / relative_path`` so that ``p.relative_to(root)`` works. No image
+    is an :class:`InputError`.
+    """
+    images, skipped = scan_images(root)
+    if not images:
+        raise InputError(f"no readable images in {root}: all {len(skipped)} cannot be read, e.g. "
+                         + "; ".join(f"{path} ({why})" for path, why in list(skipped.items())[:3]))
+    return images
 
 
 @dataclass(frozen=True)
@@ -101,34 +169,69 @@ class Preprocessing:
                 "exif_orientation": True, "luminance": "ITU-R 601" if self.channels == 1 else None}
 
 
-def _to_array(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(colour H×W×C in [0,1] with C 1 or 3, alpha H×W in [0,1] or None)`` for any PIL mode."""
+def _float_mode(img: Image.Image) -> Image.Image:
+    """``img`` in a mode whose bands :func:`_band` reads: L, LA, RGB, RGBA, I, I;16* or F (converted if need be)."""
     mode = img.mode
     if mode in ("P", "PA"):
-        img = img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
-    elif mode in ("L", "RGB") and "transparency" in img.info:  # a colour key instead of an alpha channel
-        img = img.convert("LA" if mode == "L" else "RGBA")
-    elif mode in ("La", "RGBa"):  # premultiplied alpha
-        img = img.convert(mode.upper())
-    elif mode == "1" or not (mode in ("L", "LA", "RGB", "RGBA", "I", "F") or mode.startswith("I;16")):
-        img = img.convert("L" if mode == "1" else "RGB")  # CMYK, YCbCr, LAB, HSV, RGBX…
+        return img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
+    if mode in ("L", "RGB") and "transparency" in img.info:  # a colour key instead of an alpha channel
+        return img.convert("LA" if mode == "L" else "RGBA")
+    if mode in ("La", "RGBa"):  # premultiplied alpha
+        return img.convert(mode.upper())
+    if mode == "1" or not (mode in ("L", "LA", "RGB", "RGBA", "I", "F") or mode.startswith("I;16")):
+        return img.convert("L" if mode == "1" else "RGB")  # CMYK, YCbCr, LAB, HSV, RGBX…
+    return img
+
+
+def _band(img: Image.Image, index: int) -> np.ndarray:
+    """Band ``index`` of an image in a :func:`_float_mode` mode as float32 H×W in [0, 1].
+
+    One band at a time, so that the float copies of an image never all exist at once.
+    """
     mode = img.mode
-    arr = np.asarray(img)
+    arr = np.asarray(img if len(img.getbands()) == 1 else img.getchannel(index))
     if mode.startswith("I;16"):
-        colour = arr.astype(np.float32) / 65535.0
-    elif mode == "I":
+        out = arr.astype(np.float32)
+        out /= 65535.0
+        return out
+    if mode == "I":
         # 16-bit PNG/TIFF may decode to "I"; wider integers are scaled by their type's range
         top = 65535.0 if arr.size == 0 or int(arr.max()) <= 65535 else float(2**31 - 1)
-        colour = np.clip(arr.astype(np.float64) / top, 0.0, 1.0).astype(np.float32)
-    elif mode == "F":
-        colour = np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0)  # float images are taken as [0, 1]
-    else:
-        colour = arr.astype(np.float32) / 255.0
-    if colour.ndim == 2:
-        colour = colour[..., None]
-    if mode in ("LA", "RGBA"):
-        return colour[..., :-1], colour[..., -1]
-    return colour, None
+        return np.clip(arr.astype(np.float64) / top, 0.0, 1.0).astype(np.float32)
+    if mode == "F":
+        return np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0)  # float images are taken as [0, 1]
+    out = arr.astype(np.float32)
+    out /= 255.0
+    return out
+
+
+def _planes(img: Image.Image, size: int, channels: int, resize: str) -> list[np.ndarray]:
+    """The ``size×size`` float planes of a decoded image: alpha composited onto white, grey or luminance as
+    ``channels`` asks, each colour band converted, composited and resized before the next is read."""
+    img = _float_mode(img)
+    n_bands = len(img.getbands())
+    alpha = _band(img, n_bands - 1) if img.mode in ("LA", "RGBA") else None
+    background = None if alpha is None else 1.0 - alpha
+    n_colour = n_bands - (alpha is not None)
+
+    def colour(index: int) -> np.ndarray:
+        band = _band(img, index)
+        if alpha is not None:
+            band *= alpha
+            band += background
+        return band
+
+    if channels == 1 and n_colour == 3:
+        grey = colour(0)
+        grey *= _LUMA[0]
+        for index in (1, 2):
+            band = colour(index)
+            band *= _LUMA[index]
+            grey += band
+            del band
+        return [_resize_crop(grey, size, resize)]
+    planes = [_resize_crop(colour(index), size, resize) for index in range(n_colour)]
+    return planes * 3 if channels == 3 and n_colour == 1 else planes
 
 
 def _resize_crop(channel: np.ndarray, size: int, resize: str = RESIZE) -> np.ndarray:
@@ -137,40 +240,85 @@ def _resize_crop(channel: np.ndarray, size: int, resize: str = RESIZE) -> np.nda
     if resize == "stretch":
         img = Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32))
         return np.asarray(img.resize((size, size), Image.Resampling.LANCZOS))
+    # the crop of the scaled image, resampled straight from its source box: the same pixels (to float
+    # rounding) as scaling the whole image and cropping it, without the scaled copy, which for a thin
+    # strip is enormous (1 × 20,000 pixels scaled to a shorter side of 64: 82 million pixels per channel)
     h, w = channel.shape
     scale = size / min(h, w)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    resized = Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32)).resize(
-        (new_w, new_h), Image.Resampling.LANCZOS)
-    return np.asarray(resized)[top:top + size, left:left + size]
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    img = Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32))
+    return np.asarray(img.resize((size, size), Image.Resampling.LANCZOS, box=box))
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading; anything but a regular file (checked before opening, and after, in case
+    it was swapped meanwhile: opened without blocking, so a pipe cannot hang) is an :class:`InputError`."""
+    kind = not_regular(path)
+    if kind is not None:
+        raise InputError(f"cannot read image {path}: it is {kind}, not a regular file")
+    extra = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    file = open(path, "rb", opener=lambda name, flags: os.open(name, flags | extra))  # noqa: SIM115
+    if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+        file.close()
+        raise InputError(f"cannot read image {path}: it is not a regular file")
+    return file
+
+
+_decoding = threading.Condition()
+_decoding_pixels = 0
+
+
+@contextmanager
+def _pixel_budget(pixels: int) -> Iterator[None]:
+    """Wait until the images other threads are decoding leave room for ``pixels`` (≤ :data:`MAX_PIXELS`) more,
+    and hold them while the block runs: the memory bound of decoding is one largest image's, not ``workers`` of them."""
+    global _decoding_pixels
+    with _decoding:
+        _decoding.wait_for(lambda: _decoding_pixels == 0 or _decoding_pixels + pixels <= MAX_PIXELS)
+        _decoding_pixels += pixels
+    try:
+        yield
+    finally:
+        with _decoding:
+            _decoding_pixels -= pixels
+            _decoding.notify_all()
+
+
+def _too_large(img: Image.Image) -> str | None:
+    """Why an opened (not yet decoded) image is refused: more than :data:`MAX_PIXELS` pixels; else None."""
+    if img.width * img.height <= MAX_PIXELS:
+        return None
+    return (f"it has {img.width}×{img.height} = {img.width * img.height:,} pixels, more than fluency decodes "
+            f"({MAX_PIXELS:,}, Pillow's decompression-bomb limit); downscale it first")
 
 
 def load_image(path: str | Path, size: int, channels: int = 3, resize: str = RESIZE) -> torch.Tensor:
     """One image file as a float32 ``channels×size×size`` tensor in [0, 1] (see the module docstring).
 
-    A missing, corrupt, truncated or unrecognised file raises :class:`InputError`
-    naming the file and the decoder's complaint.
+    A missing, corrupt, truncated or unrecognised file, one that is not a regular file,
+    or one of more than :data:`MAX_PIXELS` pixels raises :class:`InputError` naming
+    the file and the reason.
     """
     if channels not in (1, 3):
         raise ValueError(f"images have 1 or 3 channels, not {channels}")
     path = Path(path)
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so that truncation is caught here
-            img = ImageOps.exif_transpose(img)
-            colour, alpha = _to_array(img)
+        with _open_regular(path) as file, Image.open(file) as img:
+            if (why := _too_large(img)) is not None:
+                raise InputError(f"cannot read image {path}: {why}")
+            if img.width == 0 or img.height == 0:
+                raise InputError(f"cannot read image {path}: it is empty ({img.width}×{img.height} pixels)")
+            with _pixel_budget(img.width * img.height):
+                img.load()  # decode now, so that truncation is caught here
+                ImageOps.exif_transpose(img, in_place=True)
+                planes = _planes(img, size, channels, resize)
+    except InputError:
+        raise
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, EOFError… for bad files
         raise InputError(f"cannot read image {path}: {error_text(exc)}") from exc
-    if colour.shape[0] == 0 or colour.shape[1] == 0:
-        raise InputError(f"cannot read image {path}: it is empty ({colour.shape[1]}×{colour.shape[0]} pixels)")
-    if alpha is not None:
-        colour = colour * alpha[..., None] + (1.0 - alpha[..., None])
-    if channels == 1 and colour.shape[2] == 3:
-        colour = (colour @ _LUMA)[..., None]
-    planes = [_resize_crop(colour[..., c], size, resize) for c in range(colour.shape[2])]
-    if channels == 3 and len(planes) == 1:
-        planes = planes * 3
     out = np.clip(np.stack(planes), 0.0, 1.0)  # Lanczos overshoots a little at edges
     return torch.from_numpy(out.astype(np.float32, copy=False))
 
@@ -188,13 +336,24 @@ def image_problem(path: str | Path) -> str | None:
 
     ``PIL.Image.verify`` checks the file's structure, then a full decode catches
     truncated pixel data (verify alone misses it for JPEG). About 0.7 ms per
-    256×256 JPEG, an eighth of what :func:`load_image` costs.
+    256×256 JPEG, an eighth of what :func:`load_image` costs. A file that is not a
+    regular file is never opened, and one of more than :data:`MAX_PIXELS` pixels never
+    decoded.
     """
+    path = Path(path)
+    kind = not_regular(path)
+    if kind is not None:
+        return skipped_reason(kind)
     try:
-        with Image.open(path) as img:
+        with _open_regular(path) as file, Image.open(file) as img:
+            if (why := _too_large(img)) is not None:
+                return why
             img.verify()
-        with Image.open(path) as img:
-            img.load()
+        with _open_regular(path) as file, Image.open(file) as img:
+            if (why := _too_large(img)) is not None:
+                return why
+            with _pixel_budget(img.width * img.height):
+                img.load()
             img.getexif()
             if img.width == 0 or img.height == 0:
                 return f"it is empty ({img.width}×{img.height} pixels)"

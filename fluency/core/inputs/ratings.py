@@ -10,8 +10,10 @@ Policy. Problems that make the table unusable are errors (:class:`InputError`,
 naming the file, the column, the rows as numbered in the file and the values):
 
 * a missing id or rating column;
-* empty ids, duplicate ids (two rows naming one image included);
-* ratings that are not numbers (``abc``, ``5,5``, ``inf``).
+* empty ids; two rows naming one image: the same id twice, ids equal under the matching rules
+  (``./a`` and ``a``, ``a\\b`` and ``a/b``), or, once the images are known (:func:`match_ids`), ids
+  of two forms naming one file (``img01`` and ``img01.png``);
+* ratings that are not numbers (``abc``, ``5,5``) or infinite (``inf``, ``1e999``, ``-Infinity``).
 
 Mismatches are reported (:class:`MatchReport`) and the run goes on; with
 ``--strict`` the CLI turns any of them into an error (:func:`check_strict`):
@@ -53,6 +55,7 @@ MISSING_TEXTS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN",
 MODES = ("relpath", "relpath-noext", "stem")
 
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_INFINITY = re.compile(r"[+-]?inf(?:inity)?", re.IGNORECASE)
 _LISTED = 10
 
 
@@ -62,9 +65,9 @@ def _listing(items: Sequence[str], limit: int = _LISTED) -> str:
     return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
 
 
-def _first_row(path: Path) -> int:
-    """The row number of the table's first record in the file: 2 under a CSV header, 1 in Parquet."""
-    return 1 if path.suffix.lower() in PARQUET_EXTENSIONS else 2
+def first_row(path: str | Path) -> int:
+    """The row number of the table's first record as the user sees it: 2 under a CSV header, 1 in Parquet."""
+    return 1 if Path(path).suffix.lower() in PARQUET_EXTENSIONS else 2
 
 
 def _delimiter(header: str, ext: str) -> str:
@@ -139,19 +142,19 @@ def _id_text(value: Any) -> str:
 
 
 def _rating_value(value: Any) -> float | None:
-    """A rating cell as a float (NaN when empty), or None when it is not a finite number."""
+    """A rating cell as a float (NaN when empty, ±inf when infinite, ``1e999`` included), or None when it is not
+    a number."""
     if value is None or value is pd.NA:
         return math.nan
     if isinstance(value, str):
         text = value.strip()
         if text in MISSING_TEXTS:
             return math.nan
-        return float(text) if _NUMBER.fullmatch(text) else None
+        return float(text) if _NUMBER.fullmatch(text) or _INFINITY.fullmatch(text) else None
     try:
-        number = float(value)
-    except (TypeError, ValueError):
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
         return None
-    return number if not math.isinf(number) else None
 
 
 def _infer(column: pd.Series) -> pd.Series:
@@ -193,7 +196,7 @@ def read_ratings(path: str | Path, id_column: str = "image_id", rating_column: s
     if rating_column == "image_id":
         raise InputError(f"ratings table {path}: the rating column cannot be called 'image_id' "
                          f"(that name is for ids); rename it")
-    first = _first_row(path)
+    first = first_row(path)
     is_text = path.suffix.lower() in CSV_EXTENSIONS
     problems: list[str] = []
 
@@ -202,19 +205,26 @@ def read_ratings(path: str | Path, id_column: str = "image_id", rating_column: s
     if empty:
         problems.append(f"column {id_column!r} has empty ids in "
                         f"row{'s' if len(empty) > 1 else ''} {_listing([str(r) for r in empty])}")
-    rows: dict[str, list[int]] = {}
+    rows: dict[str, list[tuple[int, str]]] = {}
     for i, v in enumerate(ids):
         if v:
-            rows.setdefault(v, []).append(first + i)
-    duplicates = [f"{v!r} (rows {', '.join(map(str, r))})" for v, r in rows.items() if len(r) > 1]
+            rows.setdefault(normalise_id(v), []).append((first + i, v))
+    duplicates = [_rows_text(found) for found in rows.values() if len(found) > 1]
     if duplicates:
-        problems.append(f"column {id_column!r} has duplicate ids: {_listing(duplicates)}")
+        problems.append(f"column {id_column!r} has duplicate ids (rows naming one image; keep one row per "
+                        f"image): {_listing(duplicates)}")
 
     values = [_rating_value(v) for v in table[rating_column]]
-    bad = [f"row {first + i}: {table[rating_column].iloc[i]!r}" for i, v in enumerate(values) if v is None]
+    cells = table[rating_column]
+    bad = [f"row {first + i}: {cells.iloc[i]!r}" for i, v in enumerate(values) if v is None]
     if bad:
         problems.append(f"column {rating_column!r} has values that are not numbers (write decimals with a "
                         f"point, leave missing ratings empty): {_listing(bad)}")
+    infinite = [f"row {first + i}: {cells.iloc[i]!r}" for i, v in enumerate(values)
+                if v is not None and math.isinf(v)]
+    if infinite:
+        problems.append(f"column {rating_column!r} has infinite values (a rating is a finite number): "
+                        f"{_listing(infinite)}")
     if problems:
         raise InputError(f"ratings table {path}: " + "\n  ".join(problems))
 
@@ -225,6 +235,13 @@ def read_ratings(path: str | Path, id_column: str = "image_id", rating_column: s
         name = "original_image_id" if column == "image_id" else column
         out[name] = _infer(table[column]).to_numpy() if is_text else table[column].to_numpy()
     return out
+
+
+def _rows_text(found: Sequence[tuple[int, str]]) -> str:
+    """``'a' (rows 2, 4)`` for one id repeated, ``'./a' (row 2) and 'a' (row 4)`` for two spellings of one."""
+    if len({image_id for _, image_id in found}) == 1:
+        return f"{found[0][1]!r} (rows {', '.join(str(row) for row, _ in found)})"
+    return " and ".join(f"{image_id!r} (row {row})" for row, image_id in found)
 
 
 def empty_rating_ids(table: pd.DataFrame, rating_column: str = "rating") -> list[str]:
@@ -330,12 +347,17 @@ def _key(relpath: str, mode: str) -> str:
     return pure.stem if mode == "stem" else pure.with_suffix("").as_posix()
 
 
-def _match(ids: Sequence[str], rels: Sequence[str], mode: str) -> tuple[dict[str, int], list[str],
-                                                                            dict[str, list[str]]]:
-    """``(id -> file index, missing ids, ambiguous {id: relpaths})`` for one reading of the ids."""
+def _index(rels: Sequence[str], mode: str) -> dict[str, list[int]]:
+    """Key of each file under one reading of the ids → the indices of the files with that key."""
     index: dict[str, list[int]] = {}
     for i, rel in enumerate(rels):
         index.setdefault(_key(rel, mode), []).append(i)
+    return index
+
+
+def _match(ids: Sequence[str], rels: Sequence[str], index: Mapping[str, list[int]]) -> tuple[
+        dict[str, int], list[str], dict[str, list[str]]]:
+    """``(id -> file index, missing ids, ambiguous {id: relpaths})`` for one reading of the ids."""
     matched: dict[str, int] = {}
     missing: list[str] = []
     ambiguous: dict[str, list[str]] = {}
@@ -350,6 +372,29 @@ def _match(ids: Sequence[str], rels: Sequence[str], mode: str) -> tuple[dict[str
     return matched, missing, ambiguous
 
 
+def _check_one_row_per_image(ids: Sequence[str], rels: Sequence[str], indexes: Iterable[Mapping[str, list[int]]],
+                             rows: Sequence[int] | None, source: str | Path | None) -> None:
+    """Raise :class:`InputError` when two different ids name one file under any reading (``img01`` and
+    ``img01.png``, ``./a`` and ``a``): one image rated in two rows, which no choice of reading can settle.
+    An id repeated exactly is :func:`read_ratings`' error, not this one."""
+    named: dict[int, dict[str, int]] = {}  # file index -> {id: its position in ids}
+    for position, image_id in enumerate(ids):
+        key = normalise_id(image_id)
+        for index in indexes:
+            hits = index.get(key, [])
+            if len(hits) == 1:
+                named.setdefault(hits[0], {}).setdefault(image_id, position)
+    clashes = [(i, found) for i, found in named.items() if len(found) > 1]
+    if not clashes:
+        return
+    if rows is None:
+        i, found = clashes[0]
+        raise InputError(f"rated ids {' and '.join(map(repr, found))} both name the image {rels[i]}")
+    items = [f"{' and '.join(f'row {rows[p]} ({image_id!r})' for image_id, p in found.items())} both name the "
+             f"image {rels[i]}" for i, found in clashes]
+    raise InputError(f"ratings table {source}: {_listing(items, 5)}; keep one row per image")
+
+
 def _relpath(path: Path, root: Path) -> str:
     try:
         return path.relative_to(root).as_posix()
@@ -357,8 +402,8 @@ def _relpath(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def match_ids(ids: Sequence[str], root: str | Path, files: Sequence[Path],
-              empty_ratings: Iterable[str] = ()) -> MatchReport:
+def match_ids(ids: Sequence[str], root: str | Path, files: Sequence[Path], empty_ratings: Iterable[str] = (), *,
+              rows: Sequence[int] | None = None, source: str | Path | None = None) -> MatchReport:
     """Match rated ``ids`` to ``files`` (under ``root``), reading the ids in the form that matches most.
 
     Each reading (relative path, relative path without extension, stem) is tried;
@@ -366,14 +411,18 @@ def match_ids(ids: Sequence[str], root: str | Path, files: Sequence[Path],
     with most unique matches; ties prefer relpath, then relpath-noext, then stem.
     Where no id that relpath-noext matches has a folder part it reads exactly as
     stem, and is reported as stem. ``empty_ratings`` (ids whose rating is empty)
-    is passed through to the report. Two ids naming one file raise :class:`InputError`.
+    is passed through to the report. Two ids naming one file under any reading
+    (``img01`` and ``img01.png``) raise :class:`InputError`, naming the rows of the
+    table ``source`` when ``rows`` (each id's row number as the user sees it) is given.
     """
     root = Path(root)
     ids = [str(i) for i in ids]
     rels = [_relpath(Path(p), root) for p in files]
+    indexes = {mode: _index(rels, mode) for mode in MODES}
+    _check_one_row_per_image(ids, rels, indexes.values(), rows, source)
     best: tuple[tuple[int, int, int], str, Any] | None = None
     for priority, mode in zip((3, 2, 1), MODES):
-        result = _match(ids, rels, mode)
+        result = _match(ids, rels, indexes[mode])
         matched, _, ambiguous = result
         if mode == "relpath-noext" and not any("/" in normalise_id(i) for i in [*matched, *ambiguous]):
             priority = 0  # the same reading as stem
@@ -383,11 +432,7 @@ def match_ids(ids: Sequence[str], root: str | Path, files: Sequence[Path],
     assert best is not None
     _, mode, (matched, missing, ambiguous) = best
 
-    owners: dict[int, str] = {}
-    for image_id, i in matched.items():
-        if i in owners:
-            raise InputError(f"rated ids {owners[i]!r} and {image_id!r} both name the image {rels[i]}")
-        owners[i] = image_id
+    owners = {i: image_id for image_id, i in matched.items()}  # one id per file: checked above
     in_ambiguous = {rel for paths in ambiguous.values() for rel in paths}
     unrated = [rel for i, rel in enumerate(rels) if i not in owners and rel not in in_ambiguous]
     return MatchReport(mode=mode, matched={k: Path(files[i]) for k, i in matched.items()},

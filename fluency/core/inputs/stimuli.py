@@ -18,10 +18,10 @@ import torch
 
 from fluency.core.inputs import demo
 from fluency.core.errors import InputError
-from fluency.core.inputs.images import (FolderSource, ImageSource, Preprocessing, TensorSource, find_images,
-                                 find_unreadable)
-from fluency.core.inputs.ratings import (MatchReport, check_any_matched, check_strict, empty_rating_ids, match_ids,
-                                  read_ratings)
+from fluency.core.inputs.images import (FolderSource, ImageSource, Preprocessing, TensorSource, find_unreadable,
+                                        scan_images)
+from fluency.core.inputs.ratings import (MatchReport, check_any_matched, check_strict, empty_rating_ids, first_row,
+                                  match_ids, read_ratings)
 
 
 @dataclass
@@ -58,12 +58,15 @@ def from_folder(images: str | Path, ratings: str | Path | None, id_column: str, 
                 strict: bool = False) -> Stimuli:
     """Stimuli from a folder of images and an optional ratings table (CSV or Parquet).
 
-    Every image is decoded once up front; files that cannot be are left out and listed
-    in ``unreadable`` (and the report), or with ``strict`` are an :class:`InputError`.
+    Every image is decoded once up front; files that cannot be, and entries with an image's
+    name that are not regular files (a named pipe, never opened), are left out and listed in
+    ``unreadable`` (and the report), or with ``strict`` are an :class:`InputError`.
     """
     root = Path(images)
-    found = find_images(root)
-    problems = find_unreadable(found)
+    regular, skipped = scan_images(root)
+    found = sorted([*regular, *skipped], key=lambda p: p.relative_to(root).as_posix())
+    problems = {**skipped, **find_unreadable(regular)}
+    problems = {p: problems[p] for p in found if p in problems}  # in the folder's order
     if problems and strict:
         raise InputError(f"--strict: {len(problems)} image{'s' if len(problems) > 1 else ''} cannot be read: "
                          + "; ".join(f"{path} ({why})" for path, why in problems.items()))
@@ -77,7 +80,8 @@ def from_folder(images: str | Path, ratings: str | Path | None, id_column: str, 
     if ratings is not None:
         table = read_ratings(ratings, id_column, rating_column)
         report = match_ids(list(table["image_id"]), root, found,  # unreadable files too, so ids are not misread
-                           empty_ratings=empty_rating_ids(table, rating_column))
+                           empty_ratings=empty_rating_ids(table, rating_column), source=ratings,
+                           rows=range(first_row(ratings), first_row(ratings) + len(table)))
         report.drop_unreadable(root, problems)
         check_any_matched(report, ratings, id_column)
         if strict:

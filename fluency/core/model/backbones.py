@@ -32,36 +32,58 @@ def hub_file(net: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILES[net]
 
 
-def read_features_state_dict(path: str | Path) -> dict[int, dict[str, torch.Tensor]]:
-    """``{feature index: {"weight": ..., "bias": ...}}`` from a full or features-only torchvision state dict."""
+def weights_source(weights: str | Path | None, *variables: str) -> tuple[str | None, str]:
+    """The backbone weights file to use, from ``weights`` (an option) or the first set environment variable,
+    and how to name it in messages (``PATH`` or ``PATH (from $VARIABLE)``)."""
+    if weights:
+        return str(weights), str(weights)
+    for variable in variables:
+        if os.environ.get(variable):
+            return os.environ[variable], f"{os.environ[variable]} (from ${variable})"
+    return None, ""
+
+
+def read_features_state_dict(path: str | Path, label: str | None = None) -> dict[int, dict[str, torch.Tensor]]:
+    """``{feature index: {"weight": ..., "bias": ...}}`` from a full or features-only torchvision state dict;
+    anything else is a :class:`FluencyError` naming the file as ``label`` (default: the path)."""
     path = Path(path)
+    label = label or str(path)
     if not path.is_file():
-        raise FluencyError(f"backbone weights {path}: no such file (expected a torchvision state dict of the "
+        raise FluencyError(f"backbone weights {label}: no such file (expected a torchvision state dict of the "
                            "network's `features`, full or features-only)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise FluencyError(f"backbone weights {path}: cannot be read safely ({type(exc).__name__})") from None
+        raise FluencyError(f"backbone weights {label}: cannot be read safely ({type(exc).__name__})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise FluencyError(f"backbone weights {label}: holds a {type(state).__name__}, not a state dict (parameter "
+                           "names to tensors) of a torchvision AlexNet/VGG")
     out: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
-        parts = key.split(".")
-        if parts[0] == "features":
+        parts = key.split(".") if isinstance(key, str) else []
+        if parts and parts[0] == "features":
             parts = parts[1:]
         if len(parts) == 2 and parts[0].isdigit() and parts[1] in ("weight", "bias"):
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise FluencyError(f"backbone weights {label}: {key} is a {type(value).__name__}, not a float "
+                                   "tensor; is it a torchvision state dict?")
             out.setdefault(int(parts[0]), {})[parts[1]] = value
     if not out:
-        raise FluencyError(f"backbone weights {path}: no `features.N.weight` entries; is it a torchvision "
+        raise FluencyError(f"backbone weights {label}: no `features.N.weight` entries; is it a torchvision "
                            "AlexNet/VGG state dict?")
     return out
 
 
 def load_features(modules: dict[int, nn.Module], weights: dict[int, dict[str, torch.Tensor]], source: str) -> None:
     """Copy ``weights`` into ``modules`` (feature index → conv module); every conv must be covered."""
-    missing = sorted(set(modules) - set(weights))
+    missing = sorted(f"features.{i}.{name}" for i in modules for name in ("weight", "bias")
+                     if name not in weights.get(i, {}))
     if missing:
-        raise FluencyError(f"backbone weights {source}: no entries for feature layers {missing}")
+        raise FluencyError(f"backbone weights {source}: no entries {missing[:6]} (wrong network?)")
     with torch.no_grad():
         for index, module in modules.items():
             for name in ("weight", "bias"):
@@ -79,17 +101,18 @@ def lpips_model(net: str = "alex", weights: str | Path | None = None, version: s
         import lpips
     except ImportError:
         raise FluencyError("LPIPS needs the `lpips` package (and torchvision): pip install lpips") from None
-    weights = weights or os.environ.get(ENV_WEIGHTS) or None
+    weights, label = weights_source(weights, ENV_WEIGHTS)
     local = weights is None and hub_file(net).exists()
     kwargs: dict[str, Any] = dict(pretrained=True, net=net, version=version, verbose=False)
     if weights is not None:
+        state = read_features_state_dict(weights, label)  # first: a bad file fails before the network is built
         with warnings.catch_warnings():  # torchvision's deprecation notice for lpips' `pretrained=False`
             warnings.simplefilter("ignore", UserWarning)
             model = lpips.LPIPS(pnet_rand=True, **kwargs)
         slices = {int(name): module for i in range(1, model.net.N_slices + 1)
                   for name, module in getattr(model.net, f"slice{i}").named_children()
                   if isinstance(module, nn.Conv2d)}
-        load_features(slices, read_features_state_dict(weights), str(weights))
+        load_features(slices, state, label)
     else:
         try:
             with warnings.catch_warnings():

@@ -25,6 +25,12 @@ NORMS = ("none", "batch", "instance")
 UPSAMPLINGS = ("pixelshuffle", "convtranspose", "upsample-conv")
 LATENTS = ("fc", "conv")
 GATES = ("sigmoid", "softmax")
+#: bounds of the size options of the block-built architectures, far above any use (the built-in models
+#: have 64–128 pixels, 32–128 latent dimensions and at most 512 channels) and low enough that a checkpoint
+#: naming absurd sizes is refused before a model is built (a checkpoint's options are validated)
+MAX_IMAGE_SIZE = 2048
+MAX_LATENT_DIM = 65536
+MAX_CHANNELS = 4096
 
 
 class ArchitectureConfigError(FluencyError, ValueError):
@@ -360,5 +366,6 @@ def block_options(block_names: tuple[str, ...]) -> dict[str, Option]:
         "attention_gate": Option("str", "sigmoid", "attention gate: sigmoid (weights in (0,1)) or softmax "
                                  "(weights sum to 1)", choices=GATES),
         "attention_temperature": Option("float", 1.0, "softmax temperature of the attention gate", minimum=1e-6),
-        "attention_reduction": Option("int", 16, "channel reduction ratio r of the attention MLP", minimum=1),
+        "attention_reduction": Option("int", 16, "channel reduction ratio r of the attention MLP", minimum=1,
+                                      maximum=MAX_CHANNELS),
     }

@@ -9,27 +9,46 @@ A checkpoint is a plain dict of strings, numbers, lists and tensors saved with
      "optimizer": {"name": "adam", "options": {...}},
      "epoch": 30, "history": [{"epoch": 1, "loss": ...}, ...],
      "provenance": {...}, "state_dict": {...}}
+
+Reading is guarded: anything but a zip archive of stored (uncompressed) records that
+``torch.save`` writes is "not a fluency checkpoint" before torch sees it, so loading
+never needs more memory than the file's size; the fields are checked before they are
+used; and the architecture's options are validated against its option schema (with
+its bounds) and the model's parameter count (built on the meta device, no memory)
+against :data:`MAX_PARAMETERS` before any real model is built. Every failure is one
+:class:`CheckpointError` naming the file and the field.
 """
 
 from __future__ import annotations
 
 import io
 import numbers
+import re
+import stat
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from fluency.core.atomic import atomic_write_bytes
-from fluency.core.errors import CheckpointError, PluginError, error_text
+from fluency.core.errors import CheckpointError, FluencyError, PluginError, error_text
 from fluency.core.hashing import file_sha256
 from fluency.core.plugin.architecture import FluencyModel
 from fluency.core.plugin.manager import PluginManager
+from fluency.core.plugin.options import brief_repr
+from fluency.core.plugin.specs import PluginSpec
 
 FORMAT = "fluency-checkpoint"
 FORMAT_VERSION = 1
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "data" / "default.pt"
+#: the largest model a checkpoint may describe: 2 billion parameters (8 GB of float32 weights), far above
+#: the built-in models (under 40 million) and refused before it is built, so that absurd sizes in a
+#: checkpoint's options cannot start a huge allocation
+MAX_PARAMETERS = 2_000_000_000
 
 
 def plain(value: Any) -> Any:
@@ -66,21 +85,171 @@ def save_checkpoint(path: str | Path, model: FluencyModel, architecture: str, **
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """A field's value for a message, cut to ``limit`` characters (a hostile field cannot flood it)."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return brief_repr(value, limit)
+
+
+def _archive_problem(path: Path) -> str | None:
+    """Why ``path`` is not an archive ``torch.save`` writes (zip, a ``data.pkl``, stored records that fit
+    in the file), or None; checked before torch reads it, so torch never inflates a record."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except Exception as exc:  # noqa: BLE001 — zipfile raises many types for foreign bytes
+        return f"not the zip archive that torch.save writes ({error_text(exc, 80)})"
+    if not any(r.filename == "data.pkl" or r.filename.endswith("/data.pkl") for r in records):
+        return "a zip archive without the data.pkl that torch.save writes"
+    size = path.stat().st_size
+    if any(r.compress_type != zipfile.ZIP_STORED or r.file_size > size for r in records) \
+            or sum(r.file_size for r in records) > size:
+        return "a zip archive with compressed or oversized records, which torch.save never writes"
+    return None
+
+
+def _load_failure(exc: BaseException) -> str:
+    """What torch's refusal of a file means, in fluency's words (never torch's advice to unpickle anyway)."""
+    text = " ".join(str(exc).split())
+    detail = re.search(r"WeightsUnpickler error: (.*?)(?:\. |\.?$)", text)
+    if detail and "Unsupported global" in detail.group(1):
+        return (f"cannot be read safely: it holds Python objects, not only tensors and plain data "
+                f"({detail.group(1)[:120]}); fluency never unpickles those")
+    reason = detail.group(1)[:120] if detail else (type(exc).__name__ if "weights_only" in text
+                                                   else error_text(exc, 120))
+    return f"not a fluency checkpoint: torch cannot read it ({reason})"
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict, loaded with ``weights_only=True``; errors name the file."""
+    """The checkpoint dict, loaded with ``weights_only=True`` and its fields checked (:func:`check_fields`);
+    every failure is a :class:`CheckpointError` naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        raise CheckpointError(f"checkpoint {path}: no such file") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"checkpoint {path}: not a regular file")
+    problem = _archive_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path}: not a fluency checkpoint: {problem}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {path}: cannot be read safely ({error_text(exc)})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: not a fluency checkpoint (no format marker {FORMAT!r})")
-    if int(payload.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path}: format version {payload['format_version']} is newer than "
-                              f"this fluency understands ({FORMAT_VERSION}); upgrade fluency")
+        raise CheckpointError(f"checkpoint {path}: {_load_failure(exc)}") from None
+    check_fields(path, payload)
     return payload
+
+
+def check_fields(path: Path, payload: Any) -> None:
+    """Raise a :class:`CheckpointError` naming ``path`` and the field if ``payload`` lacks a field fluency
+    reads or holds one of the wrong type: ``format``, ``format_version``, ``architecture`` (``name``,
+    ``options``), ``state_dict`` (names to tensors), ``epoch`` and ``history`` if present."""
+    where = f"checkpoint {path}"
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: not a fluency checkpoint (no format marker {FORMAT!r})")
+    missing = [key for key in ("format_version", "architecture", "state_dict") if key not in payload]
+    if missing:
+        raise CheckpointError(f"{where}: no field {missing[0]} (a damaged file, or not one fluency wrote)")
+    version = payload["format_version"]
+    if type(version) is not int:
+        raise CheckpointError(f"{where}: field format_version is {_short(version)}, not a whole number")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{where}: format version {_short(version)} is newer than this fluency understands "
+                              f"({FORMAT_VERSION}); upgrade fluency")
+    if version < 1:
+        raise CheckpointError(f"{where}: format version {_short(version)} is not one fluency writes "
+                              f"(1 to {FORMAT_VERSION})")
+    arch = payload.get("architecture")
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+        raise CheckpointError(f"{where}: field architecture is {_short(arch)}, not "
+                              "{'name': <architecture>, 'options': {...}}")
+    options = arch.setdefault("options", {})
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise CheckpointError(f"{where}: field architecture.options is {_short(options)}, not a table of options")
+    weights = payload.get("state_dict")
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        raise CheckpointError(f"{where}: field state_dict is {_short(weights)}, not a table of named tensors")
+    epoch = payload.get("epoch")
+    if epoch is not None and type(epoch) is not int:
+        raise CheckpointError(f"{where}: field epoch is {_short(epoch)}, not a whole number")
+    history = payload.get("history")
+    if history is not None and not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+        raise CheckpointError(f"{where}: field history is {_short(history)}, not a list of epoch records")
+
+
+def check_training_state(path: Path, payload: dict[str, Any]) -> None:
+    """Raise a :class:`CheckpointError` unless ``payload`` holds what ``fluency train --resume`` continues from:
+    the ``training`` state that training writes in ``last.pt`` (config, optimizer and RNG states, scheduler
+    state or None) and a whole ``epoch``."""
+    training = payload.get("training")
+    fields = {"config": dict, "optimizer_state": dict, "rng_state": torch.Tensor, "scheduler_state": (dict, type(None))}
+    if not isinstance(training, dict):
+        problem = "has no training state (optimizer, random generator, settings)"
+    elif bad := [k for k, kind in fields.items() if not isinstance(training.get(k), kind)]:
+        problem = f"has a damaged training state (field training.{bad[0]} is {_short(training.get(bad[0]))})"
+    elif type(payload.get("epoch")) is not int:
+        problem = f"has no whole epoch (field epoch is {_short(payload.get('epoch'))})"
+    else:
+        return
+    raise CheckpointError(f"--resume: checkpoint {path} {problem}: it is not one that fluency train writes while "
+                          "training, so training cannot continue from it; train afresh into another --out")
+
+
+class _ValuesSkipped(TorchFunctionMode):
+    """Skips initialisers and other shape-keeping value operations on meta tensors: they compute nothing
+    there, and torch runs several through slow Python references (importing ``torch._dynamo``, seconds)."""
+
+    SKIPPED = frozenset({"normal_", "uniform_", "fill_", "zero_", "copy_", "normalize", "kaiming_normal_",
+                         "kaiming_uniform_", "xavier_normal_", "xavier_uniform_", "trunc_normal_", "orthogonal_",
+                         "constant_", "ones_", "zeros_"})
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        if getattr(func, "__name__", "") in self.SKIPPED and args and isinstance(args[0], torch.Tensor) \
+                and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def _parameter_count(factory: Callable[..., Any], options: dict[str, Any]) -> int | None:
+    """Parameters of the model ``factory(**options)`` builds, counted on the meta device (nothing
+    allocated); None if the plugin cannot build on it (then only its option bounds guard it)."""
+    try:
+        with torch.device("meta"), _ValuesSkipped():
+            model = factory(**options)
+    except FluencyError:
+        raise
+    except Exception:  # noqa: BLE001 — e.g. a plugin that reads tensor values while it builds
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_checkpoint(path: str | Path, manager: PluginManager) -> tuple[dict[str, Any], PluginSpec, dict[str, Any]]:
+    """``(payload, architecture spec, validated options)`` of a checkpoint, checked without building its model:
+    its fields, its architecture plugin, its options against the plugin's schema and bounds, and its model's
+    size against :data:`MAX_PARAMETERS`. Every failure is one :class:`CheckpointError` naming the file."""
+    path = Path(path)
+    payload = read_checkpoint(path)
+    arch = payload["architecture"]
+    try:
+        spec = manager.get("architecture", arch["name"])
+    except PluginError as exc:
+        raise CheckpointError(f"checkpoint {path} needs the architecture plugin {arch['name']!r}: {exc}") from None
+    # the weights come from the checkpoint: initialisation-only options must not re-read their files
+    saved = {k: (None if k == "imagenet_weights" else v) for k, v in arch["options"].items()}
+    try:
+        options = spec.resolve(saved)
+        count = _parameter_count(spec.load(), options)
+    except FluencyError as exc:  # an option outside its schema, an invalid combination
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
+    if count is not None and count > MAX_PARAMETERS:
+        raise CheckpointError(f"checkpoint {path}: its architecture options describe a model of {count:,} "
+                              f"parameters, more than fluency builds ({MAX_PARAMETERS:,}); options "
+                              f"{_short(arch['options'], 200)}")
+    return payload, spec, options
 
 
 @dataclass
@@ -99,23 +268,20 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(path: str | Path, manager: PluginManager, label: str | None = None) -> LoadedCheckpoint:
-    """Rebuild the model of a checkpoint through its Architecture plugin and load its weights."""
+    """Rebuild the model of a checkpoint through its Architecture plugin (once :func:`check_checkpoint` has
+    passed) and load its weights."""
     path = Path(path)
-    payload = read_checkpoint(path)
-    arch = payload["architecture"]
+    payload, spec, options = check_checkpoint(path, manager)
+    name = payload["architecture"]["name"]
     try:
-        spec = manager.get("architecture", arch["name"])
-    except PluginError as exc:
-        raise CheckpointError(f"checkpoint {path} needs the architecture plugin {arch['name']!r}: {exc}") from None
-    # the weights come from the checkpoint: initialisation-only options must not re-read their files
-    saved = {k: (None if k == "imagenet_weights" else v) for k, v in arch.get("options", {}).items()}
-    options = spec.resolve(saved)
-    model = spec.load()(**options)
+        model = spec.load()(**options)
+    except FluencyError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
     try:
         model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {path}: weights do not fit architecture {arch['name']!r}: "
-                              f"{str(exc).splitlines()[0]}") from None
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit architecture {name!r}: "
+                              f"{(str(exc).splitlines() or [type(exc).__name__])[0][:300]}") from None
     info = {k: v for k, v in payload.items() if k != "state_dict"}
     return LoadedCheckpoint(path, label or path.stem, file_sha256(path), model, info)
 

@@ -26,7 +26,6 @@ shipped ``default.pt`` among them) describe their loss as ``{"reconstruction": "
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,7 +112,8 @@ class LPIPSLoss(nn.Module):
 class DFCLoss(nn.Module):
     def __init__(self, layers: Sequence[str] = ("relu1_1", "relu2_1", "relu3_1"), weights: str | None = None) -> None:
         super().__init__()
-        from fluency.core.model.backbones import ENV_WEIGHTS, hub_file, load_features, read_features_state_dict
+        from fluency.core.model.backbones import (ENV_WEIGHTS, hub_file, load_features, read_features_state_dict,
+                                                  weights_source)
 
         names = _relu_names(VGG16_CFG)
         unknown = [name for name in layers if name not in names]
@@ -129,13 +129,13 @@ class DFCLoss(nn.Module):
                 convs[len(modules)] = conv = nn.Conv2d(c_in, int(item), 3, padding=1)
                 modules += [conv, nn.ReLU()]
                 c_in = int(item)
-        source = weights or os.environ.get("FLUENCY_DFC_WEIGHTS") or os.environ.get(ENV_WEIGHTS)
+        source, label = weights_source(weights, "FLUENCY_DFC_WEIGHTS", ENV_WEIGHTS)
         if source is None and hub_file("vgg").exists():
-            source = str(hub_file("vgg"))
+            source = label = str(hub_file("vgg"))
         if source is None:
             raise FluencyError(f"loss dfc needs ImageNet VGG16 weights: place torchvision's file at {hub_file('vgg')} "
                                "or pass -o dfc.weights=PATH (a torchvision VGG16 state dict, full or features-only)")
-        load_features(convs, read_features_state_dict(source), source)
+        load_features(convs, read_features_state_dict(source, label), label)
         last = max(names[name] for name in layers)
         features = nn.Sequential(*modules[: last + 1]).eval()
         for p in features.parameters():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,11 @@ import pandas as pd
 
 from fluency.core.outputs import figures
 from fluency.core.atomic import atomic_write_text
-from fluency.core.errors import FluencyError
+from fluency.core.errors import FluencyError, error_text
 from fluency.core.plugin.analysis import EffectSize
 from fluency.core.run.analyse import read_effects
+from fluency.core.run.folder import MANIFEST, read_manifest, run_status, writing
+from fluency.core.run.tables import read_metric_table
 
 SORT_JS = """
 document.querySelectorAll('table.sortable th').forEach(function (th) {
@@ -89,7 +92,7 @@ def _model_views(run: Path, label: str, manifest: dict[str, Any], ratings: pd.Da
     """The HTML of one checkpoint's model figures: reconstructions, training curves, latent projections,
     interpolation strips (those written by the run are embedded; the projections are drawn here)."""
     fig_dir = run / "figures"
-    captions = manifest.get("figures", {}).get("checkpoints", {}).get(label, {})
+    captions = ((manifest.get("figures") or {}).get("checkpoints") or {}).get(label) or {}
     parts: list[str] = []
     for name, heading, fallback in (
             (f"recon-{label}.png", "Reconstructions", f"Images (top), reconstructions with z = μ ({label})."),
@@ -98,11 +101,11 @@ def _model_views(run: Path, label: str, manifest: dict[str, Any], ratings: pd.Da
             parts += [f"<h3>{heading}</h3>", _img(fig_dir / name, captions.get(f"figures/{name}", fallback))]
     latents = run / "latents" / f"{label}.parquet"
     if latents.exists():
-        table = pd.read_parquet(latents)
+        table = _read_parquet(latents, ["image_id"])
         x = table[[c for c in table.columns if c.startswith("mu_")]].to_numpy(np.float64)
         if len(x) >= 3 and x.shape[1] >= 1:
             ids = table["image_id"].astype(str)
-            by = manifest.get("subgroups", {}).get("by") or []
+            by = (manifest.get("subgroups") or {}).get("by") or []
             values = groups = None
             colour = "no ratings"
             if ratings is not None:
@@ -200,23 +203,84 @@ _CAPTIONS = {"difference": "Difference between the checkpoints' statistics, per 
                            "Steiger 1980, which accounts for both sharing the rating)."}
 
 
-def build_report(run_dir: str | Path, top_scatter: int = 6) -> Path:
-    """Write ``RUN_DIR/report.html`` (and the figures it embeds) and return its path."""
-    run = Path(run_dir)
-    if not (run / "manifest.json").exists():
-        raise FluencyError(f"report: {run} is not a fluency run folder (no manifest.json)")
-    manifest = json.loads((run / "manifest.json").read_text())
-    fig_dir = run / "figures"
-    parts = [f"<h1>fluency run {html.escape(manifest.get('run_id', run.name))}</h1>",
-             f"<p>Status: <b>{html.escape(str(manifest.get('status')))}</b>. Metrics: "
-             f"{html.escape(', '.join(manifest.get('metrics', [])))}. Analyses: "
-             f"{html.escape(', '.join(manifest.get('analyses', [])) or 'none')}.</p>"]
-    metrics = pd.read_parquet(run / "metrics.parquet") if (run / "metrics.parquet").exists() else None
-    analyses = {p.stem: pd.read_parquet(p) for p in sorted((run / "analyses").glob("*.parquet"))}
-    ratings = pd.read_parquet(run / "ratings.parquet") if (run / "ratings.parquet").exists() else None
-    rating_col = manifest.get("inputs", {}).get("stimuli", {}).get("rating_column", "rating")
+#: the manifest fields the report reads and their types ("[]": each item of a list, "{}": each value of a dict);
+#: an absent field takes the report's default
+_MANIFEST_FIELDS: list[tuple[tuple[str, ...], type]] = [
+    (("run_id",), str), (("status",), str), (("metrics", "[]"), str), (("analyses", "[]"), str),
+    (("inputs", "stimuli", "rating_column"), str), (("inputs", "checkpoints", "[]", "label"), str),
+    (("figures", "checkpoints", "{}", "{}"), str), (("subgroups", "by", "[]"), str),
+    (("analysis_effects", "{}", "[]"), dict)]
+#: the columns the report reads from each kind of table
+_ANALYSIS_COLUMNS = ("analysis", "checkpoint", "metric", "layer", "statistic", "estimate", "p")
 
-    effects = read_effects(manifest, list(analyses))
+
+def _wrong_type(value: Any, path: tuple[str, ...], kind: type, item: bool = False) -> bool:
+    """Whether ``value`` (a manifest field; an ``item`` of a list or dict) breaks the shape ``path``/``kind`` of
+    :data:`_MANIFEST_FIELDS`. A field that is absent or null takes the report's default; an item cannot be null."""
+    if value is None:
+        return item
+    if not path:
+        return not isinstance(value, kind)
+    head, rest = path[0], path[1:]
+    if head in ("[]", "{}"):
+        items = value if head == "[]" and isinstance(value, list) else \
+            value.values() if head == "{}" and isinstance(value, dict) else None
+        return items is None or any(_wrong_type(v, rest, kind, item=True) for v in items)
+    return not isinstance(value, dict) or _wrong_type(value.get(head), rest, kind)
+
+
+def _manifest(run: Path) -> dict[str, Any]:
+    """The run's manifest with every field the report reads checked: a damaged one is one line naming it."""
+    manifest = read_manifest(run)
+    wrong = [".".join(p for p in path if p not in ("[]", "{}")) for path, kind in _MANIFEST_FIELDS
+             if _wrong_type(manifest, path, kind)]
+    if wrong:
+        raise FluencyError(f"{run / MANIFEST}: damaged: {', '.join(wrong)} not as fluency writes it")
+    return manifest
+
+
+def _read_parquet(path: Path, columns: Sequence[str] = ()) -> pd.DataFrame:
+    """A table of the run; one that cannot be read, or lacks ``columns``, is one line naming the file."""
+    try:
+        table = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow and pandas raise many types for a damaged file
+        raise FluencyError(f"{path}: unreadable or damaged ({error_text(exc, 160)})") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise FluencyError(f"{path}: damaged: no column(s) {missing}")
+    return table
+
+
+def build_report(run_dir: str | Path, top_scatter: int = 6) -> Path:
+    """Write ``RUN_DIR/report.html`` (and the figures it embeds) and return its path.
+
+    A missing or damaged manifest, metric table, analysis, ratings or latent table, or activation store is a
+    :class:`FluencyError` naming the file."""
+    run = Path(run_dir)
+    if not (run / MANIFEST).exists():
+        raise FluencyError(f"report: {run} is not a fluency run folder (no {MANIFEST})")
+    manifest = _manifest(run)
+    status, note = run_status(run, manifest)  # before the lock: a killed run's stale lock says who wrote it
+    with writing(run, "fluency report"):
+        return _build(run, manifest, status, note, top_scatter)
+
+
+def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scatter: int) -> Path:
+    """Write the page and the figures it embeds (the caller holds the run folder's lock)."""
+    fig_dir = run / "figures"
+    parts = [f"<h1>fluency run {html.escape(manifest.get('run_id') or run.name)}</h1>",
+             f"<p>Status: <b>{html.escape(status)}</b>{html.escape(f' ({note})' if note else '')}. Metrics: "
+             f"{html.escape(', '.join(manifest.get('metrics') or []))}. Analyses: "
+             f"{html.escape(', '.join(manifest.get('analyses') or []) or 'none')}.</p>"]
+    metrics = read_metric_table(run / "metrics.parquet") if (run / "metrics.parquet").exists() else None
+    analyses = {p.stem: _read_parquet(p, _ANALYSIS_COLUMNS) for p in sorted((run / "analyses").glob("*.parquet"))}
+    ratings = _read_parquet(run / "ratings.parquet", ["image_id"]) if (run / "ratings.parquet").exists() else None
+    rating_col = ((manifest.get("inputs") or {}).get("stimuli") or {}).get("rating_column") or "rating"
+
+    try:
+        effects = read_effects(manifest, list(analyses))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FluencyError(f"{run / MANIFEST}: damaged: analysis_effects ({error_text(exc, 160)})") from None
     parts += _effect_views(analyses, effects, fig_dir)
     if analyses and metrics is not None and ratings is not None:
         table = pd.concat(analyses.values(), ignore_index=True)
@@ -241,7 +305,7 @@ def build_report(run_dir: str | Path, top_scatter: int = 6) -> Path:
         label = store.parent.name
         figures.activation_histograms(ActivationStore(store.parent), fig_dir / f"activations-{label}.png")
         parts += [f"<h2>Activations ({html.escape(label)})</h2>", _img(fig_dir / f"activations-{label}.png")]
-    labels = [c["label"] for c in manifest.get("inputs", {}).get("checkpoints", [])]
+    labels = [c["label"] for c in (manifest.get("inputs") or {}).get("checkpoints") or [] if c.get("label")]
     labels += [p.stem for p in sorted((run / "latents").glob("*.parquet")) if p.stem not in labels]
     for label in labels:
         parts += _model_views(run, label, manifest, ratings, rating_col)

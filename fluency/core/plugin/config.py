@@ -21,16 +21,24 @@ PluginKey = tuple[Kind, str]
 
 
 def read_config(path: str | Path | None) -> dict[str, Any]:
-    """Parse a ``--config`` TOML file; an unreadable or malformed file names itself."""
+    """Parse a ``--config`` TOML file; a missing, unreadable, non-UTF-8 or malformed file is one line naming it."""
     if path is None:
         return {}
+    if Path(path).is_dir():
+        raise OptionError(f"--config {path}: is a folder; give a TOML file")
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        text = Path(path).read_bytes().decode("utf-8")
+        return tomllib.loads(text)
     except FileNotFoundError:
         raise OptionError(f"--config {path}: no such file") from None
+    except OSError as exc:
+        raise OptionError(f"--config {path}: cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise OptionError(f"--config {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as exc:
         raise OptionError(f"--config {path}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise OptionError(f"--config {path}: not valid TOML: arrays or tables nested too deeply") from None
 
 
 def _target(kind: str | None, name: str, used: Sequence[PluginKey], source: str) -> PluginKey | None:

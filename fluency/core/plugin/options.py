@@ -31,6 +31,26 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 _DECLARED: Any = object()  # "no other default": describe() shows the declared one
 
 
+#: seeds are in [0, 2**32): numpy's legacy seeding, which fluency also seeds, takes nothing larger
+SEED_LIMIT = 2**32
+
+
+def check_seed(seed: Any, where: str = "--seed") -> int:
+    """``seed`` as an int in [0, 2**32), or an :class:`OptionError` naming ``where``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise OptionError(f"{where} {seed!r}: use a whole number from 0 to {SEED_LIMIT - 1}")
+    return seed
+
+
+def brief_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a value from a hostile file cannot flood a message."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print (Python refuses over 4300 digits)
+        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else type(value).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 @dataclass(frozen=True)
 class Option:
     """One option of a plugin.
@@ -68,20 +88,20 @@ class Option:
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = [value]
             if not isinstance(value, list):
-                raise OptionError(f"{where}: expected a list, got {value!r}")
+                raise OptionError(f"{where}: expected a list, got {brief_repr(value)}")
             inner = Option(self.type[5:-1], choices=self.choices, minimum=self.minimum, maximum=self.maximum)
             return [inner.validate(v, f"{where}[{i}]") for i, v in enumerate(value)]
         expected = _TYPES[self.type]
         if isinstance(value, bool) and self.type != "bool" or not isinstance(value, expected):
-            raise OptionError(f"{where}: expected {self.type}, got {type(value).__name__} {value!r}")
+            raise OptionError(f"{where}: expected {self.type}, got {type(value).__name__} {brief_repr(value)}")
         if self.type == "float" and (value != value or value in (float("inf"), float("-inf"))):
             raise OptionError(f"{where}: {value!r} is not a finite number")
         if self.choices is not None and value not in self.choices:
-            raise OptionError(f"{where}: {value!r} is not one of {list(self.choices)}")
+            raise OptionError(f"{where}: {brief_repr(value)} is not one of {list(self.choices)}")
         if self.minimum is not None and value < self.minimum:
-            raise OptionError(f"{where}: {value!r} is below the minimum {self.minimum}")
+            raise OptionError(f"{where}: {brief_repr(value)} is below the minimum {self.minimum}")
         if self.maximum is not None and value > self.maximum:
-            raise OptionError(f"{where}: {value!r} is above the maximum {self.maximum}")
+            raise OptionError(f"{where}: {brief_repr(value)} is above the maximum {self.maximum}")
         return value
 
     def describe(self, default: Any = _DECLARED) -> dict[str, Any]:
@@ -114,7 +134,7 @@ def resolve_options(
                 hint = difflib.get_close_matches(key, list(declared), n=1)
                 known = ", ".join(sorted(declared)) or "none"
                 extra = f"; did you mean {hint[0]!r}?" if hint else f" (known options: {known})"
-                raise OptionError(f"{where}: unknown option {key!r}{extra}")
+                raise OptionError(f"{where}: unknown option {brief_repr(key)}{extra}")
             values[key] = value
     return {key: declared[key].validate(value, f"{where}.{key}") for key, value in values.items()}
 

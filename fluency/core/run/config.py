@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fluency.core.errors import FluencyError
+from fluency.core.plugin.options import check_seed
 
 STORE_DTYPES = ("float16", "float32")
 
@@ -81,6 +82,7 @@ class RunConfig:
         return config
 
     def check(self) -> None:
+        check_seed(self.seed)
         if self.store_dtype not in STORE_DTYPES:
             raise FluencyError(f"--store-dtype {self.store_dtype!r}: use one of {list(STORE_DTYPES)}")
         if self.batch_size < 1:

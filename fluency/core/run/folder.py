@@ -1,8 +1,12 @@
 """A run folder: where it is, what it holds (:class:`RunResult`), its manifest, and the versions it records.
 
-A run folder is recognised by its ``manifest.json`` (``format: fluency-run``; a version-1 manifest
-has no format field). ``format_version`` 2 added ``config`` (the :class:`RunConfig`),
-``metric_parts`` and ``stores``; readers accept every earlier version and refuse a newer one.
+A run folder carries fluency's marker ``.fluency-run`` and the ledger of the files fluency wrote
+there (:mod:`fluency.core.run.ledger`); whoever writes it holds its lock (:mod:`fluency.core.run.lock`).
+Its ``manifest.json`` says ``format: fluency-run``; ``format_version`` 2 added ``config`` (the
+:class:`RunConfig`), ``metric_parts`` and ``stores``; readers accept every earlier version and refuse
+a newer one. A version-1 manifest has no format field and is recognised by its keys
+(:data:`V1_KEYS`). Runs written before the marker existed are read (report, measure) but never
+overwritten: without a ledger their files cannot be told from a user's.
 """
 
 from __future__ import annotations
@@ -10,8 +14,8 @@ from __future__ import annotations
 import json
 import platform
 import secrets
-import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,20 +24,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from rich.console import Console
 
 from fluency.core.atomic import atomic_write_json
-from fluency.core.errors import FluencyError
+from fluency.core.errors import FluencyError, Terminated
 from fluency.core.inputs.ratings import MatchReport
 from fluency.core.plugin.analysis import EffectSize
 from fluency.core.plugin.manager import PluginManager, plugin_version
 from fluency.core.run.analyse import read_effects
-from fluency.core.version import MANIFEST_FORMAT_VERSION, __version__
+from fluency.core.run.ledger import MARKER, Ledger, bookkeeping, marker_version, results
+from fluency.core.run.lock import FolderLock, read_holder, refuse_if_busy
+from fluency.core.version import FOLDER_FORMAT_VERSION, MANIFEST_FORMAT_VERSION, __version__
 
 MANIFEST = "manifest.json"
 FORMAT = "fluency-run"
-#: what a run writes, removed by --overwrite before a new run writes them again
-OUTPUT_FOLDERS = ("activations", "analyses", "state", "figures", "latents", "metrics")
-OUTPUT_FILES = ("metrics.parquet", "metrics.parquet.partial", "ratings.parquet", "report.html")
+#: the keys every version-1 manifest has (it has no format field)
+V1_KEYS = frozenset({"run_id", "status", "started", "inputs", "metrics", "versions"})
 
 
 @dataclass
@@ -100,19 +106,71 @@ def new_run_dir() -> Path:
     return Path("runs") / f"{stamp}-{secrets.token_hex(3)}"
 
 
-def prepare_out(out: str | Path | None, overwrite: bool) -> Path:
+@contextmanager
+def run_folder(out: str | Path | None, overwrite: bool, command: str,
+               console: Console | None = None) -> Iterator[Path]:
+    """The folder a new run writes (``out``, default a new one under ``runs/``), locked and marked, its ledger
+    recording. An existing folder must be empty or, with ``overwrite``, a fluency run: the files its ledger
+    lists are removed here, under the lock, after the new run was validated; a user's files stay."""
     path = Path(out) if out is not None else new_run_dir()
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise FluencyError(f"--out {path}: the folder exists and is not empty; choose another or pass --overwrite")
-        if not (path / MANIFEST).exists():
-            raise FluencyError(f"--out {path}: refusing to overwrite a folder that is not a fluency run")
-        for name in OUTPUT_FOLDERS:  # no stale table may survive
-            shutil.rmtree(path / name, ignore_errors=True)
-        for name in OUTPUT_FILES:
-            (path / name).unlink(missing_ok=True)
+    if path.exists() and not path.is_dir():
+        raise FluencyError(f"--out {path}: a file, not a folder")
+    refuse_if_busy(path)
+    _previous_run(path, overwrite)
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    with FolderLock(path, command, console):
+        ledger = Ledger(path)
+        if _previous_run(path, overwrite):  # checked again, now that no one else writes
+            ledger.remove_owned()
+        ledger.start()
+        with ledger.recording():
+            yield path
+
+
+def _previous_run(path: Path, overwrite: bool) -> bool:
+    """Whether ``path`` holds a fluency run to overwrite; False if it is empty; one line if it may not be used."""
+    if not results(path):
+        return False
+    if not overwrite:
+        raise FluencyError(f"--out {path}: the folder exists and is not empty; choose another or pass --overwrite")
+    version = marker_version(path)
+    if version is not None and version > FOLDER_FORMAT_VERSION:
+        raise FluencyError(f"--out {path}: a run of a newer fluency (folder format {version}); upgrade fluency or "
+                           "choose another --out")
+    if version is not None:
+        return True
+    try:
+        read_manifest(path)
+    except FluencyError:
+        raise FluencyError(f"--out {path}: refusing to overwrite a folder that is not a fluency run (it has no "
+                           f"{MARKER} marker)") from None
+    raise FluencyError(f"--out {path}: a run of an earlier fluency, which kept no ledger of its files: --overwrite "
+                       "cannot tell them from yours; choose another --out, or remove the folder yourself")
+
+
+@contextmanager
+def writing(folder: Path, command: str, console: Console | None = None, *, new: bool = False) -> Iterator[None]:
+    """Hold ``folder``'s lock and record what is written there in its ledger (``new``: mark it as a new run
+    folder first). A run of an earlier fluency, without a marker, gets no ledger: it stays unoverwritable."""
+    with FolderLock(folder, command, console):
+        ledger = Ledger(folder)
+        if new:
+            ledger.start()
+        with ledger.recording() if new or marker_version(folder) is not None else nullcontext():
+            yield
+
+
+def run_status(run_dir: Path, manifest: Mapping[str, Any]) -> tuple[str, str]:
+    """``(status, note)``: the manifest's status, except that a run still marked ``running`` whose process is gone
+    (killed: no live lock) reads ``incomplete``, the note saying why."""
+    status = str(manifest.get("status", "unknown"))
+    if status != "running":
+        return status, ""
+    holder = read_holder(run_dir)
+    why = "it holds no lock" if holder is None else holder.gone()
+    if holder is not None and why is None:
+        return status, f"by {holder.describe()}"
+    return "incomplete", f"the process that wrote it is gone ({why})"
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
@@ -127,8 +185,10 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise FluencyError(f"{path}: not a fluency manifest")
     version = manifest.get("format_version", 1)
-    if manifest.get("format", FORMAT) != FORMAT or not isinstance(version, int) or version < 1:
-        raise FluencyError(f"{path}: not a fluency run manifest (format {manifest.get('format')!r})")
+    v1 = "format" not in manifest and V1_KEYS <= manifest.keys()
+    if not (v1 or manifest.get("format") == FORMAT) or not isinstance(version, int) or version < 1:
+        raise FluencyError(f"{path}: not a fluency run manifest (format {manifest.get('format')!r}), so "
+                           f"{run_dir} is not a fluency run folder")
     if version > MANIFEST_FORMAT_VERSION:
         raise FluencyError(f"{path} has format version {version}, newer than this fluency reads "
                            f"(1 to {MANIFEST_FORMAT_VERSION}): upgrade fluency")
@@ -140,8 +200,8 @@ def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
 
 
 def outputs(run_dir: Path) -> list[str]:
-    """Every file in the run folder, relative and sorted (the manifest's ``outputs``)."""
-    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+    """Every file in the run folder but fluency's bookkeeping, relative and sorted (the manifest's ``outputs``)."""
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and not bookkeeping(p.name))
 
 
 def versions(manager: PluginManager, used: Sequence[tuple[str, str]]) -> dict[str, Any]:
@@ -180,10 +240,13 @@ class RunRecord:
         write_manifest(self.run_dir, self.data)
 
     def failed(self, exc: BaseException, seconds: float) -> None:
-        """Record why the run stopped (``interrupted`` for Ctrl-C) and write it."""
+        """Record why the run stopped (``interrupted`` for Ctrl-C and SIGTERM) and write it."""
         import traceback
 
-        self.set(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                 error="".join(traceback.format_exception_only(type(exc), exc)).strip())
+        if isinstance(exc, KeyboardInterrupt):
+            signal = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
+            self.set(status="interrupted", error=f"interrupted by {signal}")
+        else:
+            self.set(status="failed", error="".join(traceback.format_exception_only(type(exc), exc)).strip())
         self.timing("total", seconds)
         self.write()

@@ -26,11 +26,14 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from fluency.core.errors import FluencyError, InputError, error_text
 from fluency.core.hashing import file_sha256
 from fluency.core.plugin.metric import ModelDescription
 from fluency.core.progress import progress_bar
+from fluency.core.run.ledger import results
+from fluency.core.run.lock import FolderLock, refuse_if_busy
 from fluency.core.run.store import ActivationStoreWriter
 from fluency.core.version import __version__
 
@@ -133,7 +136,8 @@ def import_store(source: str | Path, ids: str | Path, out: str | Path, *, layers
                  console: Console | None = None) -> Path:
     """Write the activations of ``source`` (see the module docstring) as a store at ``out``; returns ``out``."""
     source, out = Path(source), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    refuse_if_busy(out)
+    if out.exists() and (not out.is_dir() or results(out)):
         raise FluencyError(f"--out {out}: exists and is not an empty folder; choose another")
     image_ids = read_ids(ids)
     with open_arrays(source) as arrays:
@@ -149,7 +153,9 @@ def import_store(source: str | Path, ids: str | Path, out: str | Path, *, layers
                       "ids_sha256": file_sha256(ids),
                       "fluency_version": __version__}
         model = ModelDescription(architecture, tuple(names))
-        with ActivationStoreWriter(out, dtype=dtype, provenance=provenance, model=model) as writer, \
+        out.mkdir(parents=True, exist_ok=True)
+        with FolderLock(out, "fluency store import", console), \
+                ActivationStoreWriter(out, dtype=dtype, provenance=provenance, model=model) as writer, \
                 progress_bar(console) as bars:
             task = bars.add_task("import", total=len(names) * len(image_ids), status="")
             for name in names:
@@ -163,4 +169,6 @@ def import_store(source: str | Path, ids: str | Path, out: str | Path, *, layers
                                          f"range (row {bad}, id {image_ids[bad]!r})")
                     writer.write(name, image_ids[start:start + batch_rows], block)
                     bars.advance(task, len(block))
+    for note in writer.notes:  # --dtype float16 and values beyond it: that layer went to float32
+        bars.console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
     return out

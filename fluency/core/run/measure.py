@@ -16,7 +16,6 @@ image metrics (``needs="images"``) run only when ``images`` is given.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 
+from fluency.core.atomic import publish
 from fluency.core.errors import FluencyError
 from fluency.core.hashing import options_hash
 from fluency.core.inputs.images import FolderSource, Preprocessing, iter_batches
@@ -39,8 +39,10 @@ from fluency.core.plugin.metric import MetricBatch
 from fluency.core.plugin.specs import MetricSpec
 from fluency.core.progress import progress_bar
 from fluency.core.run.analyse import analyse, effects_record
-from fluency.core.run.folder import (MANIFEST, RunResult, new_run_dir, now, outputs, read_manifest, versions,
-                                     write_manifest)
+from fluency.core.run.folder import (MANIFEST, RunResult, new_run_dir, now, outputs, read_manifest, run_status,
+                                     versions, write_manifest, writing)
+from fluency.core.run.ledger import remove_if_unused, results
+from fluency.core.run.lock import refuse_if_busy
 from fluency.core.run.measuring import CheckpointMetrics, MetricParts, column_clash
 from fluency.core.run.store import MARKER, ActivationStore
 from fluency.core.run.tables import MERGED, merge_tables, part_name, read_metric_table
@@ -222,12 +224,16 @@ def plan_measure(target: str | Path, metrics: Sequence[str], *, analyses: Sequen
     found = open_target(target)
     specs = _split_specs(manager, metrics, images, console)
     in_place = found.run_dir is not None and (out is None or Path(out).resolve() == found.run_dir.resolve())
-    if in_place and (found.manifest or {}).get("status", "complete") != "complete":
-        raise FluencyError(f"{found.run_dir}: this run did not complete (status {found.manifest.get('status')!r}); "
-                           "measure its stores into another folder with --out, or run it again")
+    if in_place and found.run_dir is not None:
+        refuse_if_busy(found.run_dir)
+        status, note = run_status(found.run_dir, found.manifest or {"status": "complete"})
+        if status != "complete":
+            raise FluencyError(f"{found.run_dir}: this run did not complete (status {status}"
+                               f"{': ' + note if note else ''}); measure its stores into another folder with --out, "
+                               "or run it again")
     out_dir = found.run_dir if in_place and found.run_dir is not None else Path(out) if out is not None \
         else new_run_dir()
-    if not in_place and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if not in_place and out_dir.exists() and (not out_dir.is_dir() or results(out_dir)):
         raise FluencyError(f"--out {out_dir}: exists and is not an empty folder; choose another")
     ids = {i for store in found.stores for i in store.image_ids}
     table, column = _ratings(found, in_place, ratings, id_column, rating_column, ids, console)
@@ -276,6 +282,18 @@ def measure(target: str | Path, metrics: Sequence[str], *, analyses: Sequence[st
                         replace=replace, by=by, min_group_size=min_group_size, manager=manager, console=console)
     created = not plan.out_dir.exists()
     plan.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with writing(plan.out_dir, "fluency measure", console, new=not plan.in_place):
+            return _measure(plan, manager, batch_size, images, console, started)
+    except BaseException:
+        if created:
+            remove_if_unused(plan.out_dir)
+        raise
+
+
+def _measure(plan: MeasurePlan, manager: PluginManager, batch_size: int, images: str | Path | None,
+             console: Console, started: float) -> RunResult:
+    """Measure, merge, analyse; the run folder changes only when all of it succeeded."""
     manifest = dict(plan.target.manifest) if plan.in_place and plan.target.manifest else \
         _new_manifest(plan.out_dir, plan.target)
     parts = MetricParts(plan.out_dir, str(manifest.get("run_id", plan.out_dir.name)), manager, plan.new,
@@ -295,9 +313,9 @@ def measure(target: str | Path, metrics: Sequence[str], *, analyses: Sequence[st
                           plan.out_dir, manager, plan.by, plan.min_group_size, console)
     except BaseException:
         parts.abort()
-        _remove_own(parts, staged, plan.out_dir if created else None)
+        _remove_own(parts, staged)
         raise
-    os.replace(staged, plan.out_dir / MERGED)
+    publish(staged, plan.out_dir / MERGED)
     _remove_replaced(plan)
     manifest = _updated_manifest(manifest, plan, parts, outcome, manager, timings, started)
     write_manifest(plan.out_dir, {**manifest, "outputs": outputs(plan.out_dir)})
@@ -318,18 +336,12 @@ def _measure_stores(plan: MeasurePlan, parts: MetricParts, manager: PluginManage
     return timings
 
 
-def _remove_own(parts: MetricParts, staged: Path, created_dir: Path | None) -> None:
-    """After a failure: remove the parts this call wrote, the staged table, and the folder if it made it."""
+def _remove_own(parts: MetricParts, staged: Path) -> None:
+    """After a failure: remove the parts this call wrote and the staged table."""
     for writer in parts.writers.values():
         for path in (writer.path, writer.partial):
             path.unlink(missing_ok=True)
     staged.unlink(missing_ok=True)
-    if created_dir is not None and created_dir.is_dir():
-        for folder in sorted((p for p in created_dir.rglob("*") if p.is_dir()), reverse=True):
-            if not any(folder.iterdir()):
-                folder.rmdir()
-        if not any(created_dir.iterdir()):
-            created_dir.rmdir()
 
 
 def _remove_replaced(plan: MeasurePlan) -> None:

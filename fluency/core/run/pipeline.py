@@ -31,12 +31,13 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from fluency.core.errors import FluencyError, InputError
+from fluency.core.atomic import claim
+from fluency.core.errors import CheckpointError, FluencyError, InputError, PluginError
 from fluency.core.inputs.images import FolderSource, ImageSource, Preprocessing, iter_batches
 from fluency.core.inputs.ratings import MatchReport
 from fluency.core.inputs.stimuli import Stimuli, embedded, from_folder
 from fluency.core.model.capture import capture_activations, check_layers
-from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, LoadedCheckpoint, load_checkpoint
+from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, LoadedCheckpoint, load_checkpoint, read_checkpoint
 from fluency.core.model.devices import resolve_device
 from fluency.core.model.losses import loss_from_config
 from fluency.core.plugin.config import read_config, resolve_plugin_options
@@ -48,7 +49,8 @@ from fluency.core.run.analyse import analyse, effects_record
 from fluency.core.run.checkpoints import labels as checkpoint_labels
 from fluency.core.run.checkpoints import unique_checkpoints
 from fluency.core.run.config import RunConfig
-from fluency.core.run.folder import RunRecord, RunResult, now, outputs, prepare_out, versions
+from fluency.core.run.folder import RunRecord, RunResult, now, outputs, run_folder, versions
+from fluency.core.run.ledger import results
 from fluency.core.run.measuring import CheckpointMetrics, MetricParts, check_requirements
 from fluency.core.run.store import ActivationStoreWriter
 from fluency.core.run.tables import MERGED, merge_tables, read_metric_table
@@ -106,6 +108,11 @@ class RunPlan:
 
 def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan:
     """Validate everything a run needs before it writes anything: plugins, options, stimuli, checkpoints."""
+    if config.images is not None:
+        out = Path(config.out) if config.out is not None else Path("runs")
+        if out.resolve().is_relative_to(Path(config.images).resolve()):
+            raise FluencyError(f"--out {out} is inside --images {config.images}: the run's figures would be read as "
+                               "stimuli next time; choose an --out outside the image folder")
     metric_names = list(dict.fromkeys(config.metrics))
     if not metric_names:
         raise FluencyError(f"name at least one --metric (available: {', '.join(manager.names('metric'))})")
@@ -132,8 +139,23 @@ def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan
     if not DEFAULT_CHECKPOINT.exists() and not config.checkpoints:
         raise FluencyError(f"the embedded default checkpoint {DEFAULT_CHECKPOINT} is missing; reinstall fluency "
                            "or pass --checkpoint")
+    for path in paths:
+        _check_checkpoint(path, manager)
     return RunPlan(config, stimuli, metric_specs, analysis_specs, resolved, paths, checkpoint_labels(paths),
                    duplicates, resolve_device(config.device))
+
+
+def _check_checkpoint(path: Path, manager: PluginManager) -> None:
+    """A missing, unreadable or foreign checkpoint, or one of an architecture no plugin provides, stops the run
+    before its folder is touched (the file is read again when measured, one checkpoint at a time)."""
+    architecture = read_checkpoint(path).get("architecture")
+    name = architecture.get("name") if isinstance(architecture, dict) else None
+    if not isinstance(name, str):
+        raise CheckpointError(f"checkpoint {path}: names no architecture (field 'architecture.name')")
+    try:
+        manager.get("architecture", name)
+    except PluginError as exc:
+        raise CheckpointError(f"checkpoint {path} needs the architecture plugin {name!r}: {exc}") from None
 
 
 def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | None = None, progress: bool = True,
@@ -152,26 +174,28 @@ def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | N
     console = console or Console(stderr=True, quiet=not progress)
     the_plan = plan(config, manager, console)
     figures = observer.start(the_plan.stimuli) if observer is not None else None  # its errors come before any work
-    out_dir = prepare_out(config.out, config.overwrite)
-    used = [("metric", n) for n in the_plan.metric_specs] + [("analysis", n) for n in the_plan.analysis_specs]
-    record = RunRecord(out_dir, {
-        "run_id": out_dir.name, "status": "running", "started": now(),
-        "command": sys.argv if Path(sys.argv[0]).name == "fluency" else None, "config": config.as_dict(),
-        "inputs": {"stimuli": the_plan.stimuli.description, "duplicate_checkpoints": the_plan.duplicates},
-        "metrics": list(the_plan.metric_specs), "analyses": list(the_plan.analysis_specs),
-        "analysis_effects": effects_record(the_plan.analysis_specs),
-        "options": {f"{k}.{n}": v for (k, n), v in the_plan.resolved.items()},
-        "device": str(the_plan.device), "versions": versions(manager, used),
-        "matching": the_plan.stimuli.report.as_dict() if the_plan.stimuli.report is not None else None,
-        "unreadable_images": dict(the_plan.stimuli.unreadable),
-        **({"figures": {**figures, "checkpoints": {}}} if figures is not None else {}),
-    })
-    record.write()
-    try:
-        return _run(the_plan, record, manager, console, observer, started)
-    except BaseException as exc:
-        record.failed(exc, time.perf_counter() - started)
-        raise
+    if config.overwrite and config.out is not None and results(Path(config.out)):
+        preflight(the_plan, manager)  # the previous run is removed only once this one is known to start
+    with run_folder(config.out, config.overwrite, "fluency run", console) as out_dir:
+        used = [("metric", n) for n in the_plan.metric_specs] + [("analysis", n) for n in the_plan.analysis_specs]
+        record = RunRecord(out_dir, {
+            "run_id": out_dir.name, "status": "running", "started": now(),
+            "command": sys.argv if Path(sys.argv[0]).name == "fluency" else None, "config": config.as_dict(),
+            "inputs": {"stimuli": the_plan.stimuli.description, "duplicate_checkpoints": the_plan.duplicates},
+            "metrics": list(the_plan.metric_specs), "analyses": list(the_plan.analysis_specs),
+            "analysis_effects": effects_record(the_plan.analysis_specs),
+            "options": {f"{k}.{n}": v for (k, n), v in the_plan.resolved.items()},
+            "device": str(the_plan.device), "versions": versions(manager, used),
+            "matching": the_plan.stimuli.report.as_dict() if the_plan.stimuli.report is not None else None,
+            "unreadable_images": dict(the_plan.stimuli.unreadable),
+            **({"figures": {**figures, "checkpoints": {}}} if figures is not None else {}),
+        })
+        record.write()
+        try:
+            return _run(the_plan, record, manager, console, observer, started)
+        except BaseException as exc:
+            record.failed(exc, time.perf_counter() - started)
+            raise
 
 
 def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: Console,
@@ -267,12 +291,7 @@ def measure_checkpoint(loaded: LoadedCheckpoint, stimuli: Stimuli, the_plan: Run
     would decode every file again) and the manifest's description of the store written (or None).
     """
     config = the_plan.config
-    model = loaded.model.to(the_plan.device).eval()
-    check_requirements(the_plan.metric_specs, model, loaded.architecture, loaded.label)
-    description = ModelDescription.of(model, loaded.architecture, loaded.label, loaded.sha256)
-    metrics = CheckpointMetrics(manager, the_plan.metric_specs, the_plan.resolved)
-    read = metrics.layers(description)  # unknown layers: capture_activations names them
-    stored = stored_layers(config, read, description, model)
+    model, description, metrics, read, stored = _checked(loaded, the_plan, manager)
     capture = list(dict.fromkeys([*read, *stored]))
     channels, size, _ = model.input_shape
     source = stimuli.make_source(Preprocessing(size, channels))
@@ -282,6 +301,7 @@ def measure_checkpoint(loaded: LoadedCheckpoint, stimuli: Stimuli, the_plan: Run
     latent_ids: list[str] = []
     latent_parts: list[np.ndarray] = []
     mu_shape: tuple[int, ...] = ()
+    room_checked = False
     try:
         skip = None if on_error is None else (lambda index, exc: on_error(source, index, exc))
         for ids, x in iter_batches(source, config.batch_size, on_error=skip):
@@ -296,6 +316,9 @@ def measure_checkpoint(loaded: LoadedCheckpoint, stimuli: Stimuli, the_plan: Run
             _check_finite(acts, ids, loaded.label)
             for layer in stored:
                 writer.write(layer, ids, acts[layer])  # type: ignore[union-attr]
+            if stored and not room_checked:  # after the first batch: will the whole store fit?
+                writer.check_room(len(source))  # type: ignore[union-attr]
+                room_checked = True
             batch = MetricBatch(ids, x, {k: acts[k] for k in read}, model, loss, config.seed, description)
             metrics.compute(batch, loaded.label, parts, lambda name: bars.update(task, status=name))
             bars.update(task, advance=len(ids), status="")
@@ -308,17 +331,43 @@ def measure_checkpoint(loaded: LoadedCheckpoint, stimuli: Stimuli, the_plan: Run
     if writer is not None:
         writer.close()
         store = {"path": str(writer.path.relative_to(out_dir)), "layers": stored, "dtype": config.store_dtype}
+        if writer.widened:  # float16 overflow: those layers went to float32 (store.py)
+            store["widened"] = writer.widened
+            for note in writer.notes:
+                bars.console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
     mu_all = np.concatenate(latent_parts) if latent_parts else np.zeros((0, 0), np.float32)
     return Latents(latent_ids, mu_all, mu_shape), store
 
 
+def _checked(loaded: LoadedCheckpoint, the_plan: RunPlan, manager: PluginManager
+             ) -> tuple[Any, ModelDescription, CheckpointMetrics, list[str], list[str]]:
+    """One checkpoint's model (on the device, in eval mode), description and metric instances, with the layers
+    the metrics read and the store keeps, every layer checked against the model."""
+    model = loaded.model.to(the_plan.device).eval()
+    check_requirements(the_plan.metric_specs, model, loaded.architecture, loaded.label)
+    description = ModelDescription.of(model, loaded.architecture, loaded.label, loaded.sha256)
+    metrics = CheckpointMetrics(manager, the_plan.metric_specs, the_plan.resolved)
+    read = metrics.layers(description)
+    check_layers(model, read)
+    return model, description, metrics, read, stored_layers(the_plan.config, read, description, model)
+
+
+def preflight(the_plan: RunPlan, manager: PluginManager) -> None:
+    """Build every checkpoint's model and check the metrics' needs and layers against it, writing nothing: what
+    ``--overwrite`` does before it removes a previous run, so that a typo (a layer name) keeps that run."""
+    for path, label in zip(the_plan.checkpoints, the_plan.labels):
+        _checked(load_checkpoint(path, manager, label), the_plan, manager)
+
+
 def _store_writer(out_dir: Path, loaded: LoadedCheckpoint, description: ModelDescription, source: ImageSource,
                   the_plan: RunPlan, manager: PluginManager) -> ActivationStoreWriter:
+    folder = out_dir / "activations" / loaded.label
+    claim(folder, whole_folder=True)  # the store is the run's as a whole: its writer names the files inside
     provenance = {"source": "run", "fluency_version": __version__, "checkpoint": loaded.label,
                   "checkpoint_sha256": loaded.sha256, "stimulus_fingerprint": source.fingerprint(),
                   "preprocessing": source.describe(), "seed": the_plan.config.seed,
                   "plugin_versions": {name: plugin_version(manager, "metric", name) for name in the_plan.metric_specs}}
-    return ActivationStoreWriter(out_dir / "activations" / loaded.label, dtype=the_plan.config.store_dtype,
+    return ActivationStoreWriter(folder, dtype=the_plan.config.store_dtype,
                                  provenance=provenance, model=description, overwrite=True)
 
 

@@ -28,9 +28,12 @@ The metric tables are in :mod:`fluency.core.run.tables`.
 from __future__ import annotations
 
 import json
+import math
 import re
+import shutil
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from types import TracebackType
@@ -41,32 +44,60 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from fluency.core.atomic import atomic_write_json, fsync_dir, publish
-from fluency.core.errors import StoreError
+from fluency.core.atomic import atomic_write_json, fsync_dir, publish, storage_guard
+from fluency.core.errors import StorageFullError, StoreError, error_text
 from fluency.core.plugin.metric import MetricBatch, ModelDescription
 from fluency.core.version import STORE_FORMAT_VERSION as FORMAT_VERSION
 
 FORMAT = "fluency-activation-store"
 MARKER = "_COMPLETE.json"
 DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 class _LayerWriter:
     """One layer's file: rows are copied into a single preallocated row group, written when full."""
 
     def __init__(self, path: Path, layer: str, shape: tuple[int, ...], dtype: np.dtype, rows_per_group: int) -> None:
-        self.path, self.shape, self.dtype = path, shape, dtype
-        self.nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        meta = {b"shape": json.dumps(list(shape)).encode(), b"dtype": dtype.name.encode(), b"layer": layer.encode()}
+        self.path, self.layer, self.shape = path, layer, shape
+        self.partial = path.with_name(path.name + ".partial")
+        self.ids: list[str] = []
+        self.rows = 0
+        self._open(dtype, rows_per_group)
+
+    def _open(self, dtype: np.dtype, rows_per_group: int) -> None:
+        """Start ``self.partial`` as a file of ``dtype`` values, with an empty row-group buffer."""
+        self.dtype = dtype
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
+        meta = {b"shape": json.dumps(list(self.shape)).encode(), b"dtype": dtype.name.encode(),
+                b"layer": self.layer.encode()}
         self.schema = pa.schema([pa.field("image_id", pa.string(), nullable=False),
                                  pa.field("activation", pa.binary(self.nbytes), nullable=False, metadata=meta)],
                                 metadata=meta)
-        self.partial = path.with_name(path.name + ".partial")
         self.writer = pq.ParquetWriter(self.partial, self.schema, compression="none", use_dictionary=False,
                                        write_statistics=["image_id"])
-        self.buffer = np.empty((rows_per_group, *shape), dtype)  # owned: callers may reuse their arrays
-        self.ids: list[str] = []
-        self.rows = 0
+        self.buffer = np.empty((rows_per_group, *self.shape), dtype)  # owned: callers may reuse their arrays
+
+    def widen(self) -> int:
+        """Continue as float32, converting the rows written so far (exactly: float16 ⊂ float32); returns how many
+        rows were converted. Streams one row group at a time, so memory stays bounded."""
+        converted, buffered, pending = self.rows + len(self.ids), self.buffer[:len(self.ids)].astype("<f4"), self.ids
+        self.writer.close()
+        old = self.partial.with_name(self.path.name + ".float16.partial")
+        self.partial.replace(old)
+        self._open(DTYPES["float32"], len(self.buffer))
+        with pq.ParquetFile(old) as pf:
+            for group in range(pf.num_row_groups):
+                table = pf.read_row_group(group)
+                n, column = table.num_rows, table.column("activation").combine_chunks()
+                values = np.frombuffer(column.buffers()[1], "<f2", count=n * self.nbytes // 4,
+                                       offset=column.offset * self.nbytes // 2).astype("<f4")
+                acts = pa.FixedSizeBinaryArray.from_buffers(pa.binary(self.nbytes), n, [None, pa.py_buffer(values)])
+                self.writer.write_table(pa.table([table.column("image_id"), acts], schema=self.schema))
+        old.unlink()
+        self.ids = []
+        self.add(pending, buffered)
+        return converted
 
     def add(self, ids: Sequence[str], values: np.ndarray) -> None:
         start = 0
@@ -130,23 +161,28 @@ class ActivationStoreWriter:
         self.model = model
         self.layers: dict[str, _LayerWriter] = {}
         self.closed = False
+        #: layers moved from float16 to float32 because a value exceeded float16 (recorded in the marker) and
+        #: one line per such layer for the console
+        self.widened: dict[str, dict[str, Any]] = {}
+        self.notes: list[str] = []
 
     def write(self, layer: str, image_ids: Sequence[str], acts: torch.Tensor | np.ndarray) -> None:
-        """Append one batch (B×…) of a layer's activations, cast to the store's dtype."""
+        """Append one batch (B×…) of a layer's activations, cast to the store's dtype.
+
+        NaN or ±inf is an error naming the image. A float16 layer that meets a value beyond float16's range
+        (|x| > 65504) continues as float32 (the rows before are converted, keeping their float16 precision),
+        recorded as ``widened`` in the marker and in :attr:`notes`; values too small for float16 become
+        subnormal or zero, as float16 rounding does, and are not an error.
+        """
         if self.closed:
             raise StoreError(f"activation store {self.path} is closed; cannot write layer {layer!r}")
         if isinstance(acts, torch.Tensor):
             acts = acts.detach().cpu()
             acts = (acts if acts.dtype in (torch.float16, torch.float32, torch.float64) else acts.float()).numpy()
         acts = np.asarray(acts)
-        if self.dtype.itemsize == 2 and acts.dtype.itemsize > 2 and acts.size:
-            peak = float(np.nanmax(np.abs(acts)))
-            if peak > float(np.finfo(np.float16).max):
-                raise StoreError(f"layer {layer!r}: activations up to {peak:.3g} do not fit a float16 store "
-                                 "(largest 65504); store them as float32 (fluency run --store-dtype float32, fluency store "
-                                 "import --dtype float32)")
         if acts.ndim == 0 or acts.shape[0] != len(image_ids):
             raise StoreError(f"layer {layer!r}: activations of shape {acts.shape} for {len(image_ids)} image ids")
+        peak = _peak(layer, image_ids, acts)
         shape = tuple(int(s) for s in acts.shape[1:])
         writer = self.layers.get(layer)
         if writer is None:
@@ -154,19 +190,48 @@ class ActivationStoreWriter:
                 raise StoreError(f"layer name {layer!r} cannot be used as a file name in the store")
             if 0 in shape:
                 raise StoreError(f"layer {layer!r}: empty activation shape {shape}")
-            writer = self.layers[layer] = _LayerWriter(self.path / f"{layer}.parquet", layer, shape, self.dtype,
-                                                       self.rows_per_group)
+            wide = self.dtype == DTYPES["float16"] and peak > FLOAT16_MAX
+            writer = self.layers[layer] = _LayerWriter(self.path / f"{layer}.parquet", layer, shape,
+                                                       DTYPES["float32"] if wide else self.dtype, self.rows_per_group)
+            if wide:
+                self._widened(layer, 0, peak)
         elif shape != writer.shape:
             raise StoreError(f"layer {layer!r}: activation shape changed from {writer.shape} to {shape} "
                              "between writes")
-        writer.add(image_ids, acts)
+        with storage_guard(writer.path):
+            if writer.dtype == DTYPES["float16"] and peak > FLOAT16_MAX:
+                self._widened(layer, writer.widen(), peak)
+            writer.add(image_ids, acts)
+
+    def check_room(self, total_images: int) -> None:
+        """Refuse, after the first batch and before the bulk is written, a store whose remaining rows will not fit
+        in the free space of its disk (from the bytes per image of the layers written so far)."""
+        per_image = sum(w.nbytes for w in self.layers.values())
+        written = max((w.rows + len(w.ids) for w in self.layers.values()), default=0)
+        need, free = per_image * max(total_images - written, 0), shutil.disk_usage(self.path).free
+        if need > free:
+            raise StorageFullError(
+                f"{self.path}: the activation store needs about {need / 2**20:,.0f} MiB more for {total_images} "
+                f"images ({per_image / 2**10:,.0f} KiB per image over {len(self.layers)} layers), but only "
+                f"{free / 2**20:,.0f} MiB are free there; store fewer layers (--store-layers LAYER,...), no store "
+                "(--no-store), or free some space")
+
+    def _widened(self, layer: str, rows: int, peak: float) -> None:
+        """Record that ``layer`` is stored as float32 from now on (``rows`` earlier rows are float16-rounded)."""
+        self.widened[layer] = {"from": "float16", "float16_rows": rows, "peak": peak}
+        kept = f"; the {rows} rows written before keep float16 precision" if rows else ""
+        self.notes.append(f"activation store: layer {layer!r} has values up to {peak:.3g}, beyond float16's "
+                          f"{FLOAT16_MAX:.0f}: stored as float32{kept}")
 
     def close(self) -> None:
         """Flush every layer, rename the files into place, then write the completion marker last."""
         if self.closed:
             return
         self.closed = True
-        layers = {name: w.close() for name, w in self.layers.items()}
+        layers = {}
+        for name, w in self.layers.items():
+            with storage_guard(w.path):
+                layers[name] = {**w.close(), **({"widened": self.widened[name]} if name in self.widened else {})}
         fsync_dir(self.path)  # the layer renames are durable before the marker exists
         atomic_write_json(self.path / MARKER, {"format": FORMAT, "format_version": FORMAT_VERSION,
                                                "provenance": self.provenance,
@@ -177,7 +242,10 @@ class ActivationStoreWriter:
         """Close the files without the marker (the store stays recognisably incomplete)."""
         self.closed = True
         for w in self.layers.values():
-            w.writer.close()
+            try:
+                w.writer.close()
+            except OSError:  # best effort (a full disk, say): the error that stopped the run is what counts
+                pass
 
     def __enter__(self) -> ActivationStoreWriter:
         return self
@@ -185,6 +253,18 @@ class ActivationStoreWriter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close() if exc_type is None else self.abort()
+
+
+def _peak(layer: str, image_ids: Sequence[str], acts: np.ndarray) -> float:
+    """The largest magnitude in ``acts``; NaN or ±inf is a :class:`StoreError` naming the first such image."""
+    if not acts.size:
+        return 0.0
+    high, low = float(acts.max()), float(acts.min())  # NaN propagates; no copy, unlike abs()
+    if not (np.isfinite(high) and np.isfinite(low)):
+        bad = int(np.flatnonzero(~np.isfinite(acts.reshape(len(acts), -1)).all(axis=1))[0])
+        raise StoreError(f"layer {layer!r}: NaN or infinite activations for image {str(image_ids[bad])!r}; a store "
+                         "holds finite values only")
+    return max(abs(high), abs(low))
 
 
 def _read_marker(marker: Path) -> dict[str, Any]:
@@ -204,11 +284,28 @@ def _read_marker(marker: Path) -> dict[str, Any]:
     for name, info in meta["layers"].items():
         shape = info.get("shape") if isinstance(info, dict) else None
         if not (isinstance(shape, list) and shape and all(isinstance(s, int) and s > 0 for s in shape)
-                and info.get("dtype") in DTYPES and isinstance(info.get("rows"), int) and info["rows"] >= 0
-                and isinstance(info.get("file"), str)):
+                and math.prod(shape) * 4 < 2**31 and str(info.get("dtype")) in DTYPES  # one image's bytes: int32
+                and isinstance(info.get("rows"), int) and info["rows"] >= 0
+                and isinstance(info.get("file"), str) and Path(info["file"]).name):
             raise StoreError(f"activation store {marker.parent}: {MARKER} describes layer {name!r} wrongly (needs "
                              f"shape, dtype in {list(DTYPES)}, rows and file): {info!r:.200}")
+    if not _valid_model(meta.get("model")):
+        raise StoreError(f"activation store {marker.parent}: {MARKER} describes the model wrongly: "
+                         f"{meta.get('model')!r:.200}")
     return meta
+
+
+def _valid_model(model: Any) -> bool:
+    """Whether a marker's ``model`` is absent or has the fields of :meth:`ModelDescription.as_dict` typed right."""
+    if model is None:
+        return True
+    if not isinstance(model, dict):
+        return False
+    texts = all(isinstance(model.get(key, ""), str) for key in ("architecture", "checkpoint", "checkpoint_sha256"))
+    lists = all(isinstance(model.get(key) or [], list) and all(isinstance(v, str) for v in model.get(key) or [])
+                for key in ("default_metric_layers", "attention_layers"))
+    shape = model.get("input_shape") or []
+    return texts and lists and isinstance(shape, list) and all(isinstance(v, int) for v in shape)
 
 
 def _not_a_store(path: Path) -> str:
@@ -276,8 +373,18 @@ class ActivationStore:
         """The image ids of the store, in row order (read once from the first layer's id column)."""
         if not self.layers:
             return []
-        with pq.ParquetFile(self._file(self.layers[0])) as pf:
+        file = self._file(self.layers[0])
+        with self._reading(file), pq.ParquetFile(file) as pf:
             return [str(i) for i in pf.read(columns=["image_id"]).column("image_id").to_pylist()]
+
+    @contextmanager
+    def _reading(self, file: Path) -> Iterator[None]:
+        """Turn Arrow's errors on a damaged layer file into one line naming the file."""
+        try:
+            yield
+        except (OSError, pa.ArrowException) as exc:
+            raise StoreError(f"activation store {self.path}: layer file {file.name} is unreadable or corrupt "
+                             f"({error_text(exc, 160)})") from None
 
     def _layer(self, layer: str) -> dict[str, Any]:
         if layer not in self.meta["layers"]:
@@ -300,8 +407,12 @@ class ActivationStore:
         """``(ids, B×shape array)`` per batch; the array is a view on Arrow's buffer (no copy)."""
         shape, dtype = self.shape(layer), self.dtype(layer)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        with pq.ParquetFile(self._file(layer), pre_buffer=False) as pf:  # pre-buffering keeps every row group
-            for batch in pf.iter_batches(batch_size=batch_size):
+        file = self._file(layer)
+        with self._reading(file), pq.ParquetFile(file, pre_buffer=False) as pf:  # pre-buffering keeps every group
+            if not {"image_id", "activation"} <= set(pf.schema_arrow.names):
+                raise StoreError(f"activation store {self.path}: layer file {file.name} has no image_id and "
+                                 "activation columns (corrupt file?)")
+            for batch in pf.iter_batches(batch_size=batch_size, columns=["image_id", "activation"]):
                 column = batch.column("activation")
                 if column.type != pa.binary(nbytes) or column.null_count:
                     raise StoreError(f"activation store {self.path}: layer {layer!r} does not match "

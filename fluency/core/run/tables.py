@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fluency.core.atomic import atomic_path, publish
-from fluency.core.errors import StoreError
+from fluency.core.atomic import atomic_path, claim, publish, storage_guard
+from fluency.core.errors import StorageFullError, StoreError
 from fluency.core.version import METRIC_TABLE_FORMAT_VERSION as FORMAT_VERSION
 
 FORMAT = "fluency-metric-table"
@@ -60,6 +60,7 @@ class MetricTableWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.partial = self.path.with_name(self.path.name + ".partial")
+        claim(self.partial)
         self.constants = {"run_id": run_id, "plugin": plugin, "plugin_version": plugin_version,
                           "options_hash": options_hash}
         self.rows_per_group = rows_per_group
@@ -91,7 +92,8 @@ class MetricTableWriter:
     def flush(self) -> None:
         """Write the buffered rows as one row group."""
         if self.buffer:
-            self.writer.write_table(pa.concat_tables(self.buffer))
+            with storage_guard(self.path):
+                self.writer.write_table(pa.concat_tables(self.buffer))
             self.buffer, self.buffered = [], 0
 
     def close(self) -> None:
@@ -100,15 +102,19 @@ class MetricTableWriter:
             return
         self.closed = True
         self.flush()
-        self.writer.close()
+        with storage_guard(self.path):
+            self.writer.close()
         publish(self.partial, self.path)
 
     def abort(self) -> None:
         """Keep the rows written so far in ``PATH.partial`` (not renamed)."""
         if not self.closed:
             self.closed = True
-            self.flush()
-            self.writer.close()
+            try:
+                self.flush()
+                self.writer.close()
+            except (OSError, StorageFullError):  # best effort: the error that stopped the run is what counts
+                pass
 
     def __enter__(self) -> MetricTableWriter:
         return self

@@ -39,17 +39,19 @@ import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from fluency.core.version import __version__
 from fluency.core.atomic import atomic_path, atomic_write_text
 from fluency.core.model.capture import capture_activations
-from fluency.core.model.checkpoint import read_checkpoint, save_checkpoint
+from fluency.core.model.checkpoint import check_training_state, read_checkpoint, save_checkpoint
 from fluency.core.plugin.config import resolve_plugin_options
 from fluency.core.model.devices import resolve_device
-from fluency.core.errors import FluencyError, OptionError, TrainingError
-from fluency.core.inputs.images import RESIZE, FolderSource, Preprocessing, find_images
+from fluency.core.errors import CheckpointError, FluencyError, OptionError, TrainingError, error_text
+from fluency.core.inputs.images import RESIZE, FolderSource, Preprocessing, find_images, scan_images
 from fluency.core.model.losses import LOSSES, ReconstructionLoss, parse_loss_terms
 from fluency.core.plugin.architecture import ObjectiveSettings
+from fluency.core.plugin.options import check_seed
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager
 from fluency.core.progress import progress_bar
 from fluency.core.train.schedules import build_scheduler
@@ -103,6 +105,9 @@ class TrainConfig:
             raise OptionError("train: val_fraction must be in [0, 1)")
         if self.beta < 0 or self.beta_warmup < 0:
             raise OptionError("train: beta and beta_warmup must be non-negative")
+        check_seed(self.seed)
+        if self.lr is not None and not (math.isfinite(float(self.lr)) and float(self.lr) > 0):
+            raise OptionError(f"--lr {self.lr!r}: the learning rate must be a positive, finite number")
         parse_loss_terms(self.losses)
 
 
@@ -226,25 +231,47 @@ RESUMED_SETTINGS = ("architecture", "optimizer", "losses", "constraints", "image
                     "schedule_gamma", "warmup_epochs", "options", "lr")
 
 
+#: what a training run writes in ``out`` (patterns; the figures are those of the CLI's observer): an existing one
+#: is replaced only with ``--overwrite`` (or ``--resume``, which continues the run that wrote them)
+TRAIN_OUTPUTS = ("final.pt", "last.pt", "epoch-*.pt", "history.parquet", "config.toml", "checkpoints.json",
+                 "figures/curves.png", "figures/recon-epoch-*.png")
+
+
+def check_out(out: Path, images: Path, overwrite: bool) -> None:
+    """One line if ``out`` is inside ``images``, is a file, or (without ``overwrite``) holds a file training writes."""
+    if out.resolve().is_relative_to(images.resolve()):
+        raise FluencyError(f"--out {out} is inside --images {images}: its figures would be read as training images; "
+                           "choose an --out outside the image folder")
+    if out.exists() and not out.is_dir():
+        raise FluencyError(f"--out {out}: a file, not a folder")
+    taken = sorted(str(p.relative_to(out)) for pattern in TRAIN_OUTPUTS for p in out.glob(pattern))
+    if taken and not overwrite:
+        kind = "a training run (last.pt); use --resume to continue it," if "last.pt" in taken else \
+            f"{', '.join(taken[:4])}{' …' if len(taken) > 4 else ''};"
+        raise FluencyError(f"{out} already holds {kind} pass --overwrite to replace them, or choose another --out")
+
+
 def train(config: TrainConfig | None = None, *, manager: PluginManager | None = None,
-          console: Console | None = None, resume: bool = False, plugin_config: Mapping[str, Any] | None = None,
-          files: Sequence[Path] | None = None, observer: TrainingObserver | None = None,
-          **settings: Any) -> TrainResult:
+          console: Console | None = None, resume: bool = False, overwrite: bool = False,
+          plugin_config: Mapping[str, Any] | None = None, files: Sequence[Path] | None = None,
+          observer: TrainingObserver | None = None, **settings: Any) -> TrainResult:
     """Train from a :class:`TrainConfig` (or its fields as keyword arguments) and write ``out/final.pt``.
 
     ``plugin_config`` holds the plugin and loss tables of a ``--config`` file (its ``[train]``
     table is the :class:`TrainConfig` itself). ``files`` restricts training to some images of
     ``images`` (used for per-subgroup models). ``observer`` is told about each finished epoch;
     this function draws no figures itself (the CLI passes the figure observer when ``figures`` is on).
+    Files already in ``out`` are replaced only with ``overwrite`` (or ``resume``).
     """
     cfg = config or TrainConfig(**settings)
     cfg.check()
     start = time.perf_counter()
     manager = manager or get_plugin_manager()
     console = console or Console(stderr=True)
+    check_out(Path(cfg.out), Path(cfg.images), overwrite or resume)
     cfg, state = _start_or_resume(cfg, resume, console)
     options = _resolve_options(cfg, manager, plugin_config)
-    run = _build(cfg, manager, options, files)
+    run = _build(cfg, manager, options, files, console)
     history, first_epoch = _restore(run, state) if state is not None else ([], 1)
     run.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.out / "config.toml", toml_dumps({"train": asdict(cfg)}))
@@ -260,21 +287,23 @@ def _start_or_resume(cfg: TrainConfig, resume: bool,
 
     On ``--resume`` the interrupted run's :data:`RESUMED_SETTINGS` win (in a copy; ``cfg`` is left as is).
     """
-    out = Path(cfg.out)
-    last = out / "last.pt"
+    last = Path(cfg.out) / "last.pt"
     if not resume:
-        if last.exists():
-            raise FluencyError(f"{out} already holds a training run (last.pt); use --resume to continue it or "
-                               "choose another --out")
         return cfg, None
     if not last.exists():
         raise FluencyError(f"--resume: {last} does not exist; nothing to resume")
     state = read_checkpoint(last)
-    saved = state.get("training", {}).get("config", {})
+    check_training_state(last, state)
+    saved = state["training"]["config"]
     changed = {k: saved[k] for k in RESUMED_SETTINGS if k in saved and saved[k] != getattr(cfg, k)}
+    try:
+        resumed = replace(cfg, **changed)
+        resumed.check()
+    except (FluencyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"--resume: checkpoint {last} holds invalid training settings: {exc}") from None
     for key, value in changed.items():
         console.print(f"[yellow]--resume:[/yellow] using the interrupted run's {key} = {value!r}")
-    return replace(cfg, **changed), state
+    return resumed, state
 
 
 def _resolve_options(cfg: TrainConfig, manager: PluginManager, plugin_config: Mapping[str, Any] | None) -> _Options:
@@ -293,12 +322,16 @@ def _resolve_options(cfg: TrainConfig, manager: PluginManager, plugin_config: Ma
         if "lr" not in manager.get("optimizer", cfg.optimizer).options:
             raise OptionError(f"--lr: optimizer {cfg.optimizer!r} has no lr option")
         optimizer["lr"] = float(cfg.lr)
+    size = manager.get("architecture", cfg.architecture).options.get("image_size")  # its bounds hold for --image-size
+    image_size = cfg.image_size if size is None else size.validate(cfg.image_size,
+                                                                   f"train: image_size ({cfg.architecture})")
     return _Options(loss_terms=loss_terms,
-                    architecture={**resolved[("architecture", cfg.architecture)], "image_size": cfg.image_size},
+                    architecture={**resolved[("architecture", cfg.architecture)], "image_size": image_size},
                     optimizer=optimizer, constraints={n: resolved[("constraint", n)] for n in constraint_names})
 
 
-def _build(cfg: TrainConfig, manager: PluginManager, options: _Options, files: Sequence[Path] | None) -> _Run:
+def _build(cfg: TrainConfig, manager: PluginManager, options: _Options, files: Sequence[Path] | None,
+           console: Console) -> _Run:
     """Model, losses, constraints, data split, optimizer and scheduler, in a fixed order (the seeded RNG's draws)."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -311,6 +344,8 @@ def _build(cfg: TrainConfig, manager: PluginManager, options: _Options, files: S
     capture = list(dict.fromkeys(layer for c in constraints.values() for layer in c.layers(model)))
     root = Path(cfg.images)
     paths = sorted(files) if files is not None else find_images(root)
+    for path, why in (scan_images(root)[1] if files is None else {}).items():  # a pipe…: left out, unopened
+        console.print(f"[yellow]warning:[/yellow] {escape(str(path))}: {why}", highlight=False)
     source = FolderSource(root, {p.relative_to(root).with_suffix("").as_posix(): p for p in paths},
                           Preprocessing(cfg.image_size, model.input_shape[0], cfg.resize))
     train_idx, val_idx = split_indices(len(source), cfg.val_fraction, cfg.seed)
@@ -338,11 +373,15 @@ def _scheduler(optimizer: Any, cfg: TrainConfig, steps_per_epoch: int) -> Any:
 
 def _restore(run: _Run, state: Mapping[str, Any]) -> tuple[list[dict[str, float]], int]:
     """Load weights, optimizer, scheduler and RNG state from ``last.pt``; its history and the next epoch."""
-    run.model.load_state_dict(state["state_dict"])
-    run.optimizer.load_state_dict(state["training"]["optimizer_state"])
-    if run.scheduler is not None and state["training"].get("scheduler_state"):
-        run.scheduler.load_state_dict(state["training"]["scheduler_state"])
-    torch.set_rng_state(state["training"]["rng_state"])
+    try:
+        run.model.load_state_dict(state["state_dict"])
+        run.optimizer.load_state_dict(state["training"]["optimizer_state"])
+        if run.scheduler is not None and state["training"].get("scheduler_state"):
+            run.scheduler.load_state_dict(state["training"]["scheduler_state"])
+        torch.set_rng_state(state["training"]["rng_state"])
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise CheckpointError(f"--resume: checkpoint {run.out / 'last.pt'} does not fit this training run "
+                              f"({error_text(exc)})") from None
     return list(state.get("history", [])), int(state["epoch"]) + 1
 
 
@@ -487,7 +526,7 @@ def _label(values: Sequence[Any], columns: Sequence[str]) -> str:
 def train_by_group(cfg: TrainConfig, ratings: str | Path, id_column: str, by: Sequence[str], min_size: int,
                    console: Console | None = None, manager: PluginManager | None = None,
                    plugin_config: Mapping[str, Any] | None = None,
-                   observer: TrainingObserver | None = None) -> dict[str, Any]:
+                   observer: TrainingObserver | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train one model per subgroup (rows sharing the values of ``by``) of a ratings table.
 
     Each model goes to ``out/<col=value_...>/final.pt``; ``out/checkpoints.json`` lists the set
@@ -499,6 +538,7 @@ def train_by_group(cfg: TrainConfig, ratings: str | Path, id_column: str, by: Se
     from fluency.core.atomic import atomic_write_json
 
     console = console or Console(stderr=True)
+    check_out(Path(cfg.out), Path(cfg.images), overwrite)
     table = read_table(ratings)
     missing = [c for c in [id_column, *by] if c not in table.columns]
     if missing:
@@ -518,7 +558,7 @@ def train_by_group(cfg: TrainConfig, ratings: str | Path, id_column: str, by: Se
         else:
             console.print(f"group {label}: {len(ids)} images")
             sub = TrainConfig(**{**asdict(cfg), "out": str(Path(cfg.out) / label)})
-            result = train(sub, manager=manager, console=console, plugin_config=plugin_config,
+            result = train(sub, manager=manager, console=console, plugin_config=plugin_config, overwrite=overwrite,
                            files=[Path(report.matched[i]) for i in ids], observer=observer)
             entry["checkpoint"] = str(result.checkpoint)
             trained += 1
