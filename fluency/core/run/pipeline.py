@@ -32,12 +32,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from fluency.core.atomic import claim
-from fluency.core.errors import CheckpointError, FluencyError, InputError, PluginError
+from fluency.core.errors import FluencyError, InputError
 from fluency.core.inputs.images import FolderSource, ImageSource, Preprocessing, iter_batches
 from fluency.core.inputs.ratings import MatchReport
 from fluency.core.inputs.stimuli import Stimuli, embedded, from_folder
 from fluency.core.model.capture import capture_activations, check_layers
-from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, LoadedCheckpoint, load_checkpoint, read_checkpoint
+from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, LoadedCheckpoint, check_checkpoint, load_checkpoint
 from fluency.core.model.devices import resolve_device
 from fluency.core.model.losses import loss_from_config
 from fluency.core.plugin.config import read_config, resolve_plugin_options
@@ -139,23 +139,10 @@ def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan
     if not DEFAULT_CHECKPOINT.exists() and not config.checkpoints:
         raise FluencyError(f"the embedded default checkpoint {DEFAULT_CHECKPOINT} is missing; reinstall fluency "
                            "or pass --checkpoint")
-    for path in paths:
-        _check_checkpoint(path, manager)
+    for path in paths:  # fields, architecture, option bounds, model size: before the run folder is touched
+        check_checkpoint(path, manager)
     return RunPlan(config, stimuli, metric_specs, analysis_specs, resolved, paths, checkpoint_labels(paths),
                    duplicates, resolve_device(config.device))
-
-
-def _check_checkpoint(path: Path, manager: PluginManager) -> None:
-    """A missing, unreadable or foreign checkpoint, or one of an architecture no plugin provides, stops the run
-    before its folder is touched (the file is read again when measured, one checkpoint at a time)."""
-    architecture = read_checkpoint(path).get("architecture")
-    name = architecture.get("name") if isinstance(architecture, dict) else None
-    if not isinstance(name, str):
-        raise CheckpointError(f"checkpoint {path}: names no architecture (field 'architecture.name')")
-    try:
-        manager.get("architecture", name)
-    except PluginError as exc:
-        raise CheckpointError(f"checkpoint {path} needs the architecture plugin {name!r}: {exc}") from None
 
 
 def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | None = None, progress: bool = True,
