@@ -491,3 +491,17 @@ def test_report_on_a_read_only_run_folder_is_one_line(tmp_path: Path, monkeypatc
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "Traceback" not in err and str(run) in err, err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_every_test_the_reliability_page_cites_exists() -> None:
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    files = {"F": "test_reliability_folders.py", "I": "test_reliability_inputs.py", "V": "test_reliability_values.py"}
+    page = (root / "docs" / "reliability.md").read_text(encoding="utf-8")
+    cited = re.findall(r"\| ([FIV]) ((?:`test_\w+`(?:, )?)+) \|", page)
+    assert len(cited) >= 25
+    for key, names in cited:
+        source = (root / "tests" / files[key]).read_text(encoding="utf-8")
+        for name in re.findall(r"`(test_\w+)`", names):
+            assert f"def {name}(" in source, f"docs/reliability.md cites {name}, which {files[key]} does not have"
