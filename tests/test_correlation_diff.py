@@ -341,7 +341,7 @@ def test_run_over_checkpoints_compares_them_and_corrects_every_test(tmp_path: Pa
     assert "r_A − r_B" not in console.export_text()  # a comparison is not ranked with the correlations
     console.print(relations_table(result.sections(None)["difference"], result.manifest["metric_columns"], effects))
     text = console.export_text()
-    assert "pearson r_A − r_B" in text and "default−noisy" in text
+    assert "r_A − r_B" in text and "rho_A − rho_B" in text and "default−noisy" in text
     page = build_report(result.path).read_text()
     assert (result.path / "figures" / "heatmap-pearson-r_diff.png").exists()
     assert 'alt="heatmap-pearson-r_diff"' in page

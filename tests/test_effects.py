@@ -50,7 +50,7 @@ def test_a_third_party_analysis_is_summarised_and_drawn_like_pearson(tmp_path: P
     text = console.export_text()
     # gini: higher = sparser = more fluent, so a negative tau goes against the theory
     expected = ["no" if t < 0 else "yes" for t in strongest["estimate"]]
-    lines = [line for line in text.splitlines() if "kendall Kendall τ" in line]
+    lines = [line for line in text.splitlines() if "Kendall τ" in line]
     assert len(lines) == len(strongest) and [line.split("│")[-2].strip() for line in lines] == expected
     tau = stats.kendalltau(*_gini_vs_rating(result, "enc5"))
     row = strongest[strongest["layer"] == "enc5"].iloc[0]

@@ -56,7 +56,7 @@ def relations_table(rows: pd.DataFrame, directions: Mapping[str, Any], effects: 
         effect = effects.get((row.analysis, row.statistic))
         direction = directions.get(row.metric, {}).get("higher_is_more_fluent")
         sig = isinstance(row.p_fdr, float) and row.p_fdr < alpha
-        cells = [f"{row.analysis} {effect.title if effect is not None else row.statistic}",
+        cells = [effect.title if effect is not None and effect.label else f"{row.analysis} {row.statistic}",
                  *([row.checkpoint] if several else []), *([row.group] if grouped else []), row.metric,
                  "(whole)" if pd.isna(row.layer) else row.layer, str(row.n),
                  f"{row.estimate:+.3f}" if math.isfinite(row.estimate) else "–", _fmt_p(row.p),
