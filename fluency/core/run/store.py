@@ -27,6 +27,7 @@ The metric tables are in :mod:`fluency.core.run.tables`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -242,10 +243,8 @@ class ActivationStoreWriter:
         """Close the files without the marker (the store stays recognisably incomplete)."""
         self.closed = True
         for w in self.layers.values():
-            try:
+            with contextlib.suppress(OSError):  # best effort (a full disk, say): the error that stopped the run counts
                 w.writer.close()
-            except OSError:  # best effort (a full disk, say): the error that stopped the run is what counts
-                pass
 
     def __enter__(self) -> ActivationStoreWriter:
         return self

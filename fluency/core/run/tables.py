@@ -18,6 +18,7 @@ than this fluency knows is refused with one line.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -110,11 +111,9 @@ class MetricTableWriter:
         """Keep the rows written so far in ``PATH.partial`` (not renamed)."""
         if not self.closed:
             self.closed = True
-            try:
+            with contextlib.suppress(OSError, StorageFullError):  # best effort: the error that stopped the run counts
                 self.flush()
                 self.writer.close()
-            except (OSError, StorageFullError):  # best effort: the error that stopped the run is what counts
-                pass
 
     def __enter__(self) -> MetricTableWriter:
         return self
