@@ -171,6 +171,7 @@ def check_registration(plugin: object, name: str | None = None) -> list[Spec]:
 
 #: a value of the wrong type for each option type (a string for a list would be parsed as a list)
 _WRONG = {"int": "not-an-int", "float": "not-a-float", "bool": "not-a-bool", "str": 12345,
+          "int|str": {"not": "a number or a word"},
           "list[str]": {"not": "a list"}, "list[int]": {"not": "a list"}, "list[float]": {"not": "a list"}}
 
 

@@ -33,6 +33,9 @@ OPTIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("architecture", "vae-vgg16"): TINY_VGG,          # 128 px and full VGG width by default
     ("architecture", "vae-vgg19"): TINY_VGG,
     ("architecture", "vae-small"): {"image_size": 32},
+    ("architecture", "vgg16-imagenet"): {"size": 32, "weights": str(SHARED_WEIGHTS / "vgg16_imagenet_features.pth")},
+    ("architecture", "alexnet-imagenet"): {"size": 64, "weights": str(SHARED_WEIGHTS / "alexnet_imagenet_features.pth")},
+    ("architecture", "vgg19-imagenet"): {"size": 32},  # weights: random, written by the test (none are shared)
     ("metric", "decoderless"): {"steps": 5},           # 200 Adam steps by default
     ("analysis", "ridge"): {"permutations": 20, "repeats": 2},  # 200 permutations × 10 repeats by default
     ("analysis", "partial"): {"covariates": ["covariate"]},     # refuses to run without covariates
@@ -115,6 +118,13 @@ def test_every_builtin_plugin_passes_the_kit(kind: str, name: str, request: pyte
     options = dict(OPTIONS.get((kind, name), {}))
     if (kind, name) == ("metric", "lpips"):
         options["weights"] = request.getfixturevalue("lpips_weights")
+    if (kind, name) == ("architecture", "vgg19-imagenet"):
+        import torchvision
+
+        options["weights"] = str(request.getfixturevalue("tmp_path") / "vgg19.pth")
+        torch.save(torchvision.models.vgg19(weights=None).features.state_dict(), options["weights"])
+    elif name.endswith("-imagenet") and not Path(options["weights"]).is_file():
+        pytest.skip(f"{options['weights']} is absent (offline ImageNet weights, see shared/weights/README.md)")
     check_plugin(spec, options, **SETTINGS.get((kind, name), {}))
 
 

@@ -22,6 +22,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "float": (int, float),
     "bool": bool,
     "str": str,
+    "int|str": (int, str),  # a number or a word, e.g. an image size or "native"
     "list[str]": list,
     "list[int]": list,
     "list[float]": list,
@@ -55,7 +56,8 @@ def brief_repr(value: Any, limit: int = 80) -> str:
 class Option:
     """One option of a plugin.
 
-    ``type`` is one of ``int``, ``float``, ``bool``, ``str``, ``list[str]``,
+    ``type`` is one of ``int``, ``float``, ``bool``, ``str``, ``int|str`` (either; ``minimum``/``maximum``
+    then bound only the integers), ``list[str]``,
     ``list[int]`` or ``list[float]``; ``None`` as default means "not set" (the plugin
     decides). ``choices`` restricts the allowed values, ``minimum``/``maximum`` bound
     numbers (inclusive).
@@ -98,6 +100,8 @@ class Option:
             raise OptionError(f"{where}: {value!r} is not a finite number")
         if self.choices is not None and value not in self.choices:
             raise OptionError(f"{where}: {brief_repr(value)} is not one of {list(self.choices)}")
+        if self.type == "int|str" and isinstance(value, str):
+            return value
         if self.minimum is not None and value < self.minimum:
             raise OptionError(f"{where}: {brief_repr(value)} is below the minimum {self.minimum}")
         if self.maximum is not None and value > self.maximum:
