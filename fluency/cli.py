@@ -63,6 +63,9 @@ def cli() -> None:
 @click.option("--rating-column", default="rating", show_default=True, help="Column of ratings.")
 @click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(path_type=Path),
               help="Model checkpoint (repeatable); default: the embedded default model.")
+@click.option("--model", "models", multiple=True, metavar="NAME",
+              help="Architecture measured without a checkpoint, e.g. a pretrained vgg16-imagenet (repeatable; "
+                   "mixes with --checkpoint; options: -o NAME.KEY=VALUE).")
 @click.option("--metric", "metrics", multiple=True, required=True, help="Metric plugin (repeatable or comma-separated).")
 @click.option("--analysis", "analyses", multiple=True,
               help="Analysis plugin (repeatable); default with --ratings: those in registry.toml.")
@@ -95,7 +98,7 @@ def cli() -> None:
               help="Skip the model figures (latent means, reconstructions, interpolations, training curves).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def run(images: Path | None, ratings: Path | None, id_column: str, rating_column: str, checkpoints: tuple[Path, ...],
-        metrics: tuple[str, ...], analyses: tuple[str, ...], layers: tuple[str, ...], out: Path | None, device: str,
+        models: tuple[str, ...], metrics: tuple[str, ...], analyses: tuple[str, ...], layers: tuple[str, ...], out: Path | None, device: str,
         batch_size: int, seed: int, options: tuple[str, ...], config: Path | None, store_dtype: str, no_store: bool,
         store_layers: tuple[str, ...], strict: bool, by: str | None, min_group_size: int, overwrite: bool, top: int, no_report: bool,
         interpolate: tuple[str, ...], no_figures: bool, as_json: bool) -> None:
@@ -108,7 +111,7 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
 
     result = run_job(
         metrics=_split(metrics), images=images, ratings=ratings, id_column=id_column, rating_column=rating_column,
-        checkpoints=checkpoints, analyses=_split(analyses) or None, layers=_split(layers) or None, out=out,
+        checkpoints=checkpoints, models=_split(models), analyses=_split(analyses) or None, layers=_split(layers) or None, out=out,
         device=device, batch_size=batch_size, seed=seed, options=options, config=config, store=not no_store,
         store_dtype=store_dtype, store_layers=_split(store_layers) or None, strict=strict, overwrite=overwrite,
         console=err, by=_split((by,)) if by else (), min_group_size=min_group_size, interpolate=interpolate,
@@ -361,6 +364,38 @@ def checkpoints_inspect(path: Path, as_json: bool) -> None:
     for key, value in info.items():
         table.add_row(key, value if isinstance(value, str) else json.dumps(value, default=str))
     Console().print(table)
+
+
+@cli.command()
+@click.option("--model", "model", metavar="NAME", help="An architecture, built without a checkpoint.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="A checkpoint file.")
+@click.option("-o", "--option", "options", multiple=True, metavar="NAME.KEY=VALUE",
+              help="An option of the --model architecture (repeatable), as for `fluency run`.")
+@click.option("--config", type=click.Path(path_type=Path), help="TOML file with one [PLUGIN] table of options each.")
+@click.option("--size", type=click.IntRange(min=8), default=224, show_default=True,
+              help="Side of the probe image for a model that takes any size.")
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def inspect(model: str | None, checkpoint: Path | None, options: tuple[str, ...], config: Path | None, size: int,
+            as_json: bool) -> None:
+    """List a model's layers (the names --layers and -o METRIC.layers take) with their output shapes."""
+    from fluency.core.run.checkpoints import inspect_model
+
+    if (model is None) == (checkpoint is None):
+        raise click.UsageError("name one of --model NAME or --checkpoint PATH")
+    info = inspect_model(model, checkpoint, options, config, size)
+    if as_json:
+        _emit_json(info)
+        return
+    console = Console()
+    console.print(f"[bold]{info['label']}[/bold]: {info['architecture']} ({info['kind']}; provides "
+                  f"{', '.join(info['provides']) or 'activations only'}); input {info['input']}; weights sha256 "
+                  f"{info['sha256'][:12]}…", highlight=False)
+    table = Table(title=f"layers (output shape for a {info['probe']} image)")
+    for col, justify in (("layer", "left"), ("output shape", "right"), ("measured by default", "center")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for row in info["layers"]:
+        table.add_row(row["name"], "×".join(map(str, row["shape"])), "yes" if row["default"] else "")
+    console.print(table)
 
 
 class _ListOrSubcommand(click.Group):

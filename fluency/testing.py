@@ -169,6 +169,9 @@ def check_registration(plugin: object, name: str | None = None) -> list[Spec]:
     return specs
 
 
+#: the side of the synthetic images given to a model that takes images at their own size
+NATIVE_PROBE = 64
+
 #: a value of the wrong type for each option type (a string for a list would be parsed as a list)
 _WRONG = {"int": "not-an-int", "float": "not-a-float", "bool": "not-a-bool", "str": 12345,
           "int|str": {"not": "a number or a word"},
@@ -240,7 +243,8 @@ def check_metric(spec: MetricSpec, options: Mapping[str, Any] | None = None, *, 
     model = model.eval()
     description = ModelDescription.of(model, architecture or type(model).__name__)
     _has_capabilities(spec, model)
-    ids, images = synthetic_images(n_images, int(model.input_shape[1]), int(model.input_shape[0]), seed)
+    ids, images = synthetic_images(n_images, int(model.input_shape[1] or NATIVE_PROBE), int(model.input_shape[0]),
+                                   seed)
     layers = _metric_layers(spec, resolved, description) if spec.reads_activations else []
     acts = _capture(spec, model, layers, images, batch_sizes[0])
     live = _LiveSource(spec, model, description, ids, images, acts, seed)
@@ -568,7 +572,7 @@ def _check_penalty(spec: ConstraintSpec, options: Mapping[str, Any], model: Flue
     available = list(model.hookable_layers())
     if not isinstance(layers, (list, tuple)) or not layers or not all(n in available for n in layers):
         raise _fail(spec, f"layers(model) returned {layers!r}: name one or more of the model's layers {available}")
-    _, images = synthetic_images(n_images, int(model.input_shape[1]), int(model.input_shape[0]))
+    _, images = synthetic_images(n_images, int(model.input_shape[1] or NATIVE_PROBE), int(model.input_shape[0]))
     hooks = _hooks(model)
     first = _penalty(spec, constraint, model, list(layers), images).detach()
     second = _penalty(spec, constraint, model, list(layers), images)
@@ -688,8 +692,11 @@ def check_architecture(spec: ArchitectureSpec, options: Mapping[str, Any] | None
                           f"{list(MODEL_KINDS)} and it provides capabilities among {list(CAPABILITIES)}")
     model.eval()
     shape = _call(spec, "input_shape", lambda: tuple(model.input_shape))
-    if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise _fail(spec, f"input_shape is {shape!r}, expected (channels, height, width)")
+    if (len(shape) != 3 or not (isinstance(shape[0], int) and shape[0] > 0) or not (
+            shape[1:] == (None, None) or all(isinstance(s, int) and s > 0 for s in shape[1:]))):
+        raise _fail(spec, f"input_shape is {shape!r}, expected (channels, height, width), height and width both "
+                          "None for a model that takes images at their own size")
+    shape = (shape[0], shape[1] or NATIVE_PROBE, shape[2] or NATIVE_PROBE)
     layers = _hookable(spec, model)
     defaults = list(getattr(model, "default_metric_layers", ()))
     if not set(defaults) <= set(layers):

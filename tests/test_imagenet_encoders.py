@@ -7,11 +7,21 @@ normalisation and ``gini`` metric are what is tested.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from PIL import Image
+
+import fluency
 
 from fluency.api import FluencyError, MetricBatch, capture_activations
 from fluency.core.plugin.manager import PluginManager
@@ -151,3 +161,161 @@ def test_contract_and_size(manager: PluginManager, arch: str, path: Path) -> Non
         spec.resolve({"size": 16})
     with pytest.raises(FluencyError, match="outside"):  # a number given as text is checked by the model
         spec.load()(**spec.resolve({"size": "16", "weights": str(path)}))
+
+
+# --- `fluency run --model NAME`: pretrained networks without a checkpoint, end to end ---------------------------
+
+FACES = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "london-faces"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200", "FLUENCY_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    return subprocess.run([sys.executable, "-m", "fluency.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Four London faces, cut to 112×96 (not square: native keeps the aspect) as lossless PNGs, and their
+    ratings."""
+    if not (FACES / "images" / "X001.jpg").is_file():
+        pytest.skip(f"{FACES} is absent")
+    folder = tmp_path_factory.mktemp("faces")
+    (folder / "images").mkdir()
+    ids = ["X001", "X002", "X003", "X004"]
+    for i in ids:
+        Image.open(FACES / "images" / f"{i}.jpg").convert("RGB").resize((96, 112)).save(folder / "images" / f"{i}.png")
+    pd.read_csv(FACES / "ratings.csv").query("image_id in @ids").to_csv(folder / "ratings.csv", index=False)
+    return folder / "images", folder / "ratings.csv"
+
+
+def test_run_model_native_gini_at_every_pool_equals_torchvision(faces: tuple[Path, Path], tmp_path: Path) -> None:
+    """The issue's test: `fluency run --model vgg16-imagenet` at native size; Gini at pool1…pool5 equals an
+    independent Hurley–Rickard Gini of torchvision's own vgg16().features outputs with the same weights."""
+    path, (images, _) = needs(VGG16_FILE), faces
+    pools = [f"pool{i}" for i in range(1, 6)]
+    out = tmp_path / "run"
+    proc = cli("run", "--model", "vgg16-imagenet", "--images", str(images), "--metric", "gini", "--out", str(out),
+               "-o", f"vgg16-imagenet.weights={path}", "-o", "vgg16-imagenet.size=native",
+               "-o", f"gini.layers={json.dumps(pools)}", "-o", "gini.all_layers=false", "--no-report", "--no-figures")
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_parquet(out / "metrics.parquet")
+    assert set(table["checkpoint"]) == {"vgg16-imagenet"} and set(table["layer"]) == set(pools)
+    ids = sorted(p.stem for p in images.glob("*.png"))
+    pixels = np.stack([np.asarray(Image.open(images / f"{i}.png"), np.float32) / 255.0 for i in ids])
+    expected = torchvision_layers("vgg16", path, torch.from_numpy(pixels).permute(0, 3, 1, 2),
+                                  {k: v for k, v in VGG16_INDICES.items() if k in pools})
+    assert expected["pool5"].shape[1:] == (512, 3, 3)  # 112×96 → 3×3 after five pools: the native size was kept
+    for layer in pools:
+        got = table[table["layer"] == layer].set_index("image_id")["value"].reindex(ids).to_numpy()
+        independent = [hurley_rickard_gini(expected[layer][k]) for k in range(len(ids))]
+        np.testing.assert_allclose(got, independent, rtol=1e-6, atol=1e-9, err_msg=layer)
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["inputs"]["checkpoints"][0]
+    assert entry["model"] == "vgg16-imagenet" and entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert entry["weights"] == {"kind": "pretrained", "file": str(path), "sha256": entry["sha256"]}
+    assert manifest["options"]["architecture.vgg16-imagenet"]["size"] == "native"
+    store = json.loads((out / "activations" / "vgg16-imagenet" / "_COMPLETE.json").read_text())
+    assert store["provenance"]["checkpoint_sha256"] == entry["sha256"]
+    assert store["provenance"]["preprocessing"]["size"] == "native"
+
+
+def test_run_model_with_ratings_mixed_with_a_checkpoint(faces: tuple[Path, Path], tmp_path: Path) -> None:
+    """Two pretrained models beside a checkpoint, each under its own label with its own size; a model named
+    twice is measured once. (The issue's command at the default size 224 is the user guide's, run below.)"""
+    images, ratings = faces
+    vgg, alex = needs(VGG16_FILE), needs(ALEXNET_FILE)
+    out = tmp_path / "mixed"
+    proc = cli("run", "--model", "vgg16-imagenet", "--model", "alexnet-imagenet", "--model", "vgg16-imagenet",
+               "--checkpoint", str(Path(fluency.__file__).parent / "data" / "default.pt"), "--images", str(images),
+               "--ratings", str(ratings), "--rating-column", "attractiveness", "--metric", "gini",
+               "--metric", "typicality", "-o", f"vgg16-imagenet.weights={vgg}", "-o", f"alexnet-imagenet.weights={alex}",
+               "-o", "alexnet-imagenet.size=64", "-o", "vgg16-imagenet.size=64", "--analysis", "spearman", "--out", str(out), "--no-report", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "--model vgg16-imagenet is given more than once: measured once" in proc.stderr
+    table = pd.read_parquet(out / "metrics.parquet")
+    assert set(table["checkpoint"]) == {"default", "vgg16-imagenet", "alexnet-imagenet"}
+    assert set(table.loc[table.checkpoint == "vgg16-imagenet", "layer"].dropna()) >= {f"conv{i}" for i in range(1, 6)}
+    assert set(table["metric"]) >= {"gini", "typicality"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    options = {c["label"]: c["architecture"]["options"] for c in manifest["inputs"]["checkpoints"]}
+    assert options["vgg16-imagenet"]["size"] == 64 and options["alexnet-imagenet"]["size"] == 64
+    analysed = pd.read_parquet(out / "analyses" / "spearman.parquet")
+    assert {"default", "vgg16-imagenet", "alexnet-imagenet"} <= set(analysed["checkpoint"])
+
+
+def test_run_model_refusals_are_one_line_and_write_nothing(faces: tuple[Path, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    images, _ = faces
+    vgg = needs(VGG16_FILE)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    shutil.copy(images / "X001.png", odd / "a.png")
+    Image.open(images / "X002.png").resize((80, 112)).save(odd / "b.png")
+    cases = [
+        (["--model", "vgg16-imagenet", "--metric", "recon-error", "--images", str(images),
+          "-o", f"vgg16-imagenet.weights={vgg}"], "'vgg16-imagenet' is an encoder-only model without"),
+        (["--model", "vgg16-imagenet", "--metric", "gini", "--images", str(odd), "-o", f"vgg16-imagenet.weights={vgg}",
+          "-o", "vgg16-imagenet.size=native"], "is 96×112 but"),
+        (["--model", "nope", "--metric", "gini", "--images", str(images)], "unknown architecture 'nope'"),
+        (["--model", "vgg16-imagenet", "--metric", "gini", "--images", str(images),
+          "-o", "vgg16-imagenet.size=huge", "-o", f"vgg16-imagenet.weights={vgg}"], "neither 'native'"),
+    ]
+    for k, (args, expected) in enumerate(cases):
+        out = tmp_path / f"out{k}"
+        proc = cli("run", *args, "--out", str(out))
+        assert proc.returncode == 2 and expected in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+        assert not out.exists()  # refused before the run folder is made
+    # no weights anywhere: the line names torchvision's cache file and the option
+    env_home = tmp_path / "torch-home"
+    monkeypatch.setenv("TORCH_HOME", str(env_home))
+    proc = cli("run", "--model", "vgg16-imagenet", "--metric", "gini", "--images", str(images),
+               "--out", str(tmp_path / "none"))
+    assert proc.returncode == 2 and "vgg16-397923af.pth" in proc.stderr and str(env_home) in proc.stderr
+    assert "-o vgg16-imagenet.weights=PATH" in proc.stderr
+
+
+def test_inspect_lists_the_layers_of_a_model(tmp_path: Path) -> None:
+    vgg = needs(VGG16_FILE)
+    proc = cli("inspect", "--model", "vgg16-imagenet", "-o", f"vgg16-imagenet.weights={vgg}",
+               "-o", "vgg16-imagenet.size=native", "--size", "64", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    layers = {row["name"]: row for row in info["layers"]}
+    assert list(layers) == list(VGG16_INDICES)
+    assert layers["pool5"]["shape"] == [512, 2, 2] and layers["conv1"]["shape"] == [64, 64, 64]
+    assert {k for k, row in layers.items() if row["default"]} == {f"conv{i}" for i in range(1, 6)}
+    assert info["kind"] == "encoder" and info["sha256"] == hashlib.sha256(vgg.read_bytes()).hexdigest()
+    text = cli("inspect", "--checkpoint", str(Path(fluency.__file__).parent / "data" / "default.pt"))
+    assert text.returncode == 0 and "enc1" in text.stdout and "16×64×64" in text.stdout
+    assert cli("inspect").returncode == 2
+
+
+def test_the_user_guides_model_commands_run_as_written(faces: tuple[Path, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command of the guide's "Pretrained brain models" section, in a folder holding what they name."""
+    from click.testing import CliRunner
+
+    from fluency.cli import cli as fluency_cli
+
+    images, ratings = faces
+    (tmp_path / "weights").mkdir()
+    for path in (needs(VGG16_FILE), needs(ALEXNET_FILE)):
+        (tmp_path / "weights" / path.name).symlink_to(path)
+    shutil.copytree(images, tmp_path / "faces")
+    shutil.copy(ratings, tmp_path / "ratings.csv")
+    text = (Path(__file__).parents[1] / "docs" / "user-guide.md").read_text(encoding="utf-8")
+    section = text[text.index("## Pretrained brain models"):text.index("## `fluency measure`")]
+    commands = [line for block in section.split("```bash\n")[1:] for line in block.split("```")[0].splitlines()]
+    assert len(commands) == 3
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        args = command.split()
+        assert args[0] == "fluency"
+        result = CliRunner().invoke(fluency_cli, [*args[1:], *(["--no-report"] if args[1] == "run" else [])],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, (command, result.output)
+    assert set(pd.read_parquet(tmp_path / "runs/vgg16/analyses/pearson.parquet")["checkpoint"]) == {"vgg16-imagenet"}
+    assert set(pd.read_parquet(tmp_path / "runs/native/metrics.parquet")["checkpoint"]) == {"alexnet-imagenet",
+                                                                                          "vgg16-imagenet"}

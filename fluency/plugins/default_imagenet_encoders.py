@@ -10,7 +10,9 @@ place where. Nothing is downloaded.
 Images arrive in [0, 1] and are normalised with ImageNet's mean and standard deviation inside
 ``forward``. Option ``size``: an integer N (default 224; the run's preprocessing scales the shorter side
 to N and crops the centre N×N, as for every model, through :attr:`input_shape`) or ``"native"`` (images
-as they are; the network is fully convolutional, so any size from the network's minimum works).
+as they are, all of one size; the network is fully convolutional, so any size from the network's minimum
+works). ``fluency run --model vgg16-imagenet`` builds one without a checkpoint; its identity in the run
+is its name and the weights' sha256 (:meth:`weights_origin`).
 
 Hookable layers, in forward order: ``convB`` (output of the last ReLU of block B, before its pool) and
 ``poolB`` (the block's max-pool). VGG16/19 have five blocks: ``conv1``, ``pool1`` … ``conv5``, ``pool5``.
@@ -148,13 +150,14 @@ class ImageNetEncoder(FluencyEncoder):
         load_features(convs, state, label)
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """``(3, N, N)`` for ``size`` N; with ``size=native`` there is no one shape (an error)."""
+    def input_shape(self) -> tuple[int, int | None, int | None]:
+        """``(3, N, N)`` for ``size`` N; ``(3, None, None)`` for ``size=native`` (images at their own size)."""
         size = self.options["size"]
-        if size == NATIVE:
-            raise FluencyError(f"{self.network}-imagenet size=native takes images at their own size: it has no "
-                               "fixed input shape")
-        return (3, int(size), int(size))
+        return (3, None, None) if size == NATIVE else (3, int(size), int(size))
+
+    def weights_origin(self) -> dict[str, str]:
+        """The ImageNet weights' file and sha256: this model's identity in a run."""
+        return {"file": self.weights_file, "sha256": self.weights_sha256}
 
     def hookable_layers(self) -> dict[str, nn.Module]:
         return {name: self.features[index] for name, index in self._layers.items()}

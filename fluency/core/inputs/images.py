@@ -4,7 +4,8 @@ Every image becomes a float32 ``C×H×W`` tensor in [0, 1] by one explicit recip
 (:class:`Preprocessing`): EXIF orientation applied; transparency composited onto
 white; 16-bit images scaled by 65535 (not clipped at 255); grey replicated to RGB
 or RGB reduced to luminance (ITU-R 601) as the model needs; the shorter side
-scaled to ``size`` (Lanczos, antialiased) and the centre cropped to a square.
+scaled to ``size`` (Lanczos, antialiased) and the centre cropped to a square, or,
+with ``size=None`` ("native"), no resampling at all: the image at its own size.
 Conversions are done in floating point so no mode is silently truncated to 8 bits.
 
 A hostile file cannot exhaust memory or hang a run: only regular files are opened
@@ -45,6 +46,10 @@ from fluency.core.hashing import file_sha256
 #: file extensions read as images (compared in lower case)
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
+#: the ``size`` of preprocessing that keeps images at their own size, as provenance names it
+NATIVE = "native"
+#: the EXIF tag of orientation; values 5–8 turn the image a quarter (width and height swap)
+_EXIF_ORIENTATION = 0x0112
 #: the only resizing recipe so far; named in provenance so that a later one can be told apart
 RESIZE = "shorter-side+center-crop"
 #: resize recipes: keep the aspect ratio and crop the centre, or stretch to a square
@@ -149,14 +154,15 @@ def find_images(root: str | Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How files become model input: ``channels`` (1 or 3) × ``size`` × ``size`` floats in [0, 1]."""
+    """How files become model input: ``channels`` (1 or 3) × ``size`` × ``size`` floats in [0, 1]; ``size``
+    None keeps every image at its own size (for models that take any size; a batch needs one size)."""
 
-    size: int
+    size: int | None
     channels: int = 3
     resize: str = RESIZE
 
     def __post_init__(self) -> None:
-        if self.size < 1:
+        if self.size is not None and self.size < 1:
             raise ValueError(f"image size must be positive, not {self.size}")
         if self.channels not in (1, 3):
             raise ValueError(f"images have 1 or 3 channels, not {self.channels}")
@@ -165,6 +171,10 @@ class Preprocessing:
 
     def as_dict(self) -> dict[str, Any]:
         """The recipe, JSON-ready, with the fixed choices spelled out for provenance."""
+        if self.size is None:
+            return {**asdict(self), "size": NATIVE, "resize": None, "range": [0.0, 1.0],
+                    "alpha": "composited onto white", "exif_orientation": True,
+                    "luminance": "ITU-R 601" if self.channels == 1 else None}
         return {**asdict(self), "resample": "lanczos", "range": [0.0, 1.0], "alpha": "composited onto white",
                 "exif_orientation": True, "luminance": "ITU-R 601" if self.channels == 1 else None}
 
@@ -205,8 +215,8 @@ def _band(img: Image.Image, index: int) -> np.ndarray:
     return out
 
 
-def _planes(img: Image.Image, size: int, channels: int, resize: str) -> list[np.ndarray]:
-    """The ``size×size`` float planes of a decoded image: alpha composited onto white, grey or luminance as
+def _planes(img: Image.Image, size: int | None, channels: int, resize: str) -> list[np.ndarray]:
+    """The ``size×size`` (``size`` None: full-size) float planes of a decoded image: alpha composited onto white, grey or luminance as
     ``channels`` asks, each colour band converted, composited and resized before the next is read."""
     img = _float_mode(img)
     n_bands = len(img.getbands())
@@ -234,9 +244,11 @@ def _planes(img: Image.Image, size: int, channels: int, resize: str) -> list[np.
     return planes * 3 if channels == 3 and n_colour == 1 else planes
 
 
-def _resize_crop(channel: np.ndarray, size: int, resize: str = RESIZE) -> np.ndarray:
+def _resize_crop(channel: np.ndarray, size: int | None, resize: str = RESIZE) -> np.ndarray:
     """Scale the shorter side of one H×W float channel to ``size`` and crop the centre square
-    (or, with ``resize="stretch"``, scale both sides to ``size``)."""
+    (or, with ``resize="stretch"``, scale both sides to ``size``); ``size`` None: the channel as it is."""
+    if size is None:
+        return channel
     if resize == "stretch":
         img = Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32))
         return np.asarray(img.resize((size, size), Image.Resampling.LANCZOS))
@@ -295,8 +307,9 @@ def _too_large(img: Image.Image) -> str | None:
             f"({MAX_PIXELS:,}, Pillow's decompression-bomb limit); downscale it first")
 
 
-def load_image(path: str | Path, size: int, channels: int = 3, resize: str = RESIZE) -> torch.Tensor:
-    """One image file as a float32 ``channels×size×size`` tensor in [0, 1] (see the module docstring).
+def load_image(path: str | Path, size: int | None, channels: int = 3, resize: str = RESIZE) -> torch.Tensor:
+    """One image file as a float32 ``channels×size×size`` tensor in [0, 1] (see the module docstring);
+    ``size`` None: ``channels×H×W`` at the file's own size.
 
     A missing, corrupt, truncated or unrecognised file, one that is not a regular file,
     or one of more than :data:`MAX_PIXELS` pixels raises :class:`InputError` naming
@@ -392,6 +405,29 @@ class ImageSource:
         """Where the images come from and how they are preprocessed, JSON-ready."""
         raise NotImplementedError
 
+    def size_of(self, index: int) -> tuple[int, int]:
+        """``(height, width)`` of image ``index`` as :meth:`load` gives it (subclasses answer without decoding)."""
+        return tuple(self.load(index).shape[1:])  # type: ignore[return-value]
+
+    def check_one_size(self) -> tuple[int, int] | None:
+        """The one ``(height, width)`` of every image (None for no images); images of two sizes are an
+        :class:`InputError` naming one of each. Images kept at their own size (``size=None``) must be of
+        one size to be measured in batches."""
+        if not len(self):
+            return None
+        first = self.size_of(0)
+        for index in range(1, len(self)):
+            size = self.size_of(index)
+            if size != first:
+                raise InputError(f"images of different sizes: {self.name_of(0)} is {first[1]}×{first[0]} but "
+                                 f"{self.name_of(index)} is {size[1]}×{size[0]}; a model at native size measures "
+                                 "images of one size (resize them, or give the model an integer size)")
+        return first
+
+    def name_of(self, index: int) -> str:
+        """How messages name image ``index``."""
+        return self.ids[index]
+
 
 class FolderSource(ImageSource):
     """Image files under ``root``; ``files`` maps ids to paths in the order to load them."""
@@ -414,6 +450,23 @@ class FolderSource(ImageSource):
     def load(self, index: int) -> torch.Tensor:
         pre = self.preprocessing
         return load_image(self.paths[index], pre.size, pre.channels, pre.resize)
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        """From the file's header and EXIF orientation, without decoding; a square of ``size`` when resized."""
+        if self.preprocessing.size is not None:
+            return (self.preprocessing.size, self.preprocessing.size)
+        path = self.paths[index]
+        try:
+            with _open_regular(path) as file, Image.open(file) as img:
+                turned = img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+                return (img.width, img.height) if turned else (img.height, img.width)
+        except InputError:
+            raise
+        except Exception as exc:  # as in load_image
+            raise InputError(f"cannot read image {path}: {error_text(exc)}") from exc
+
+    def name_of(self, index: int) -> str:
+        return str(self.paths[index])
 
     def fingerprint(self) -> str:
         """sha256 over the sorted ``(id, relative path, sha256 of the file)``; computed once."""
@@ -457,6 +510,9 @@ class TensorSource(ImageSource):
 
     def describe(self) -> dict[str, Any]:
         return {**self.description, "shape": list(self.images.shape)}
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        return (int(self.images.shape[2]), int(self.images.shape[3]))
 
 
 def iter_batches(source: ImageSource, batch_size: int, workers: int = _PREFETCH_WORKERS,

@@ -113,9 +113,10 @@ def embedded(n: int = demo.DEFAULT_N, seed: int = demo.DEFAULT_SEED) -> Stimuli:
                    "size": demo.DEFAULT_SIZE, "rating_column": "rating"}
 
     def make_source(pre: Preprocessing) -> ImageSource:
-        if (pre.channels, pre.size) != (3, demo.DEFAULT_SIZE):
-            data = torch.nn.functional.interpolate(tensor, size=(pre.size, pre.size), mode="bilinear",
-                                                   antialias=True, align_corners=False)
+        size = demo.DEFAULT_SIZE if pre.size is None else pre.size
+        if (pre.channels, size) != (3, demo.DEFAULT_SIZE):
+            data = tensor if pre.size is None else torch.nn.functional.interpolate(  # native: as generated
+                tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             data = data.mean(dim=1, keepdim=True) if pre.channels == 1 else data
         else:
             data = tensor

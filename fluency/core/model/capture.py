@@ -48,3 +48,14 @@ def capture_activations(model: FluencyModel, layers: Sequence[str],
     finally:
         for handle in handles:
             handle.remove()
+
+
+def layer_shapes(model: FluencyModel, height: int, width: int) -> dict[str, tuple[int, ...]]:
+    """The output shape (without the batch) of every hookable layer, in forward order, for one grey
+    ``height×width`` image: what ``fluency inspect`` lists."""
+    layers = list(model.hookable_layers())
+    channels = int(model.input_shape[0])
+    probe = torch.full((1, channels, height, width), 0.5, device=next(model.parameters(), torch.empty(0)).device)
+    with torch.no_grad(), capture_activations(model, layers) as acts:
+        model(probe, sample=False)
+    return {name: tuple(int(s) for s in acts[name].shape[1:]) for name in layers if name in acts}

@@ -21,6 +21,7 @@ against :data:`MAX_PARAMETERS` before any real model is built. Every failure is 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import numbers
 import re
@@ -38,7 +39,7 @@ from fluency.core.atomic import atomic_write_bytes
 from fluency.core.errors import CheckpointError, FluencyError, PluginError, error_text
 from fluency.core.hashing import file_sha256
 from fluency.core.plugin.architecture import FluencyModel
-from fluency.core.plugin.manager import PluginManager
+from fluency.core.plugin.manager import PluginManager, guarded
 from fluency.core.plugin.options import brief_repr
 from fluency.core.plugin.specs import PluginSpec
 
@@ -254,9 +255,11 @@ def check_checkpoint(path: str | Path, manager: PluginManager) -> tuple[dict[str
 
 @dataclass
 class LoadedCheckpoint:
-    """A model rebuilt from a checkpoint, with the checkpoint's description."""
+    """A model rebuilt from a checkpoint, with the checkpoint's description; or one built without a
+    checkpoint (:func:`build_model`: ``path`` is its weights' file, None for untrained weights, and
+    ``info`` records them under ``"weights"``)."""
 
-    path: Path
+    path: Path | None
     label: str
     sha256: str
     model: FluencyModel
@@ -284,6 +287,35 @@ def load_checkpoint(path: str | Path, manager: PluginManager, label: str | None 
                               f"{(str(exc).splitlines() or [type(exc).__name__])[0][:300]}") from None
     info = {k: v for k, v in payload.items() if k != "state_dict"}
     return LoadedCheckpoint(path, label or path.stem, file_sha256(path), model, info)
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """Hex sha256 of a model's state dict (names, dtypes, shapes and bytes in order): the identity of weights
+    that come from no file."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def build_model(name: str, options: dict[str, Any], manager: PluginManager, label: str | None = None,
+                seed: int = 0) -> LoadedCheckpoint:
+    """The architecture ``name`` built with ``options`` and no checkpoint (``fluency run --model NAME``): a
+    pretrained network with the weights its plugin loads (:meth:`FluencyModel.weights_origin`), or an
+    untrained one with weights drawn from ``seed``. Its identity is the name and the weights' sha256 (of the
+    pretrained weights' file, else of the state dict)."""
+    spec = manager.get("architecture", name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = guarded(manager, "architecture", name, lambda: spec.load()(**options))
+    origin = model.weights_origin()
+    weights = ({"kind": "pretrained", **origin} if origin is not None else
+               {"kind": "untrained", "seed": seed, "sha256": state_sha256(model)})
+    info = {"architecture": {"name": name, "options": dict(model.options)}, "weights": weights}
+    path = Path(origin["file"]) if origin is not None else None
+    return LoadedCheckpoint(path, label or name, weights["sha256"], model, info)
 
 
 def describe_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -96,10 +96,16 @@ class FluencyModel(nn.Module):
         raise NotImplementedError
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """``(channels, height, width)`` the model expects."""
+    def input_shape(self) -> tuple[int, int | None, int | None]:
+        """``(channels, height, width)`` the model expects; height and width None: images at their own size
+        (a fully convolutional model; the images of a run must then be of one size)."""
         size = int(self.options["image_size"])
         return (int(self.options.get("in_channels", 3)), size, size)
+
+    def weights_origin(self) -> dict[str, str] | None:
+        """Where a model built without a checkpoint got its weights (a pretrained network): ``{"file": path,
+        "sha256": hex digest}``, which identifies it in a run's tables and provenance; None otherwise."""
+        return None
 
     def encoder_parameters(self) -> dict[str, nn.Parameter]:
         """The encoder's named parameters (those under :attr:`encoder_prefixes`)."""

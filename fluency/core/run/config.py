@@ -35,7 +35,8 @@ class RunConfig:
 
     ``store_layers``: None stores the layers the activation metrics read plus the model's default
     metric layers (so a later ``fluency measure`` with default layers works), ``("all",)`` every
-    hookable layer, else the named layers.
+    hookable layer, else the named layers. ``models``: architectures measured without a checkpoint (pretrained
+    networks such as ``vgg16-imagenet``), after the ``checkpoints``; with neither, the embedded default model.
     """
 
     metrics: tuple[str, ...]
@@ -44,6 +45,7 @@ class RunConfig:
     id_column: str = "image_id"
     rating_column: str = "rating"
     checkpoints: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
     analyses: tuple[str, ...] | None = None
     layers: tuple[str, ...] | None = None
     out: str | None = None
@@ -68,7 +70,7 @@ class RunConfig:
         if unknown:
             raise FluencyError(f"unknown run setting(s) {unknown}; known: {sorted(known)}")
         values = dict(settings)
-        for name in ("metrics", "checkpoints", "options", "by"):
+        for name in ("metrics", "checkpoints", "models", "options", "by"):
             if name in values:
                 values[name] = _strings(values[name])
         for name in ("analyses", "layers", "store_layers"):

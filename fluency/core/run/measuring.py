@@ -38,15 +38,19 @@ _CAPABILITY_WORDS = {"decoder": "a decoder", "latent": "a latent code", "objecti
                      "inverse": "an exact inverse"}
 
 
+#: how messages name each kind of model
+_KIND_WORDS = {"vae": "a VAE", "flow": "a flow model", "encoder": "an encoder-only model"}
+
+
 def check_requirements(specs: Mapping[str, MetricSpec], model: Any, architecture: str, label: str) -> None:
     """Stop, naming metric, model and what is missing, if a metric requires a capability the model lacks."""
     for name, spec in specs.items():
         missing = missing_capabilities(model, spec.requires)
         if missing:
-            kind = getattr(model, "kind", "") or "model"
+            kind = _KIND_WORDS.get(getattr(model, "kind", ""), "a model")
             needed = " and ".join(_CAPABILITY_WORDS[m] for m in missing)
-            raise FluencyError(f"metric {name!r} needs a model with {needed}; "
-                               f"checkpoint {label!r} is {architecture!r}, a {kind} model without: measure it with "
+            what = f"{label!r} is {kind}" if label == architecture else f"{label!r} is {architecture!r}, {kind}"
+            raise FluencyError(f"metric {name!r} needs a model with {needed}; {what} without: measure it with "
                                "other metrics or choose another model")
 
 

@@ -37,7 +37,7 @@ from fluency.core.inputs.images import FolderSource, ImageSource, Preprocessing,
 from fluency.core.inputs.ratings import MatchReport
 from fluency.core.inputs.stimuli import Stimuli, embedded, from_folder
 from fluency.core.model.capture import capture_activations, check_layers
-from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, LoadedCheckpoint, check_checkpoint, load_checkpoint
+from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, LoadedCheckpoint, build_model, check_checkpoint
 from fluency.core.model.devices import resolve_device
 from fluency.core.model.losses import loss_from_config
 from fluency.core.plugin.config import read_config, resolve_plugin_options
@@ -46,8 +46,8 @@ from fluency.core.plugin.metric import MetricBatch, ModelDescription, units_as_r
 from fluency.core.plugin.specs import AnalysisSpec, MetricSpec
 from fluency.core.progress import progress_bar
 from fluency.core.run.analyse import analyse, effects_record
-from fluency.core.run.checkpoints import labels as checkpoint_labels
-from fluency.core.run.checkpoints import unique_checkpoints
+from fluency.core.run.checkpoints import ModelRef, unique_checkpoints, unique_models
+from fluency.core.run.checkpoints import labels as model_labels
 from fluency.core.run.config import RunConfig
 from fluency.core.run.folder import RunRecord, RunResult, now, outputs, run_folder, versions
 from fluency.core.run.ledger import results
@@ -93,15 +93,14 @@ class CheckpointObserver(Protocol):
 
 @dataclass(frozen=True)
 class RunPlan:
-    """A validated run: the stimuli, the plugins and their resolved options, the checkpoints to load."""
+    """A validated run: the stimuli, the plugins and their resolved options, the models to measure."""
 
     config: RunConfig
     stimuli: Stimuli
     metric_specs: dict[str, MetricSpec]
     analysis_specs: dict[str, AnalysisSpec]
     resolved: dict[tuple[str, str], dict[str, Any]]
-    checkpoints: list[Path]
-    labels: list[str]
+    models: list[ModelRef]
     duplicates: list[dict[str, str]]
     device: torch.device
 
@@ -124,25 +123,51 @@ def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan
     names = read_registry()["run"]["default_analyses"] if config.analyses is None else config.analyses
     analysis_names = list(dict.fromkeys(names)) if stimuli.ratings is not None else []
     analysis_specs = {name: manager.get("analysis", name) for name in analysis_names}
-    used = [("metric", n) for n in metric_names] + [("analysis", n) for n in analysis_names]
+    model_names, repeated = unique_models(config.models)
+    for name in model_names:
+        manager.get("architecture", name)  # an unknown name: one line listing the architectures
+    used = ([("metric", n) for n in metric_names] + [("analysis", n) for n in analysis_names]
+            + [("architecture", n) for n in model_names])
     resolved = resolve_plugin_options(manager, used, config.options, read_config(config.config))
     if config.layers:  # --layers: the layers of every metric that has a `layers` option and was given none
         for name, spec in metric_specs.items():
             if "layers" in spec.options and not resolved[("metric", name)].get("layers"):
                 resolved[("metric", name)]["layers"] = list(config.layers)
-    paths, duplicates = unique_checkpoints([Path(c) for c in config.checkpoints] or [DEFAULT_CHECKPOINT])
+    default = not config.checkpoints and not model_names
+    paths, duplicates = unique_checkpoints([Path(c) for c in config.checkpoints] or ([DEFAULT_CHECKPOINT] if default
+                                                                                     else []))
+    duplicates += repeated
     for note in duplicates:
         console.print(f"[yellow]note:[/yellow] {escape(note['text'])}", highlight=False)
-    if config.images is not None and not config.checkpoints:
+    if config.images is not None and default:
         console.print("[yellow]note:[/yellow] no --checkpoint: using the embedded default model, trained on "
-                      "generated shapes at 64×64; train one on images like yours with `fluency train`.")
-    if not DEFAULT_CHECKPOINT.exists() and not config.checkpoints:
+                      "generated shapes at 64×64; train one on images like yours with `fluency train`, or "
+                      "measure a pretrained network with --model (e.g. vgg16-imagenet).")
+    if not DEFAULT_CHECKPOINT.exists() and default:
         raise FluencyError(f"the embedded default checkpoint {DEFAULT_CHECKPOINT} is missing; reinstall fluency "
                            "or pass --checkpoint")
     for path in paths:  # fields, architecture, option bounds, model size: before the run folder is touched
         check_checkpoint(path, manager)
-    return RunPlan(config, stimuli, metric_specs, analysis_specs, resolved, paths, checkpoint_labels(paths),
-                   duplicates, resolve_device(config.device))
+    labels = model_labels(paths, model_names)
+    models = [ModelRef(label, path=path) for path, label in zip(paths, labels)]
+    for name, label in zip(model_names, labels[len(paths):]):  # built once, here, so that a missing weights
+        built = build_model(name, resolved[("architecture", name)], manager, label, config.seed)  # file or a bad
+        models.append(ModelRef(label, built=built))  # option stops the run before its folder exists
+        if built.info["weights"]["kind"] == "untrained":
+            console.print(f"[yellow]note:[/yellow] --model {name} has no pretrained weights: measured with "
+                          f"untrained weights drawn from --seed {config.seed}", highlight=False)
+        check_requirements(metric_specs, built.model, name, label)
+        _check_native(built, stimuli)
+    return RunPlan(config, stimuli, metric_specs, analysis_specs, resolved, models, duplicates,
+                   resolve_device(config.device))
+
+
+def _check_native(loaded: LoadedCheckpoint, stimuli: Stimuli) -> None:
+    """A model that takes images at their own size: every image must be of one size (checked from the files'
+    headers, before anything is written)."""
+    channels, height, _ = loaded.model.input_shape
+    if height is None:
+        stimuli.make_source(Preprocessing(None, int(channels))).check_one_size()
 
 
 def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | None = None, progress: bool = True,
@@ -209,11 +234,10 @@ def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: 
     checkpoints: list[dict[str, Any]] = []
     try:
         with progress_bar(console) as bars:
-            for path, label in zip(the_plan.checkpoints, the_plan.labels):
+            for ref in the_plan.models:
                 t0 = time.perf_counter()
-                loaded = load_checkpoint(path, manager, label)
-                checkpoints.append({"label": label, "path": str(path.resolve()), "sha256": loaded.sha256,
-                                    "architecture": loaded.info["architecture"], "epoch": loaded.info.get("epoch")})
+                loaded, label = ref.load(manager), ref.label
+                checkpoints.append(_identity(loaded))
                 record.set(inputs={**record.data["inputs"], "checkpoints": list(checkpoints)})
                 latents, store = measure_checkpoint(loaded, stimuli, the_plan, parts, out_dir, manager, bars,
                                                     skip_image)
@@ -252,6 +276,17 @@ def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: 
     record.set(status="complete", finished=now(), outputs=outputs(out_dir))
     record.write()
     return RunResult(out_dir, metric_table, outcome.results, record.data, stimuli.report, dict(unreadable))
+
+
+def _identity(loaded: LoadedCheckpoint) -> dict[str, Any]:
+    """How the manifest names a measured model: label, file, sha256, architecture (and epoch or weights)."""
+    entry = {"label": loaded.label, "path": str(loaded.path.resolve()) if loaded.path is not None else None,
+             "sha256": loaded.sha256, "architecture": loaded.info["architecture"]}
+    if "weights" in loaded.info:  # built by --model: no checkpoint
+        entry.update(model=loaded.info["architecture"]["name"], weights=loaded.info["weights"])
+    else:
+        entry["epoch"] = loaded.info.get("epoch")
+    return entry
 
 
 def stored_layers(config: RunConfig, read: Sequence[str], description: ModelDescription,
@@ -342,8 +377,8 @@ def _checked(loaded: LoadedCheckpoint, the_plan: RunPlan, manager: PluginManager
 def preflight(the_plan: RunPlan, manager: PluginManager) -> None:
     """Build every checkpoint's model and check the metrics' needs and layers against it, writing nothing: what
     ``--overwrite`` does before it removes a previous run, so that a typo (a layer name) keeps that run."""
-    for path, label in zip(the_plan.checkpoints, the_plan.labels):
-        _checked(load_checkpoint(path, manager, label), the_plan, manager)
+    for ref in the_plan.models:
+        _checked(ref.load(manager), the_plan, manager)
 
 
 def _store_writer(out_dir: Path, loaded: LoadedCheckpoint, description: ModelDescription, source: ImageSource,
