@@ -49,7 +49,8 @@ def check_requirements(specs: Mapping[str, MetricSpec], model: Any, architecture
         if missing:
             kind = _KIND_WORDS.get(getattr(model, "kind", ""), "a model")
             needed = " and ".join(_CAPABILITY_WORDS[m] for m in missing)
-            what = f"{label!r} is {kind}" if label == architecture else f"{label!r} is {architecture!r}, {kind}"
+            what = (f"model {label!r} is {kind}" if label == architecture else
+                    f"checkpoint {label!r} is {architecture!r}, {kind}")
             raise FluencyError(f"metric {name!r} needs a model with {needed}; {what} without: measure it with "
                                "other metrics or choose another model")
 
