@@ -96,12 +96,15 @@ def cli() -> None:
                    "lowest- and highest-rated image.")
 @click.option("--no-figures", is_flag=True,
               help="Skip the model figures (latent means, reconstructions, interpolations, training curves).")
+@click.option("--deterministic", is_flag=True,
+              help="One CPU thread and deterministic algorithms: results that do not depend on the thread count "
+                   "(slower).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def run(images: Path | None, ratings: Path | None, id_column: str, rating_column: str, checkpoints: tuple[Path, ...],
         models: tuple[str, ...], metrics: tuple[str, ...], analyses: tuple[str, ...], layers: tuple[str, ...], out: Path | None, device: str,
         batch_size: int, seed: int, options: tuple[str, ...], config: Path | None, store_dtype: str, no_store: bool,
         store_layers: tuple[str, ...], strict: bool, by: str | None, min_group_size: int, overwrite: bool, top: int, no_report: bool,
-        interpolate: tuple[str, ...], no_figures: bool, as_json: bool) -> None:
+        interpolate: tuple[str, ...], no_figures: bool, deterministic: bool, as_json: bool) -> None:
     """Compute per-image fluency metrics and relate them to ratings.
 
     With no --images and no --checkpoint, runs on the embedded default (generated, rated stimuli and a
@@ -115,7 +118,7 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         device=device, batch_size=batch_size, seed=seed, options=options, config=config, store=not no_store,
         store_dtype=store_dtype, store_layers=_split(store_layers) or None, strict=strict, overwrite=overwrite,
         console=err, by=_split((by,)) if by else (), min_group_size=min_group_size, interpolate=interpolate,
-        figures=not no_figures,
+        figures=not no_figures, deterministic=deterministic,
     )
     if not no_report:
         from fluency.core.outputs.report import build_report

@@ -35,7 +35,8 @@ class RunConfig:
 
     ``store_layers``: None stores the layers the activation metrics read plus the model's default
     metric layers (so a later ``fluency measure`` with default layers works), ``("all",)`` every
-    hookable layer, else the named layers. ``models``: architectures measured without a checkpoint (pretrained
+    hookable layer, else the named layers. ``deterministic``: one CPU thread and torch's deterministic
+    algorithms, for results that do not depend on the machine's thread count. ``models``: architectures measured without a checkpoint (pretrained
     networks such as ``vgg16-imagenet``), after the ``checkpoints``; with neither, the embedded default model.
     """
 
@@ -61,6 +62,7 @@ class RunConfig:
     overwrite: bool = False
     by: tuple[str, ...] = ()
     min_group_size: int = 10
+    deterministic: bool = False
 
     @classmethod
     def create(cls, **settings: Any) -> RunConfig:

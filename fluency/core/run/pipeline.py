@@ -38,7 +38,7 @@ from fluency.core.inputs.ratings import MatchReport
 from fluency.core.inputs.stimuli import Stimuli, embedded, from_folder
 from fluency.core.model.capture import capture_activations, check_layers
 from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, LoadedCheckpoint, build_model, check_checkpoint
-from fluency.core.model.devices import resolve_device
+from fluency.core.model.devices import deterministic, resolve_device, torch_settings
 from fluency.core.model.losses import loss_from_config
 from fluency.core.plugin.config import read_config, resolve_plugin_options
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager, plugin_version, read_registry
@@ -188,7 +188,8 @@ def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | N
     figures = observer.start(the_plan.stimuli) if observer is not None else None  # its errors come before any work
     if config.overwrite and config.out is not None and results(Path(config.out)):
         preflight(the_plan, manager)  # the previous run is removed only once this one is known to start
-    with run_folder(config.out, config.overwrite, "fluency run", console) as out_dir:
+    with run_folder(config.out, config.overwrite, "fluency run", console) as out_dir, \
+            deterministic(config.deterministic):
         used = [("metric", n) for n in the_plan.metric_specs] + [("analysis", n) for n in the_plan.analysis_specs]
         record = RunRecord(out_dir, {
             "run_id": out_dir.name, "status": "running", "started": now(),
@@ -197,7 +198,7 @@ def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | N
             "metrics": list(the_plan.metric_specs), "analyses": list(the_plan.analysis_specs),
             "analysis_effects": effects_record(the_plan.analysis_specs),
             "options": {f"{k}.{n}": v for (k, n), v in the_plan.resolved.items()},
-            "device": str(the_plan.device), "versions": versions(manager, used),
+            "device": str(the_plan.device), "torch_settings": torch_settings(), "versions": versions(manager, used),
             "matching": the_plan.stimuli.report.as_dict() if the_plan.stimuli.report is not None else None,
             "unreadable_images": dict(the_plan.stimuli.unreadable),
             **({"figures": {**figures, "checkpoints": {}}} if figures is not None else {}),
