@@ -48,3 +48,16 @@ def test_deterministic_uses_one_thread_records_it_and_restores_the_settings(imag
     finally:
         torch.set_num_threads(before[0])
         torch.use_deterministic_algorithms(before[1])
+
+
+def test_the_thread_effect_benchmark_runs(images: Path) -> None:
+    """The documented measurement (docs/user-guide.md, "Reproducibility"), on six images and two thread counts."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "benchmarks" / "thread_effect.py"
+    proc = subprocess.run([sys.executable, str(script), "--images", str(images), "--metric", "gini", "--threads", "1",
+                           "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)
+    assert row["metric"] == "gini" and row["threads"] == "1 vs 2" and row["max_relative_difference"] < 1e-4
