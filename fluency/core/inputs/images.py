@@ -205,9 +205,10 @@ def _band(img: Image.Image, index: int) -> np.ndarray:
     return out
 
 
-def _planes(img: Image.Image, size: int, channels: int, resize: str) -> list[np.ndarray]:
-    """The ``size×size`` float planes of a decoded image: alpha composited onto white, grey or luminance as
-    ``channels`` asks, each colour band converted, composited and resized before the next is read."""
+def _planes(img: Image.Image, size: int | None, channels: int, resize: str) -> list[np.ndarray]:
+    """The ``size×size`` float planes of a decoded image (``size`` None: at its own size): alpha composited onto
+    white, grey or luminance as ``channels`` asks, each colour band converted, composited and resized before the
+    next is read."""
     img = _float_mode(img)
     n_bands = len(img.getbands())
     alpha = _band(img, n_bands - 1) if img.mode in ("LA", "RGBA") else None
@@ -234,9 +235,11 @@ def _planes(img: Image.Image, size: int, channels: int, resize: str) -> list[np.
     return planes * 3 if channels == 3 and n_colour == 1 else planes
 
 
-def _resize_crop(channel: np.ndarray, size: int, resize: str = RESIZE) -> np.ndarray:
+def _resize_crop(channel: np.ndarray, size: int | None, resize: str = RESIZE) -> np.ndarray:
     """Scale the shorter side of one H×W float channel to ``size`` and crop the centre square
-    (or, with ``resize="stretch"``, scale both sides to ``size``)."""
+    (or, with ``resize="stretch"``, scale both sides to ``size``); ``size`` None leaves it as it is."""
+    if size is None:
+        return channel
     if resize == "stretch":
         img = Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32))
         return np.asarray(img.resize((size, size), Image.Resampling.LANCZOS))
@@ -295,8 +298,9 @@ def _too_large(img: Image.Image) -> str | None:
             f"({MAX_PIXELS:,}, Pillow's decompression-bomb limit); downscale it first")
 
 
-def load_image(path: str | Path, size: int, channels: int = 3, resize: str = RESIZE) -> torch.Tensor:
-    """One image file as a float32 ``channels×size×size`` tensor in [0, 1] (see the module docstring).
+def load_image(path: str | Path, size: int | None, channels: int = 3, resize: str = RESIZE) -> torch.Tensor:
+    """One image file as a float32 ``channels×size×size`` tensor in [0, 1] (see the module docstring);
+    ``size`` None: ``channels×H×W``, the image at its own size (no resampling, no crop).
 
     A missing, corrupt, truncated or unrecognised file, one that is not a regular file,
     or one of more than :data:`MAX_PIXELS` pixels raises :class:`InputError` naming
