@@ -507,22 +507,25 @@ def schema(target: str | None) -> None:
 @click.argument("dir_b", type=click.Path(path_type=Path))
 @click.option("--metric", "metrics", multiple=True, default=("lpips",), show_default=True,
               help="lpips, l1, l2, ssim (repeatable or comma-separated).")
-@click.option("--image-size", type=click.IntRange(min=16), default=256, show_default=True)
-@click.option("--net", type=click.Choice(["alex", "vgg", "squeeze"]), default="alex", show_default=True,
-              help="LPIPS backbone.")
-@click.option("--lpips-weights", type=click.Path(path_type=Path),
-              help="Local torchvision state dict of the LPIPS backbone (default: $FLUENCY_LPIPS_WEIGHTS or cache).")
+@click.option("--image-size", type=click.IntRange(min=16), metavar="N",
+              help="Resize both images of each pair first: shorter side to N (Lanczos), then the centre N×N crop. "
+                   "Default: each pair at its own size (both images must be the same size).")
+@click.option("-o", "--option", "options", multiple=True, metavar="[KIND.]PLUGIN.KEY=VALUE",
+              help="Option of the lpips metric plugin, as for `run`: -o lpips.net=vgg, -o lpips.weights=PATH.")
+@click.option("--config", type=click.Path(path_type=Path), help="TOML file with one [PLUGIN] table of options each.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Write the table here (.csv or .parquet).")
-@click.option("--json", "as_json", is_flag=True, help="Print the table and the unpaired files as JSON.")
-def compare(dir_a: Path, dir_b: Path, metrics: tuple[str, ...], image_size: int, net: str,
-            lpips_weights: Path | None, device: str, out: Path | None, as_json: bool) -> None:
-    """Distances between the images with the same relative path in DIR_A and DIR_B."""
+@click.option("--json", "as_json", is_flag=True, help="Print the table, the settings and the unpaired files as JSON.")
+def compare(dir_a: Path, dir_b: Path, metrics: tuple[str, ...], image_size: int | None, options: tuple[str, ...],
+            config: Path | None, device: str, out: Path | None, as_json: bool) -> None:
+    """Distances between the images with the same relative path in DIR_A and DIR_B, at their own size.
+
+    Example: fluency compare originals/ morphs/ --metric lpips,ssim -o lpips.net=vgg
+    """
     from fluency.core.run.compare import compare as run_compare
     from fluency.core.model.devices import resolve_device
 
-    result = run_compare(dir_a, dir_b, _split(metrics), image_size, net=net,
-                         weights=str(lpips_weights) if lpips_weights else None,
+    result = run_compare(dir_a, dir_b, _split(metrics), image_size, options=options, config=config,
                          device=str(resolve_device(device)))
     if out is not None:
         from fluency.core.atomic import atomic_path
@@ -530,14 +533,16 @@ def compare(dir_a: Path, dir_b: Path, metrics: tuple[str, ...], image_size: int,
         with atomic_path(out) as tmp:
             (result.table.to_parquet if out.suffix in (".parquet", ".pq") else result.table.to_csv)(tmp, index=False)
     if as_json:
-        _emit_json({"pairs": _jsonable(result.table), "only_in_a": result.only_in_a, "only_in_b": result.only_in_b})
+        _emit_json({"pairs": _jsonable(result.table), "settings": result.settings, "only_in_a": result.only_in_a,
+                    "only_in_b": result.only_in_b})
         return
     for name, files in (("only in " + str(dir_a), result.only_in_a), ("only in " + str(dir_b), result.only_in_b)):
         if files:
             err.print(f"[yellow]{len(files)} image(s) {name}[/yellow]: {', '.join(files[:10])}"
                       f"{' …' if len(files) > 10 else ''}")
     summary = result.table.groupby("metric")["value"].describe()[["count", "mean", "std", "min", "max"]]
-    table = Table(title=f"{dir_a} vs {dir_b}")
+    size = result.settings["image_size"]
+    table = Table(title=f"{dir_a} vs {dir_b} ({'own size' if size == 'native' else f'{size}×{size}'})")
     for col in ("metric", *summary.columns):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for metric, row in summary.iterrows():

@@ -216,8 +216,9 @@ def _band(img: Image.Image, index: int) -> np.ndarray:
 
 
 def _planes(img: Image.Image, size: int | None, channels: int, resize: str) -> list[np.ndarray]:
-    """The ``size×size`` (``size`` None: full-size) float planes of a decoded image: alpha composited onto white, grey or luminance as
-    ``channels`` asks, each colour band converted, composited and resized before the next is read."""
+    """The ``size×size`` float planes of a decoded image (``size`` None: at its own size): alpha composited onto
+    white, grey or luminance as ``channels`` asks, each colour band converted, composited and resized before the
+    next is read."""
     img = _float_mode(img)
     n_bands = len(img.getbands())
     alpha = _band(img, n_bands - 1) if img.mode in ("LA", "RGBA") else None
@@ -246,7 +247,7 @@ def _planes(img: Image.Image, size: int | None, channels: int, resize: str) -> l
 
 def _resize_crop(channel: np.ndarray, size: int | None, resize: str = RESIZE) -> np.ndarray:
     """Scale the shorter side of one H×W float channel to ``size`` and crop the centre square
-    (or, with ``resize="stretch"``, scale both sides to ``size``); ``size`` None: the channel as it is."""
+    (or, with ``resize="stretch"``, scale both sides to ``size``); ``size`` None leaves it as it is."""
     if size is None:
         return channel
     if resize == "stretch":
@@ -309,7 +310,7 @@ def _too_large(img: Image.Image) -> str | None:
 
 def load_image(path: str | Path, size: int | None, channels: int = 3, resize: str = RESIZE) -> torch.Tensor:
     """One image file as a float32 ``channels×size×size`` tensor in [0, 1] (see the module docstring);
-    ``size`` None: ``channels×H×W`` at the file's own size.
+    ``size`` None: ``channels×H×W``, the image at its own size (no resampling, no crop).
 
     A missing, corrupt, truncated or unrecognised file, one that is not a regular file,
     or one of more than :data:`MAX_PIXELS` pixels raises :class:`InputError` naming
