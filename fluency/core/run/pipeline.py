@@ -34,6 +34,7 @@ from rich.markup import escape
 from fluency.core.atomic import claim
 from fluency.core.errors import FluencyError, InputError
 from fluency.core.inputs.images import FolderSource, ImageSource, Preprocessing, iter_batches
+from fluency.core.inputs.raters import RaterRatings
 from fluency.core.inputs.ratings import MatchReport
 from fluency.core.inputs.stimuli import Stimuli, embedded, from_folder
 from fluency.core.model.capture import capture_activations, check_layers
@@ -46,6 +47,7 @@ from fluency.core.plugin.metric import MetricBatch, ModelDescription, units_as_r
 from fluency.core.plugin.specs import AnalysisSpec, MetricSpec
 from fluency.core.progress import progress_bar
 from fluency.core.run.analyse import analyse, effects_record
+from fluency.core.run.ceiling import load_raters, noise_ceiling
 from fluency.core.run.checkpoints import labels as checkpoint_labels
 from fluency.core.run.checkpoints import unique_checkpoints
 from fluency.core.run.config import RunConfig
@@ -104,6 +106,7 @@ class RunPlan:
     labels: list[str]
     duplicates: list[dict[str, str]]
     device: torch.device
+    raters: RaterRatings | None = None  # --rater-ratings, read before any work
 
 
 def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan:
@@ -142,7 +145,7 @@ def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan
     for path in paths:  # fields, architecture, option bounds, model size: before the run folder is touched
         check_checkpoint(path, manager)
     return RunPlan(config, stimuli, metric_specs, analysis_specs, resolved, paths, checkpoint_labels(paths),
-                   duplicates, resolve_device(config.device))
+                   duplicates, resolve_device(config.device), raters=load_raters(config, stimuli))
 
 
 def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | None = None, progress: bool = True,
@@ -248,6 +251,10 @@ def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: 
     for name, seconds in outcome.timings.items():
         record.timing(name, seconds)
     record.timing("analyses", time.perf_counter() - t0)
+    if the_plan.raters is not None:
+        t0 = time.perf_counter()
+        record.set(reliability=noise_ceiling(the_plan.raters, stimuli, config, out_dir))
+        record.timing("reliability", time.perf_counter() - t0)
     record.timing("total", time.perf_counter() - started)
     record.set(status="complete", finished=now(), outputs=outputs(out_dir))
     record.write()
