@@ -96,6 +96,12 @@ def cli() -> None:
                    "lowest- and highest-rated image.")
 @click.option("--no-figures", is_flag=True,
               help="Skip the model figures (latent means, reconstructions, interpolations, training curves).")
+@click.option("--rater-ratings", type=click.Path(path_type=Path),
+              help="Per-rater ratings (long: id, rater, rating; or wide: one row per rater, one column per image): "
+                   "the rating's reliability and noise ceiling.")
+@click.option("--rater-column", default="rater", show_default=True, help="Rater column of --rater-ratings.")
+@click.option("--reliability-splits", type=click.IntRange(min=10), default=1000, show_default=True,
+              help="Random rater splits (and bootstrap replicates) of the split-half reliability.")
 @click.option("--deterministic", is_flag=True,
               help="One CPU thread and deterministic algorithms: results that do not depend on the thread count "
                    "(slower).")
@@ -104,7 +110,8 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         models: tuple[str, ...], metrics: tuple[str, ...], analyses: tuple[str, ...], layers: tuple[str, ...], out: Path | None, device: str,
         batch_size: int, seed: int, options: tuple[str, ...], config: Path | None, store_dtype: str, no_store: bool,
         store_layers: tuple[str, ...], strict: bool, by: str | None, min_group_size: int, overwrite: bool, top: int, no_report: bool,
-        interpolate: tuple[str, ...], no_figures: bool, deterministic: bool, as_json: bool) -> None:
+        interpolate: tuple[str, ...], no_figures: bool, rater_ratings: Path | None, rater_column: str,
+        reliability_splits: int, deterministic: bool, as_json: bool) -> None:
     """Compute per-image fluency metrics and relate them to ratings.
 
     With no --images and no --checkpoint, runs on the embedded default (generated, rated stimuli and a
@@ -118,7 +125,8 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         device=device, batch_size=batch_size, seed=seed, options=options, config=config, store=not no_store,
         store_dtype=store_dtype, store_layers=_split(store_layers) or None, strict=strict, overwrite=overwrite,
         console=err, by=_split((by,)) if by else (), min_group_size=min_group_size, interpolate=interpolate,
-        figures=not no_figures, deterministic=deterministic,
+        figures=not no_figures, rater_ratings=rater_ratings, rater_column=rater_column,
+        reliability_splits=reliability_splits, deterministic=deterministic,
     )
     if not no_report:
         from fluency.core.outputs.report import build_report
@@ -130,16 +138,20 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
 def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = None) -> None:
     """The summary of a run or measure (``seconds``: how long it took, default the run's total): relations
     table (or JSON), notes, and where the results are."""
-    from fluency.core.outputs.summary import SECTION_TITLES, print_matching, print_unreadable, relations_table
+    from fluency.core.outputs.summary import (SECTION_TITLES, print_matching, print_reliability, print_unreadable,
+                                              relations_table)
+    from fluency.core.run.ceiling import with_ceiling
 
     strongest, sections = result.strongest(top), result.sections()
+    strongest = with_ceiling(strongest, result.effects(), result.manifest)  # --rater-ratings: r² ÷ ceiling
+    sections = {kind: with_ceiling(rows, result.effects(), result.manifest) for kind, rows in sections.items()}
     if as_json:
         _emit_json({"run": str(result.path), "status": result.manifest["status"],
                     "n_images": int(result.metrics["image_id"].nunique()), "metric_rows": len(result.metrics),
                     "strongest": _jsonable(strongest) if len(strongest) else [],
                     "other_effects": {kind: _jsonable(rows) for kind, rows in sections.items()},
                     "matching": result.manifest.get("matching"), "unreadable_images": result.unreadable,
-                    "timings": result.manifest["timings"]})
+                    "timings": result.manifest["timings"], "reliability": result.manifest.get("reliability")})
         return
     out_console = Console()
     if result.report is None:  # with ratings, the matching report lists them
@@ -152,6 +164,7 @@ def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = 
     seconds = result.manifest["timings"].get("total") if seconds is None else seconds
     took = f" in {seconds:.1f} s" if seconds is not None else ""
     out_console.print(f"[bold]{len(result.metrics)}[/bold] metric values for [bold]{n_images}[/bold] images{took}.")
+    print_reliability(out_console, result.manifest.get("reliability"))
     effects, directions = result.effects(), result.manifest["metric_columns"]
     if len(strongest):
         out_console.print(relations_table(strongest, directions, effects))

@@ -28,6 +28,7 @@ from fluency.core.atomic import atomic_write_text
 from fluency.core.errors import FluencyError, error_text
 from fluency.core.plugin.analysis import EffectSize
 from fluency.core.run.analyse import read_effects
+from fluency.core.run.ceiling import with_ceiling
 from fluency.core.run.folder import MANIFEST, read_manifest, run_status, writing
 from fluency.core.run.tables import read_metric_table
 
@@ -198,6 +199,33 @@ def _effect_views(analyses: dict[str, pd.DataFrame], effects: dict[tuple[str, st
     return out
 
 
+def _reliability_view(manifest: dict[str, Any]) -> list[str]:
+    """The noise ceiling section (``--rater-ratings``): both reliability estimates per group, and how to read
+    the ``of_ceiling`` column of the analysis tables."""
+    record = manifest.get("reliability")
+    if not isinstance(record, dict) or not isinstance(record.get("groups"), dict):
+        return []
+    rows = pd.DataFrame([{"group": label, **g} for label, g in record["groups"].items() if isinstance(g, dict)])
+    columns = [c for c in ["group", "n_images", "n_raters", "missing", "ratings_per_image", "ceiling",
+                           "split_half_ci_low", "split_half_ci_high", "split_half_split_low", "split_half_split_high",
+                           "icc_panel", "icc_panel_low", "icc_panel_high", "icc_single", "icc_raters", "note"]
+               if c in rows.columns]
+    source = (record.get("rater_ratings") or {}).get("path", "")
+    agree = record.get("r_mean_vs_ratings")
+    return ["<h2>Noise ceiling</h2>",
+            f"<p>Reliability of the mean rating from {html.escape(str(source))}. <b>ceiling</b>: split-half "
+            "reliability with the Spearman–Brown correction to the full panel, mean over random rater splits "
+            "(split_half_ci_*: 95% bootstrap interval over images; split_half_split_*: 2.5–97.5 percentiles over "
+            "splits). <b>icc_panel</b>: ICC(C,k) (McGraw &amp; Wong 1996; Shrout &amp; Fleiss' ICC(3,k)), "
+            "consistency of the mean of k ratings, with its F-based 95% interval; icc_single: ICC(C,1), one "
+            "rater. A perfect model's r² with the mean rating is at most the ceiling; the analysis tables' "
+            "<b>of_ceiling</b> column gives r² (correlations) or R² as a fraction of it (as Brain-Score "
+            "normalises predictivity by the noise ceiling)."
+            + (f" The mean of the per-rater table correlates r = {agree:.4f} with the analysed rating."
+               if isinstance(agree, (int, float)) else "") + "</p>",
+            _table(rows, columns, "table-reliability")]
+
+
 _CAPTIONS = {"difference": "Difference between the checkpoints' statistics, per pair (A−B); * marks p_fdr < 0.05 "
                            "by the analysis' test (for pearson and spearman the dependent-correlation test, "
                            "Steiger 1980, which accounts for both sharing the rating)."}
@@ -281,6 +309,7 @@ def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scat
         effects = read_effects(manifest, list(analyses))
     except (KeyError, TypeError, ValueError) as exc:
         raise FluencyError(f"{run / MANIFEST}: damaged: analysis_effects ({error_text(exc, 160)})") from None
+    parts += _reliability_view(manifest)
     parts += _effect_views(analyses, effects, fig_dir)
     if analyses and metrics is not None and ratings is not None:
         table = pd.concat(analyses.values(), ignore_index=True)
@@ -310,7 +339,9 @@ def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scat
     for label in labels:
         parts += _model_views(run, label, manifest, ratings, rating_col)
     for name, table in analyses.items():
-        columns = [c for c in ["group", "checkpoint", "metric", "layer", "n", "statistic", "estimate", "ci_low",
+        table = with_ceiling(table, effects, manifest)  # --rater-ratings: r² or R² over the noise ceiling
+        columns = [c for c in ["group", "checkpoint", "metric", "layer", "n", "statistic", "estimate", "of_ceiling",
+                               "ci_low",
                                "ci_high", "r_a", "r_b", "r_ab", "r2_fold_mean", "r2_fold_sd", "se", "r2", "p",
                                "p_fdr", "note"]
                    if c in table.columns]

@@ -48,8 +48,11 @@ def relations_table(rows: pd.DataFrame, directions: Mapping[str, Any], effects: 
     table = Table(title=title, caption="p_fdr: Benjamini–Hochberg across all tests of the run; "
                   f"* < {alpha}." + (" fluent?: the direction processing-fluency theory predicts." if directional
                                       else ""))
+    ceiling = "of_ceiling" in rows.columns  # --rater-ratings: r² or R² as a fraction of the noise ceiling
     columns = ["test", *(["checkpoint"] if several else []), *(["group"] if grouped else []), "metric", "layer",
                "n", "estimate", "p", "p_fdr", *(["fluent?"] if directional else [])]
+    if ceiling:
+        table.caption += f" %: {CEILING_NOTE}."
     for col in columns:
         table.add_column(col, justify="right" if col in ("n", "estimate", "p", "p_fdr") else "left")
     for row in rows.itertuples(index=False):
@@ -59,12 +62,51 @@ def relations_table(rows: pd.DataFrame, directions: Mapping[str, Any], effects: 
         cells = [effect.title if effect is not None and effect.label else f"{row.analysis} {row.statistic}",
                  *([row.checkpoint] if several else []), *([row.group] if grouped else []), row.metric,
                  "(whole)" if pd.isna(row.layer) else row.layer, str(row.n),
-                 f"{row.estimate:+.3f}" if math.isfinite(row.estimate) else "–", _fmt_p(row.p),
+                 (f"{row.estimate:+.3f}" if math.isfinite(row.estimate) else "–")
+                 + (f" {_fmt_fraction(row.of_ceiling)}" if ceiling and math.isfinite(row.of_ceiling) else ""),
+                 _fmt_p(row.p),
                  _fmt_p(row.p_fdr) + ("*" if sig else "")]
         if directional:
             cells.append(supports_fluency(row.estimate, direction, getattr(effect, "directional", False)))
         table.add_row(*cells, style="bold" if sig else None)
     return table
+
+
+#: what the summary's and the report's ceiling column means
+CEILING_NOTE = "r² (or R²) as a share of the noise ceiling (the mean rating's reliability)"
+
+
+def _fmt_fraction(value: float) -> str:
+    """A share as a percentage: ``4%``, ``100%``, ``-3%``."""
+    return f"{100 * value:.0f}%" if isinstance(value, float) and math.isfinite(value) else "–"
+
+
+def print_reliability(console: Console, record: Mapping[str, Any] | None) -> None:
+    """A short section on the mean rating's reliability (``--rater-ratings``): the noise ceiling of the run
+    and of each subgroup, both estimates with their 95% intervals."""
+    if not record:
+        return
+    groups = record.get("groups") or {}
+    whole = groups.get("all") or {}
+    if whole.get("ceiling") is None:
+        console.print(f"Noise ceiling: not estimated ({escape(str(whole.get('note', '')))})")
+        return
+    console.print(f"[bold]Noise ceiling[/bold] (reliability of the mean rating): {whole['n_raters']} raters, "
+                  f"{whole['n_images']} images, {100 * whole['missing']:.0f}% of cells unrated")
+    console.print(f"  split-half, Spearman–Brown ({whole['split_half_n_splits']} splits): "
+                  f"{whole['ceiling']:.3f}, 95% CI {whole['split_half_ci_low']:.3f}–{whole['split_half_ci_high']:.3f}")
+    if whole.get("icc_panel") is not None:
+        console.print(f"  ICC(C,k), k = {whole['icc_k']:.0f}: {whole['icc_panel']:.3f}, 95% CI "
+                      f"{whole['icc_panel_low']:.3f}–{whole['icc_panel_high']:.3f}; one rater, ICC(C,1): "
+                      f"{whole['icc_single']:.3f}")
+    for label, g in groups.items():
+        if label != "all":
+            value = f"{g['ceiling']:.3f}" if g.get("ceiling") is not None else escape(str(g.get("note", "–")))
+            console.print(f"  {escape(label)}: {value}")
+    if whole.get("note"):
+        console.print(f"  note: {escape(whole['note'])}")
+    console.print("  A perfect model's r² with the mean rating is at most the ceiling; the tables show each "
+                  "r² and R² also as a percentage of it.")
 
 
 def print_unreadable(console: Console, unreadable: Mapping[str, str], limit: int = 10) -> None:

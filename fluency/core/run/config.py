@@ -62,6 +62,9 @@ class RunConfig:
     overwrite: bool = False
     by: tuple[str, ...] = ()
     min_group_size: int = 10
+    rater_ratings: str | None = None  # per-rater table: the noise ceiling (fluency.core.run.ceiling)
+    rater_column: str = "rater"
+    reliability_splits: int = 1000
     deterministic: bool = False
 
     @classmethod
@@ -78,7 +81,7 @@ class RunConfig:
         for name in ("analyses", "layers", "store_layers"):
             if values.get(name) is not None:
                 values[name] = _strings(values[name])
-        for name in ("images", "ratings", "out", "config"):
+        for name in ("images", "ratings", "out", "config", "rater_ratings"):
             if values.get(name) is not None:
                 values[name] = str(Path(values[name]))
         config = cls(**values)
@@ -93,6 +96,10 @@ class RunConfig:
             raise FluencyError(f"--batch-size must be at least 1, not {self.batch_size}")
         if self.min_group_size < 1:
             raise FluencyError(f"--min-group-size must be at least 1, not {self.min_group_size}")
+        if self.reliability_splits < 10:
+            raise FluencyError(f"--reliability-splits must be at least 10, not {self.reliability_splits}")
+        if self.rater_ratings is not None and self.ratings is None:
+            raise FluencyError("--rater-ratings needs --ratings (the per-image table whose rating is analysed)")
         if self.images is None and self.ratings is not None:
             raise FluencyError("--ratings needs --images (the folder of the rated images)")
 

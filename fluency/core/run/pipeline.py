@@ -34,6 +34,7 @@ from rich.markup import escape
 from fluency.core.atomic import claim
 from fluency.core.errors import FluencyError, InputError
 from fluency.core.inputs.images import FolderSource, ImageSource, Preprocessing, iter_batches
+from fluency.core.inputs.raters import RaterRatings
 from fluency.core.inputs.ratings import MatchReport
 from fluency.core.inputs.stimuli import Stimuli, embedded, from_folder
 from fluency.core.model.capture import capture_activations, check_layers
@@ -46,6 +47,7 @@ from fluency.core.plugin.metric import MetricBatch, ModelDescription, units_as_r
 from fluency.core.plugin.specs import AnalysisSpec, MetricSpec
 from fluency.core.progress import progress_bar
 from fluency.core.run.analyse import analyse, effects_record
+from fluency.core.run.ceiling import load_raters, noise_ceiling
 from fluency.core.run.checkpoints import ModelRef, unique_checkpoints, unique_models
 from fluency.core.run.checkpoints import labels as model_labels
 from fluency.core.run.config import RunConfig
@@ -103,6 +105,7 @@ class RunPlan:
     models: list[ModelRef]
     duplicates: list[dict[str, str]]
     device: torch.device
+    raters: RaterRatings | None = None  # --rater-ratings, read before any work
 
 
 def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan:
@@ -159,7 +162,7 @@ def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan
         check_requirements(metric_specs, built.model, name, label)
         _check_native(built, stimuli)
     return RunPlan(config, stimuli, metric_specs, analysis_specs, resolved, models, duplicates,
-                   resolve_device(config.device))
+                   resolve_device(config.device), raters=load_raters(config, stimuli))
 
 
 def _check_native(loaded: LoadedCheckpoint, stimuli: Stimuli) -> None:
@@ -273,6 +276,10 @@ def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: 
     for name, seconds in outcome.timings.items():
         record.timing(name, seconds)
     record.timing("analyses", time.perf_counter() - t0)
+    if the_plan.raters is not None:
+        t0 = time.perf_counter()
+        record.set(reliability=noise_ceiling(the_plan.raters, stimuli, config, out_dir))
+        record.timing("reliability", time.perf_counter() - t0)
     record.timing("total", time.perf_counter() - started)
     record.set(status="complete", finished=now(), outputs=outputs(out_dir))
     record.write()
