@@ -319,3 +319,22 @@ def test_the_user_guides_model_commands_run_as_written(faces: tuple[Path, Path],
     assert set(pd.read_parquet(tmp_path / "runs/vgg16/analyses/pearson.parquet")["checkpoint"]) == {"vgg16-imagenet"}
     assert set(pd.read_parquet(tmp_path / "runs/native/metrics.parquet")["checkpoint"]) == {"alexnet-imagenet",
                                                                                           "vgg16-imagenet"}
+
+
+def test_model_without_pretrained_weights_is_untrained_and_seeded(faces: tuple[Path, Path], tmp_path: Path) -> None:
+    """`--model vae-small`: an untrained network drawn from --seed, identified by its weights' sha256."""
+    images, _ = faces
+    runs = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        run = fluency.run(metrics=["gini", "sam"], models=["vae-small"], images=str(images), seed=seed,
+                          out=str(tmp_path / name), progress=False, figures=False)
+        (entry,) = run.manifest["inputs"]["checkpoints"]
+        runs[name] = (entry, run.metrics.sort_values(["metric", "layer", "image_id"])["value"].to_numpy())
+    (a, values_a), (b, values_b), (c, _) = runs["a"], runs["b"], runs["c"]
+    assert a["weights"]["kind"] == "untrained" and a["weights"]["seed"] == 1 and a["path"] is None
+    assert a["sha256"] == b["sha256"] != c["sha256"] and np.array_equal(values_a, values_b)
+    from fluency.core.model.checkpoint import state_sha256
+
+    spec = PluginManager().get("architecture", "vae-small")
+    torch.manual_seed(1)
+    assert state_sha256(spec.load()(**spec.resolve({}))) == a["sha256"]  # the same weights as building it here from the same seed
