@@ -14,10 +14,12 @@ channel-major, as :func:`torch.nn.functional.unfold` orders them) is coded in th
 3. the layer ``codes`` is B × ``atoms`` × rows × cols: the code of the patch at grid cell (row, col). A patch
    with no contrast (x̃ = 0) has the zero code. ``gini``, ``hoyer`` and ``lepsilon`` read it like any layer.
 
-So D·c reconstructs the patch: x ≈ s·Dᵀc + mean. How closely depends on the penalty: with the defaults
-(8×8 grey patches, 128 atoms, α = 1) the median relative error ‖Dᵀc − x̃‖/‖x̃‖ over patches of a photograph is
-about 0.7 with 8% of the codes non-zero; it shrinks as α falls (0.15 at α = 0.1) and is below 10⁻⁶ for ``omp``
-with ``nonzero`` = C·p² atoms on a complete dictionary (the tests check both bounds).
+So the codes reconstruct the patch: x ≈ s·Dᵀc + mean. How closely depends on the penalty α, which trades
+fidelity for sparsity. With ``omp`` and ``nonzero`` = C·p² the error is below 10⁻⁶ of the patch's norm (tested
+on every patch); the lasso codes are tested against the lasso's optimality conditions. With the defaults (8×8
+grey patches, 128 atoms, α = 1) fitted on the 102 London faces (2026-12-03), the codes leave out 25% of the
+held-out patches' norm (‖DᵀC − X̃‖_F / ‖X̃‖_F = 0.25) with 4% of the codes non-zero; training writes both
+numbers in ``history.parquet`` (``recon_rel_error``, ``active_fraction``).
 
 ``fluency train --arch sparse-coding`` fits D in one pass (:meth:`SparseCoding.fit`, no gradient epochs) with
 scikit-learn's :class:`~sklearn.decomposition.MiniBatchDictionaryLearning` (``alpha``, ``iterations`` passes over the
@@ -249,7 +251,8 @@ def sparse_coding_options() -> dict[str, Option]:
                                     minimum=1, maximum=100_000),
         "iterations": Option("int", 10, "passes over the patches while fitting (MiniBatchDictionaryLearning "
                              "max_iter; it may stop earlier once converged)", minimum=1, maximum=10_000),
-        "fit_algorithm": Option("str", "cd", "lasso solver of the fit (cd: coordinate descent, about 3x faster than lars here)", choices=FIT_ALGORITHMS),
+        "fit_algorithm": Option("str", "cd", "lasso solver of the fit: cd (coordinate descent; 3x faster than "
+                                "lars on 5,000 8x8 patches here) or lars", choices=FIT_ALGORITHMS),
         "patches_from": Option("str", "images", "fit on the training images, or on scikit-learn's two sample "
                                "photographs (natural)", choices=SOURCES),
     }

@@ -3,10 +3,13 @@
 Per image, the loss is the architecture's objective (for a VAE Σ_k w_k·recon_k, see
 :mod:`fluency.core.model.losses`, + β(epoch)·KL, where β rises linearly from 0 over
 ``beta_warmup`` epochs; for a flow the negative log-likelihood in bits per dimension)
-+ Σ_c θ_c·constraint_c. A model that declares ``fitted_in_one_pass`` (the ``sparse-coding`` dictionary) is fitted
-by its own ``fit`` in one pass over the training images instead (no optimizer, loss or epochs; ``final.pt`` and
-``history.parquet`` as usual); other encoder-only models are not trained. The optimizer (a plugin) is always stepped with a closure,
++ Σ_c θ_c·constraint_c. The optimizer (a plugin) is always stepped with a closure,
 so SAM's two passes work; BatchNorm statistics are protected by the optimizer.
+
+A model that declares ``fitted_in_one_pass`` (the ``sparse-coding`` dictionary) is
+fitted by its own ``fit`` in one pass over the training images instead: no optimizer,
+loss, epochs or ``last.pt``; ``final.pt`` and a one-row ``history.parquet`` as usual.
+Other encoder-only models are not trained.
 
 Everything lands in ``out/``:
 
