@@ -4,16 +4,19 @@
   ELBO (reconstruction + β·KL);
 - :class:`FluencyFlow` (``kind="flow"``): an invertible normalising flow; trained on the exact
   negative log-likelihood in bits per dimension;
-- :class:`FluencyEncoder` (``kind="encoder"``): an encoder only (a pretrained network), never trained.
+- :class:`FluencyEncoder` (``kind="encoder"``): an encoder only (a pretrained network, used as it is, or a
+  model fitted in one pass, such as a sparse-coding dictionary).
 
 Every kind says what it ``provides`` (``CAPABILITIES``); a metric that needs a decoder, a latent code,
-a training objective or an inverse declares it in its spec (``MetricSpec.requires``) and gets one clear line on a model without it. Training asks the model for its :meth:`FluencyModel.objective`.
+a training objective or an inverse declares it in its spec (``MetricSpec.requires``) and gets one clear line on a model without it. Training asks the model for its :meth:`FluencyModel.objective`, or, for a model
+that declares :attr:`FluencyModel.fitted_in_one_pass` (e.g. a dictionary learned with scikit-learn), calls its
+:meth:`FluencyModel.fit` once instead of running gradient epochs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -86,6 +89,9 @@ class FluencyModel(nn.Module):
     default_metric_layers: ClassVar[tuple[str, ...]] = ()
     #: name prefixes of the encoder's parameters (for metrics restricted to the encoder)
     encoder_prefixes: ClassVar[tuple[str, ...]] = ("encoder.",)
+    #: true for a model that ``fluency train`` fits in one pass over the training images (:meth:`fit`) instead
+    #: of by gradient steps on its :meth:`objective`
+    fitted_in_one_pass: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
@@ -127,6 +133,17 @@ class FluencyModel(nn.Module):
         ``images``; ``"loss"`` is the total that training minimises. Models without ``"objective"`` in
         :attr:`provides` are not trained."""
         raise NotImplementedError(f"{type(self).__name__} ({self.kind or 'model'}) has no training objective")
+
+    def fit(self, batches: Iterable[torch.Tensor], held_out: Iterable[torch.Tensor], seed: int,
+            status: Callable[[str], None]) -> dict[str, float]:
+        """Fit a model that sets :attr:`fitted_in_one_pass`, in one pass over the training images.
+
+        ``fluency train`` calls it once instead of running epochs, then saves the checkpoint: everything
+        learned must be in the state dict (parameters or buffers). ``batches`` yields the training images once, in a fixed order (B×C×H×W in [0, 1], on the model's
+        device); ``held_out`` the validation images, never to be fitted on; ``seed`` (the run's ``--seed``)
+        seeds every random choice; ``status(text)`` shows progress beside the bar that follows ``batches``.
+        Returns the numbers of the training history's one row (those measured on ``held_out`` as ``val_…``)."""
+        raise NotImplementedError(f"{type(self).__name__} ({self.kind or 'model'}) is not fitted in one pass")
 
 
 class FluencyVAE(FluencyModel):
@@ -203,7 +220,8 @@ class FluencyFlow(FluencyModel):
 class FluencyEncoder(FluencyModel):
     """An encoder-only model (e.g. a pretrained ImageNet CNN as a model of the ventral stream): implement
     ``forward(x, sample=True) -> EncoderOutput`` and :meth:`hookable_layers`. It has no decoder, latent
-    or objective and is used without training."""
+    or objective: it is used as it is, or, if it sets :attr:`fitted_in_one_pass`, fitted by :meth:`fit` (the
+    ``sparse-coding`` baseline)."""
 
     kind: ClassVar[str] = "encoder"
     provides: ClassVar[frozenset[str]] = frozenset()

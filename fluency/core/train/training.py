@@ -3,8 +3,13 @@
 Per image, the loss is the architecture's objective (for a VAE Σ_k w_k·recon_k, see
 :mod:`fluency.core.model.losses`, + β(epoch)·KL, where β rises linearly from 0 over
 ``beta_warmup`` epochs; for a flow the negative log-likelihood in bits per dimension)
-+ Σ_c θ_c·constraint_c. Encoder-only models are not trained. The optimizer (a plugin) is always stepped with a closure,
++ Σ_c θ_c·constraint_c. The optimizer (a plugin) is always stepped with a closure,
 so SAM's two passes work; BatchNorm statistics are protected by the optimizer.
+
+A model that declares ``fitted_in_one_pass`` (the ``sparse-coding`` dictionary) is
+fitted by its own ``fit`` in one pass over the training images instead: no optimizer,
+loss, epochs or ``last.pt``; ``final.pt`` and a one-row ``history.parquet`` as usual.
+Other encoder-only models are not trained.
 
 Everything lands in ``out/``:
 
@@ -29,7 +34,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -276,8 +281,12 @@ def train(config: TrainConfig | None = None, *, manager: PluginManager | None = 
     run.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.out / "config.toml", toml_dumps({"train": asdict(cfg)}))
     info = _checkpoint_info(run, options)
-    history = _fit(run, info, history, first_epoch, console, observer)
-    _save(run, info, run.out / "final.pt", cfg.epochs, history)
+    if run.optimizer is None:  # fitted in one pass
+        history = _fit_once(run, console)
+        _save(run, info, run.out / "final.pt", 1, history)
+    else:
+        history = _fit(run, info, history, first_epoch, console, observer)
+        _save(run, info, run.out / "final.pt", cfg.epochs, history)
     return TrainResult(run.out / "final.pt", history, time.perf_counter() - start)
 
 
@@ -336,9 +345,13 @@ def _build(cfg: TrainConfig, manager: PluginManager, options: _Options, files: S
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model = manager.get("architecture", cfg.architecture).load()(**options.architecture).to(device)
-    if "objective" not in getattr(model, "provides", ()):
+    one_pass = bool(getattr(model, "fitted_in_one_pass", False))
+    if not one_pass and "objective" not in getattr(model, "provides", ()):
         raise TrainingError(f"architecture {cfg.architecture!r} ({getattr(model, 'kind', '') or 'no kind'}) has no "
                             "training objective: it is used as it is (fluency run --model ...), not trained")
+    if one_pass and (options.constraints or cfg.lr is not None):
+        raise OptionError(f"architecture {cfg.architecture!r} is fitted in one pass, not by gradient steps: "
+                          f"{'--constraint' if options.constraints else '--lr'} does not apply to it")
     recon_loss = ReconstructionLoss(options.loss_terms).to(device) if "decoder" in model.provides else None
     constraints = {name: manager.get("constraint", name).load()(**opts) for name, opts in options.constraints.items()}
     capture = list(dict.fromkeys(layer for c in constraints.values() for layer in c.layers(model)))
@@ -349,8 +362,8 @@ def _build(cfg: TrainConfig, manager: PluginManager, options: _Options, files: S
     source = FolderSource(root, {p.relative_to(root).with_suffix("").as_posix(): p for p in paths},
                           Preprocessing(cfg.image_size, model.input_shape[0], cfg.resize))
     train_idx, val_idx = split_indices(len(source), cfg.val_fraction, cfg.seed)
-    optimizer = _build_optimizer(manager, cfg.optimizer, options.optimizer, model)
-    scheduler = _scheduler(optimizer, cfg, math.ceil(len(train_idx) / cfg.batch_size))
+    optimizer = None if one_pass else _build_optimizer(manager, cfg.optimizer, options.optimizer, model)
+    scheduler = None if one_pass else _scheduler(optimizer, cfg, math.ceil(len(train_idx) / cfg.batch_size))
     return _Run(cfg=cfg, out=Path(cfg.out), device=device, model=model, recon_loss=recon_loss,
                 loss_terms=options.loss_terms, constraints=constraints, capture=capture, source=source,
                 train_idx=train_idx, val_idx=val_idx, optimizer=optimizer, scheduler=scheduler)
@@ -388,10 +401,12 @@ def _restore(run: _Run, state: Mapping[str, Any]) -> tuple[list[dict[str, float]
 def _checkpoint_info(run: _Run, options: _Options) -> dict[str, Any]:
     """What every checkpoint of the run records besides weights and training state (loss, data, provenance)."""
     cfg, source = run.cfg, run.source
-    return {
+    trained = {} if run.optimizer is None else {  # a model fitted in one pass has no loss, optimizer, constraints
         "loss": {"terms": run.loss_terms, "beta": cfg.beta, "beta_warmup": cfg.beta_warmup},
         "optimizer": {"name": cfg.optimizer, "options": options.optimizer},
-        "constraints": [{"name": n, "options": options.constraints[n]} for n in run.constraints],
+        "constraints": [{"name": n, "options": options.constraints[n]} for n in run.constraints]}
+    return {
+        **trained,
         "data": {"images": str(Path(cfg.images).resolve()), "n_images": len(source), "n_train": len(run.train_idx),
                  "n_val": len(run.val_idx), "fingerprint": source.fingerprint(),
                  "preprocessing": source.preprocessing.as_dict()},
@@ -402,9 +417,9 @@ def _checkpoint_info(run: _Run, options: _Options) -> dict[str, Any]:
 
 def _save(run: _Run, info: Mapping[str, Any], path: Path, epoch: int, history: Sequence[Mapping[str, float]]) -> None:
     """A checkpoint with the optimizer, scheduler and RNG states ``--resume`` needs to continue exactly."""
-    training_state = {"config": asdict(run.cfg), "optimizer_state": run.optimizer.state_dict(),
+    training_state = {"config": asdict(run.cfg), "rng_state": torch.get_rng_state(),
                       "scheduler_state": run.scheduler.state_dict() if run.scheduler is not None else None,
-                      "rng_state": torch.get_rng_state()}
+                      **({"optimizer_state": run.optimizer.state_dict()} if run.optimizer is not None else {})}
     save_checkpoint(path, run.model, run.cfg.architecture, epoch=epoch, history=list(history),
                     training=training_state, **info)
 
@@ -423,6 +438,29 @@ def _fit(run: _Run, info: Mapping[str, Any], history: Sequence[dict[str, float]]
             history.append({"epoch": epoch, "beta": beta, **means, **_validate(run, val_loader, beta),
                             "seconds": time.perf_counter() - t0})
             _end_epoch(run, info, history, epoch, observer)
+    return history
+
+
+def _fit_once(run: _Run, console: Console) -> list[dict[str, float]]:
+    """Fit a model that is fitted in one pass (``fitted_in_one_pass``): its ``fit`` reads the training images
+    once, in order, with the validation images held out; its numbers are the history's one row (epoch 1)."""
+    cfg, t0 = run.cfg, time.perf_counter()
+    train_loader = torch.utils.data.DataLoader(_Subset(run.source, run.train_idx), batch_size=cfg.batch_size)
+    val_loader = torch.utils.data.DataLoader(_Subset(run.source, run.val_idx), batch_size=cfg.batch_size)
+    with progress_bar(console) as progress, torch.no_grad():
+        task = progress.add_task("fitting", total=len(train_loader), status="reading the training images")
+
+        def batches() -> Iterator[torch.Tensor]:
+            for batch in train_loader:
+                yield batch.to(run.device)
+                progress.update(task, advance=1)
+
+        summary = run.model.fit(batches(), (batch.to(run.device) for batch in val_loader), cfg.seed,
+                                lambda text: progress.update(task, status=text))
+    history = [{"epoch": 1, **{k: float(v) for k, v in summary.items()}, "seconds": time.perf_counter() - t0}]
+    _check_finite(history[0], 1, run.out)
+    with atomic_path(run.out / "history.parquet") as tmp:
+        pd.DataFrame(history).to_parquet(tmp, index=False)
     return history
 
 
