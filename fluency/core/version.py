@@ -16,4 +16,4 @@ MANIFEST_FORMAT_VERSION = 2
 FOLDER_FORMAT_VERSION = 1
 #: the plugin API (fluency.api, fluency.blocks): a plugin declaring another major version, or a newer minor
 #: one, is listed as broken instead of failing at use time
-PLUGIN_API_VERSION = "1.1"
+PLUGIN_API_VERSION = "1.2"
