@@ -41,11 +41,11 @@ from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, LoadedCheckpoint, 
 from fluency.core.model.devices import resolve_device
 from fluency.core.model.losses import loss_from_config
 from fluency.core.plugin.config import read_config, resolve_plugin_options
-from fluency.core.plugin.manager import PluginManager, get_plugin_manager, plugin_version, read_registry
+from fluency.core.plugin.manager import PluginManager, get_plugin_manager, plugin_version
 from fluency.core.plugin.metric import MetricBatch, ModelDescription, units_as_rows
 from fluency.core.plugin.specs import AnalysisSpec, MetricSpec
 from fluency.core.progress import progress_bar
-from fluency.core.run.analyse import analyse, effects_record
+from fluency.core.run.analyse import analyse, default_analyses, effects_record
 from fluency.core.run.checkpoints import labels as checkpoint_labels
 from fluency.core.run.checkpoints import unique_checkpoints
 from fluency.core.run.config import RunConfig
@@ -121,7 +121,7 @@ def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan
                                                                    config.rating_column, config.strict)
     if stimuli.ratings is None and config.analyses:
         raise FluencyError("--analysis needs ratings: pass --ratings TABLE (and --rating-column)")
-    names = read_registry()["run"]["default_analyses"] if config.analyses is None else config.analyses
+    names = default_analyses(len(set(map(str, config.checkpoints)))) if config.analyses is None else config.analyses
     analysis_names = list(dict.fromkeys(names)) if stimuli.ratings is not None else []
     analysis_specs = {name: manager.get("analysis", name) for name in analysis_names}
     used = [("metric", n) for n in metric_names] + [("analysis", n) for n in analysis_names]
