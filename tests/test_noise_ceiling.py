@@ -230,7 +230,7 @@ def test_the_guides_noise_ceiling_command_runs_as_written(small_london: Path,
     from fluency.cli import cli
 
     text = (Path(__file__).parents[1] / "docs" / "user-guide.md").read_text(encoding="utf-8")
-    section = text[text.index("### The noise ceiling"):text.index("## Pretrained brain models")]
+    section = text[text.index("### The noise ceiling"):text.index("### Paired differences between checkpoints")]
     command = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
     args = command.split()
     assert args[0] == "fluency"

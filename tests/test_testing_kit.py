@@ -23,7 +23,8 @@ from fluency.api import (RESULT_COLUMNS, Analysis, AnalysisSpec, ArchitectureSpe
                          EncoderOutput, FlowOutput, FluencyEncoder, FluencyFlow, FluencyMetric, MetricSpec,
                          MetricValues, OptimizerSpec, Option, get_plugin_manager, hookimpl)
 from fluency.testing import (check_analysis, check_architecture, check_constraint, check_metric, check_optimizer,
-                             check_options, check_plugin, check_registration, synthetic_images, tiny_model)
+                             check_options, check_plugin, check_registration, synthetic_analysis_data,
+                             synthetic_images, tiny_model)
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 KINDS = ("architecture", "constraint", "optimizer", "metric", "analysis")
@@ -40,12 +41,13 @@ OPTIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("analysis", "ridge"): {"permutations": 20, "repeats": 2},  # 200 permutations × 10 repeats by default
     ("analysis", "partial"): {"covariates": ["covariate"]},     # refuses to run without covariates
 }
-#: kit settings for the slowest metrics: fewer images (still two batch sizes and a batch of one)
+#: kit settings for the slowest metrics: fewer images (still two batch sizes and a batch of one); data for analyses
 SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
     ("metric", "sam"): {"n_images": 6, "batch_sizes": (3, 1)},
     ("metric", "grad-norm"): {"n_images": 6, "batch_sizes": (3, 1)},
     ("metric", "lpips"): {"n_images": 6, "batch_sizes": (3, 1)},
     ("metric", "decoderless"): {"n_images": 6, "batch_sizes": (3, 1)},
+    ("analysis", "paired"): {"data": synthetic_analysis_data(checkpoints=("a", "b"))},  # compares checkpoints
 }
 
 

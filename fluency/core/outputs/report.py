@@ -343,6 +343,7 @@ def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scat
         columns = [c for c in ["group", "checkpoint", "metric", "layer", "n", "statistic", "estimate", "of_ceiling",
                                "ci_low",
                                "ci_high", "r_a", "r_b", "r_ab", "r2_fold_mean", "r2_fold_sd", "se", "r2", "p",
+                               "p_t", "p_wilcoxon", "mean_a", "mean_b", "sd_diff", "d_z", "r_rb",
                                "p_fdr", "note"]
                    if c in table.columns]
         parts += [f"<h2>Analysis: {html.escape(name)}</h2>", _table(table, columns, f"table-{name}")]

@@ -39,9 +39,11 @@ def relations_table(rows: pd.DataFrame, directions: Mapping[str, Any], effects: 
 
     ``effects`` (``{(analysis, statistic): EffectSize}``) says which statistics are directional and how they
     are labelled; the test column names the statistic. The checkpoint and group columns appear only when
-    the rows come from several.
+    the rows come from several (the checkpoint column always for differences: it names the pair A−B).
     """
-    several = rows["checkpoint"].nunique() > 1
+    several = rows["checkpoint"].nunique() > 1 or any(  # a difference names its pair "A−B", even a single one
+        getattr(effects.get((r.analysis, r.statistic)), "kind", None) == "difference"
+        for r in rows.itertuples(index=False))
     grouped = "group" in rows.columns and rows["group"].nunique() > 1
     directional = any(getattr(effects.get((r.analysis, r.statistic)), "directional", False)
                       for r in rows.itertuples(index=False))

@@ -15,7 +15,7 @@ from rich.console import Console
 from fluency.core.atomic import atomic_path
 from fluency.core.errors import FluencyError
 from fluency.core.plugin.analysis import AnalysisData, EffectSize
-from fluency.core.plugin.manager import PluginManager, get_plugin_manager, guarded
+from fluency.core.plugin.manager import PluginManager, get_plugin_manager, guarded, read_registry
 from fluency.core.plugin.specs import AnalysisSpec
 from fluency.core.progress import progress_bar
 from fluency.core.stats import fdr_bh
@@ -48,6 +48,14 @@ def subgroups(ratings: pd.DataFrame, by: Sequence[str], min_size: int) -> tuple[
         if ok:
             groups.append((label, rows))
     return groups, report
+
+
+def default_analyses(n_checkpoints: int) -> list[str]:
+    """The analyses of a run that names none: the registry's ``[run] default_analyses``, and its
+    ``checkpoint_analyses`` (the paired comparison) when the run measures two or more checkpoints."""
+    run = read_registry()["run"]
+    extra = run.get("checkpoint_analyses", []) if n_checkpoints > 1 else []
+    return list(dict.fromkeys([*run["default_analyses"], *extra]))
 
 
 def analyse(metric_table: pd.DataFrame, ratings: pd.DataFrame | None, rating_column: str,

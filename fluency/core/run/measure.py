@@ -34,11 +34,11 @@ from fluency.core.inputs.images import FolderSource, Preprocessing, iter_batches
 from fluency.core.inputs.ratings import read_ratings
 from fluency.core.inputs.stimuli import from_folder
 from fluency.core.plugin.config import read_config, resolve_plugin_options
-from fluency.core.plugin.manager import PluginManager, get_plugin_manager, read_registry
+from fluency.core.plugin.manager import PluginManager, get_plugin_manager
 from fluency.core.plugin.metric import MetricBatch
 from fluency.core.plugin.specs import MetricSpec
 from fluency.core.progress import progress_bar
-from fluency.core.run.analyse import analyse, effects_record
+from fluency.core.run.analyse import analyse, default_analyses, effects_record
 from fluency.core.run.folder import (MANIFEST, RunResult, new_run_dir, now, outputs, read_manifest, run_status,
                                      versions, write_manifest, writing)
 from fluency.core.run.ledger import remove_if_unused, results
@@ -241,7 +241,7 @@ def plan_measure(target: str | Path, metrics: Sequence[str], *, analyses: Sequen
     names = analyses if analyses is not None else (found.manifest or {}).get("analyses") if in_place else None
     if table is None and analyses:
         raise FluencyError("--analysis needs ratings: pass --ratings TABLE (matched to the store's image ids)")
-    names = list(dict.fromkeys(read_registry()["run"]["default_analyses"] if names is None else names))
+    names = list(dict.fromkeys(default_analyses(len(found.stores)) if names is None else names))
     analysis_specs = {name: manager.get("analysis", name) for name in (names if table is not None else [])}
     used = [("metric", n) for n in specs] + [("analysis", n) for n in analysis_specs]
     earlier = {"analysis": {n: o for n, o in settings["options"].items() if n in analysis_specs}}

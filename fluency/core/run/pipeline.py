@@ -42,11 +42,11 @@ from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, LoadedCheckpoint, 
 from fluency.core.model.devices import deterministic, resolve_device, torch_settings
 from fluency.core.model.losses import loss_from_config
 from fluency.core.plugin.config import read_config, resolve_plugin_options
-from fluency.core.plugin.manager import PluginManager, get_plugin_manager, plugin_version, read_registry
+from fluency.core.plugin.manager import PluginManager, get_plugin_manager, plugin_version
 from fluency.core.plugin.metric import MetricBatch, ModelDescription, units_as_rows
 from fluency.core.plugin.specs import AnalysisSpec, MetricSpec
 from fluency.core.progress import progress_bar
-from fluency.core.run.analyse import analyse, effects_record
+from fluency.core.run.analyse import analyse, default_analyses, effects_record
 from fluency.core.run.ceiling import load_raters, noise_ceiling
 from fluency.core.run.checkpoints import ModelRef, unique_checkpoints, unique_models
 from fluency.core.run.checkpoints import labels as model_labels
@@ -123,7 +123,8 @@ def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan
                                                                    config.rating_column, config.strict)
     if stimuli.ratings is None and config.analyses:
         raise FluencyError("--analysis needs ratings: pass --ratings TABLE (and --rating-column)")
-    names = read_registry()["run"]["default_analyses"] if config.analyses is None else config.analyses
+    n_models = len(set(map(str, config.checkpoints))) + len(set(config.models))
+    names = default_analyses(n_models) if config.analyses is None else config.analyses
     analysis_names = list(dict.fromkeys(names)) if stimuli.ratings is not None else []
     analysis_specs = {name: manager.get("analysis", name) for name in analysis_names}
     model_names, repeated = unique_models(config.models)
