@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import threading
@@ -32,9 +33,26 @@ def _emit_json(obj: Any) -> None:
 
 
 def _jsonable(df: Any) -> list[dict[str, Any]]:
-    """A table as JSON records, NaN as null, numbers to full precision (pandas' default keeps 10 decimals,
-    which turns a p of 7.74e-10 into 8e-10)."""
-    return json.loads(df.to_json(orient="records", double_precision=15))
+    """A table as JSON records, NaN as null, floats to full precision (pandas' ``to_json`` rounds to fixed
+    decimals, which turns a p of 7.74e-10 into 8e-10)."""
+    return [{str(k): _plain_value(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
+
+
+def _plain_value(value: Any) -> Any:
+    """One cell as a JSON value: numpy scalars as Python numbers, missing values as None."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _plain_value(value.tolist())
+    import pandas as pd  # loaded already: the value came from a DataFrame
+
+    return None if value is pd.NA or value is pd.NaT else str(value)
 
 
 #: set by --debug: errors are shown with their traceback
