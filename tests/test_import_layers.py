@@ -158,7 +158,7 @@ def test_the_public_modules_ship_typed_and_complete() -> None:
     for module in (fluency, fluency.api, fluency.blocks, fluency.testing):
         missing = [name for name in module.__all__ if not hasattr(module, name)]
         assert missing == [], (module.__name__, missing)
-    assert fluency.api.PLUGIN_API_VERSION == "1.1"
+    assert fluency.api.PLUGIN_API_VERSION == "1.2"
 
 
 def test_every_public_name_is_documented() -> None:

@@ -15,6 +15,7 @@ import torch
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
 from fluency.api import FluencyError, per_image_noise
+from fluency.blocks import LPIPS_OPTIONS
 
 
 class LPIPSMetric(FluencyMetric):
@@ -53,7 +54,5 @@ def fluency_register_metrics() -> list[MetricSpec]:
     return [MetricSpec(
         name="lpips", factory=LPIPSMetric, needs="model", requires=("decoder",), higher_is_more_fluent=False,
         description="LPIPS distance between each image and its reconstruction (Zhang et al. 2018, v0.1).",
-        options={"net": Option("str", "alex", "backbone", choices=("alex", "vgg", "squeeze")),
-                 "weights": Option("str", None, "local torchvision state dict of the backbone (full or features-only);"
-                                   " default: $FLUENCY_LPIPS_WEIGHTS, then torchvision's cache or download"),
+        options={**LPIPS_OPTIONS,
                  "samples": Option("int", 0, "0: z = mu; k > 0: mean over k seeded samples of z", minimum=0)})]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fluency.core.errors import FluencyError
+from fluency.core.plugin.options import Option
 
 #: torchvision's file names in its hub cache, per backbone
 TORCHVISION_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
@@ -92,6 +93,15 @@ def load_features(modules: dict[int, nn.Module], weights: dict[int, dict[str, to
                     raise FluencyError(f"backbone weights {source}: features.{index}.{name} has shape "
                                        f"{tuple(value.shape)}, expected {tuple(target.shape)} (wrong network?)")
                 target.copy_(value)
+
+
+#: the options of an LPIPS distance wherever one is used (the ``lpips`` metric, ``fluency compare``, the
+#: ``lpips`` training loss): declared once, here
+LPIPS_OPTIONS: dict[str, Option] = {
+    "net": Option("str", "alex", "backbone", choices=("alex", "vgg", "squeeze")),
+    "weights": Option("str", None, "local torchvision state dict of the backbone (full or features-only); default: "
+                      "$FLUENCY_LPIPS_WEIGHTS, then torchvision's cache or download"),
+}
 
 
 def lpips_model(net: str = "alex", weights: str | Path | None = None, version: str = "0.1") -> nn.Module:

@@ -35,6 +35,7 @@ from torch import nn
 
 from fluency.core.errors import FluencyError, OptionError
 from fluency.core.plugin.architecture import FluencyModel, ObjectiveSettings
+from fluency.core.model.backbones import LPIPS_OPTIONS
 from fluency.core.plugin.options import Option, resolve_options
 
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -189,9 +190,7 @@ LOSSES: dict[str, LossSpec] = {
     "ssim": LossSpec("ssim", SSIMLoss, "1 − SSIM (pytorch-msssim)",
                      {"win_size": Option("int", 11, "Gaussian window size (odd)", minimum=3)}),
     "lpips": LossSpec("lpips", LPIPSLoss, "LPIPS distance (Zhang et al. 2018), frozen backbone",
-                      {"net": Option("str", "alex", "backbone", choices=("alex", "vgg", "squeeze")),
-                       "weights": Option("str", None, "local torchvision state dict of the backbone "
-                                         "(default: $FLUENCY_LPIPS_WEIGHTS or torchvision's cache)")}),
+                      LPIPS_OPTIONS),
     "dfc": LossSpec("dfc", DFCLoss, "deep feature consistency (Hou et al. 2017) on ImageNet VGG16 features",
                     {"layers": Option("list[str]", ["relu1_1", "relu2_1", "relu3_1"], "VGG16 ReLU layers"),
                      "weights": Option("str", None, "local torchvision VGG16 state dict (full or features-only)")}),
