@@ -59,6 +59,7 @@ class RunConfig:
     overwrite: bool = False
     by: tuple[str, ...] = ()
     min_group_size: int = 10
+    covariates: bool = True  # also compute image-stats and control every relation for it (--no-covariates: off)
 
     @classmethod
     def create(cls, **settings: Any) -> RunConfig:
