@@ -234,3 +234,46 @@ def test_delta_r2_of_a_metric_that_only_copies_a_covariate_is_not_significant() 
     row = Ridge(folds=5, repeats=1, permutations=19).run(data).iloc[0]
     assert row["estimate"] > 0.1 and row["p"] == pytest.approx(1 / 20)
     assert abs(row["estimate_adj"]) < 0.05 and row["p_adj"] > 0.2
+
+
+def test_partial_names_a_covariate_the_run_computed() -> None:
+    from fluency.plugins.default_correlation import Partial
+
+    data = confounded()
+    row = Partial(covariates=list(NAMES)).run(data).set_index("layer").loc["enc1"]
+    assert row["estimate"] == pytest.approx(_oracle(data, "enc1", rank=False)[0], abs=1e-12)
+
+
+def test_the_readmes_demo_numbers_as_written(tmp_path, monkeypatch) -> None:
+    """Every command of the README's "What the demo shows" block, run as written; the numbers it states."""
+    import shlex
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from fluency.cli import cli as fluency_cli
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### What the demo shows"):]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    for command in block.strip().splitlines():
+        args = shlex.split(command)
+        assert args[0] == "fluency", command
+        result = CliRunner().invoke(fluency_cli, [*args[1:], "--no-report"] if args[1] == "run" else args[1:],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, (command, result.output)
+    pearson = pd.read_parquet(tmp_path / "runs/demo/analyses/pearson.parquet").set_index(["metric", "layer"],
+                                                                                           drop=False)
+    partial = pd.read_parquet(tmp_path / "runs/demo/analyses/partial.parquet").set_index(["metric", "layer"],
+                                                                                           drop=False)
+    sam, gini = pearson.xs("sam", level=0).iloc[0], pearson.loc[("gini", "all")]
+    assert round(pearson.xs("jpeg-bpp", level=0).iloc[0]["estimate"], 3) == -0.855
+    assert (round(sam["estimate"], 3), round(sam["estimate_adj"], 3), round(sam["p_adj_fdr"], 2)) == (-0.391, -0.066,
+                                                                                                      0.42)
+    assert round(partial.xs("sam", level=0).iloc[0]["estimate"], 3) == 0.056
+    assert (round(gini["estimate"], 3), round(gini["estimate_adj"], 3)) == (-0.743, -0.057)
+    assert round(partial.loc[("gini", "all")]["estimate"], 3) == -0.191
+    untrained = pd.read_parquet(tmp_path / "runs/demo-untrained/analyses/pearson.parquet")
+    flipped = untrained[untrained["metric"] == "sam"].iloc[0]
+    assert (round(flipped["estimate"], 3), round(flipped["estimate_adj"], 3)) == (0.725, 0.097)

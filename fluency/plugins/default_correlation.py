@@ -225,6 +225,9 @@ class Partial(Correlation):
         for name in self.options["covariates"]:
             if name in data.ratings.columns:
                 values = pd.to_numeric(data.ratings.set_index("image_id")[name], errors="coerce")
+            elif name in data.covariate_names:  # computed by the run as a covariate, not a tested metric
+                table = data.covariates[data.covariates["checkpoint"] == rows["checkpoint"].iloc[0]]  # type: ignore[index]
+                values = table.set_index("image_id")[name]
             else:
                 metric, _, layer = name.partition("@")
                 m = data.metrics[(data.metrics["metric"] == metric) &
