@@ -7,6 +7,12 @@ regressing both the metric and the rating on ``covariates`` (columns of the rati
 or other metrics of the run written ``metric`` or ``metric@layer``), with n − 2 − k degrees
 of freedom. fluency adds ``p_fdr``, Benjamini–Hochberg across every test of the run.
 
+With the run's low-level covariates (:attr:`fluency.AnalysisData.covariates`, the ``image-stats``
+values; off with ``--no-covariates``), ``pearson`` and ``spearman`` rows also carry the relation
+controlling for them: ``estimate_adj`` (partial r given every covariate, Spearman's on ranks; the
+same computation as ``partial``), ``p_adj`` (n − 2 − k df; in the run-wide family as ``p_adj_fdr``)
+and ``covariates``. A metric that is itself a covariate is not adjusted (NaN): not a hypothesis.
+
 With two or more checkpoints, ``pearson`` and ``spearman`` also compare them: for every (metric,
 layer) and pair of checkpoints (A, B) a row with ``statistic`` ``r_diff`` (``rho_diff``),
 ``checkpoint`` ``"A−B"``, ``estimate`` = r_A − r_B and the two-sided p of the test of equal
