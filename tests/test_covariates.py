@@ -244,8 +244,10 @@ def test_partial_names_a_covariate_the_run_computed() -> None:
     assert row["estimate"] == pytest.approx(_oracle(data, "enc1", rank=False)[0], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_the_readmes_demo_numbers_as_written(tmp_path, monkeypatch) -> None:
-    """Every command of the README's "What the demo shows" block, run as written; the numbers it states."""
+    """Every command of the README's "What the demo shows" block, run as written; the numbers it states
+    (two runs of the embedded default and a one-epoch training: about 2 minutes on 2 busy cores; -m slow)."""
     import shlex
     from pathlib import Path
 
