@@ -17,7 +17,8 @@ from fluency.core.inputs.images import FolderSource, Preprocessing, find_images,
 from fluency.core.inputs.ratings import read_table
 from fluency.core.model.capture import capture_activations
 from fluency.core.model.losses import LOSSES
-from fluency.core.plugin.analysis import EFFECT_KINDS, RESULT_COLUMNS, Analysis, AnalysisData, EffectSize
+from fluency.core.plugin.analysis import (ADJUSTED_COLUMNS, EFFECT_KINDS, FDR_COLUMNS, RESULT_COLUMNS, Analysis,
+                                         AnalysisData, EffectSize)
 from fluency.core.plugin.architecture import (EncoderOutput, FlowOutput, FluencyEncoder, FluencyFlow, FluencyModel,
                                                FluencyVAE, ObjectiveSettings, VAEOutput, kl_divergence,
                                                require_attention_layers)
@@ -48,7 +49,7 @@ __all__ = [
     "channel_rows", "LOSSES", "capture_activations", "FolderSource", "Preprocessing", "find_images",
     "iter_batches", "read_table", "ActivationStore", "RunResult",
     # analyses
-    "Analysis", "AnalysisData", "RESULT_COLUMNS", "EffectSize", "EFFECT_KINDS", "fdr_bh", "compare_dependent_correlations", "DEPENDENT_METHODS",
+    "Analysis", "AnalysisData", "RESULT_COLUMNS", "ADJUSTED_COLUMNS", "FDR_COLUMNS", "EffectSize", "EFFECT_KINDS", "fdr_bh", "compare_dependent_correlations", "DEPENDENT_METHODS",
     # constraints
     "Constraint", "L1Penalty", "require_layers", "weight_option",
     # architectures (building blocks: fluency.blocks)

@@ -63,6 +63,10 @@ def _set_debug(_ctx: click.Context, _param: click.Parameter, value: bool) -> Non
     _DEBUG["on"] = bool(value)
 
 
+NO_COVARIATES_HELP = ("Do not compute the low-level image covariates (image-stats) nor control the relations for "
+                      "them: raw relations only.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fluency")
 @click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
@@ -125,13 +129,14 @@ def cli() -> None:
 @click.option("--deterministic", is_flag=True,
               help="One CPU thread and deterministic algorithms: results that do not depend on the thread count "
                    "(slower).")
+@click.option("--no-covariates", is_flag=True, help=NO_COVARIATES_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def run(images: Path | None, ratings: Path | None, id_column: str, rating_column: str, checkpoints: tuple[Path, ...],
         models: tuple[str, ...], metrics: tuple[str, ...], analyses: tuple[str, ...], layers: tuple[str, ...], out: Path | None, device: str,
         batch_size: int, seed: int, options: tuple[str, ...], config: Path | None, store_dtype: str, no_store: bool,
         store_layers: tuple[str, ...], strict: bool, by: str | None, min_group_size: int, overwrite: bool, top: int, no_report: bool,
         interpolate: tuple[str, ...], no_figures: bool, rater_ratings: Path | None, rater_column: str,
-        reliability_splits: int, deterministic: bool, as_json: bool) -> None:
+        reliability_splits: int, deterministic: bool, no_covariates: bool, as_json: bool) -> None:
     """Compute per-image fluency metrics and relate them to ratings.
 
     With no --images and no --checkpoint, runs on the embedded default (generated, rated stimuli and a
@@ -146,7 +151,7 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         store_dtype=store_dtype, store_layers=_split(store_layers) or None, strict=strict, overwrite=overwrite,
         console=err, by=_split((by,)) if by else (), min_group_size=min_group_size, interpolate=interpolate,
         figures=not no_figures, rater_ratings=rater_ratings, rater_column=rater_column,
-        reliability_splits=reliability_splits, deterministic=deterministic,
+        reliability_splits=reliability_splits, deterministic=deterministic, covariates=not no_covariates,
     )
     if not no_report:
         from fluency.core.outputs.report import build_report
@@ -226,11 +231,12 @@ def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = 
               "else 10).")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Relations shown in the summary.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
+@click.option("--no-covariates", is_flag=True, help=NO_COVARIATES_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def measure(target: Path, metrics: tuple[str, ...], analyses: tuple[str, ...], ratings: Path | None, id_column: str,
             rating_column: str | None, images: Path | None, out: Path | None, options: tuple[str, ...],
             config: Path | None, replace: bool, batch_size: int, by: str | None, min_group_size: int | None, top: int,
-            no_report: bool, as_json: bool) -> None:
+            no_report: bool, no_covariates: bool, as_json: bool) -> None:
     """Compute activation metrics (then analyses) from a completed activation store or run folder.
 
     No model and no images are needed: TARGET is a store (e.g. RUN/activations/default) or a run folder,
@@ -241,7 +247,8 @@ def measure(target: Path, metrics: tuple[str, ...], analyses: tuple[str, ...], r
     result = measure_job(str(target), _split(metrics), analyses=_split(analyses) or None, ratings=ratings,
                          id_column=id_column, rating_column=rating_column, images=images, out=out, options=options,
                          config=config, replace=replace, batch_size=batch_size, by=_split((by,)) if by else None,
-                         min_group_size=min_group_size, console=err, report=False if no_report else True)
+                         min_group_size=min_group_size, console=err, report=False if no_report else True,
+                         covariates=not no_covariates)
     _print_result(result, top, as_json, result.manifest["measured"][-1]["timings"]["total"])
 
 

@@ -71,6 +71,7 @@ def stimuli(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def live_run(stimuli: Path, out: Path, dtype: str, **kwargs) -> fluency.core.run.folder.RunResult:
+    kwargs.setdefault("covariates", False)  # activation metrics only: the store's subject, not image statistics
     return fluency.run(metrics=ACTIVATION_METRICS, images=stimuli / "images", ratings=stimuli / "ratings.csv",
                        checkpoints=[stimuli / "att.pt"], out=out, store_dtype=dtype, batch_size=5, figures=False,
                        progress=False, options=["typicality.dims=3"], **kwargs)

@@ -168,6 +168,7 @@ def test_third_party_metric_runs_end_to_end(site: Path, tmp_path: Path) -> None:
     import pandas as pd
 
     table = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
+    table = table[table["plugin"] == "mean-activation"]  # beside it: the image-stats covariates of every run
     assert set(table["metric"]) == {"mean-activation"} and set(table["layer"]) == {"enc1"}
     assert (table["value"] >= 0).all() and len(table) == 240
 
@@ -351,7 +352,7 @@ def test_contract_violations_and_column_clashes_are_one_line_naming_the_plugin(t
                       layers=["enc5"])
     with pytest.raises(FluencyError, match="both write the metric column 'gini'"):  # adding it to the run later
         fluency.measure(run.path, ["fake-gini"], manager=pm, progress=False)
-    assert set(pd.read_parquet(run.path / "metrics.parquet")["metric"]) == {"gini"}
+    assert set(pd.read_parquet(run.path / "metrics.parquet")["plugin"]) == {"gini", "image-stats"}  # + covariates
 
 
 def test_a_failing_plugin_exits_with_its_own_status_and_debug_shows_the_traceback(tmp_path: Path, monkeypatch,

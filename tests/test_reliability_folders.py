@@ -78,7 +78,7 @@ def test_overwrite_removes_only_what_the_previous_run_wrote(stimuli: Path, tmp_p
         (out / name).write_bytes(data)
     second = small_run(stimuli, out, metrics=("hoyer",), overwrite=True)
     assert {name: (out / name).read_bytes() for name in mine} == mine
-    assert not list((out / "metrics").glob("gini-*")) and set(second.metrics["metric"]) == {"hoyer"}
+    assert not list((out / "metrics").glob("gini-*")) and set(second.metrics["plugin"]) == {"hoyer", "image-stats"}
     assert not (out / "report.html").exists() and not (out / "figures" / "heatmap-pearson.png").exists()
     assert (out / "analyses" / "pearson.parquet").exists() and (out / "figures" / "recon-default.png").exists()
     assert second.manifest["status"] == "complete"

@@ -21,6 +21,10 @@ from fluency.core.errors import FluencyError, InputError, OptionError, PluginErr
 from fluency.core.run.store import ActivationStore
 
 
+#: the image-stats covariates every run with images computes (unless --no-covariates)
+COVARIATES = {"luminance", "rms-contrast", "spectral-slope", "edge-density", "jpeg-bpp"}
+
+
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200", "FLUENCY_DISABLE_PLUGIN_AUTOLOAD": "1"}
     return subprocess.run([sys.executable, "-m", "fluency.cli", *args], capture_output=True, text=True, env=env,
@@ -44,7 +48,7 @@ def test_default_run_writes_every_output(default_run) -> None:
         assert (out / name).exists(), name
     metrics = pd.read_parquet(out / "metrics.parquet")
     assert {"image_id", "checkpoint", "metric", "layer", "value"} <= set(metrics.columns)
-    assert set(metrics["metric"]) == {"gini", "sam"}
+    assert set(metrics["metric"]) == {"gini", "sam", *COVARIATES}  # the covariates: computed, not tested
     assert metrics.loc[metrics.metric == "sam", "layer"].isna().all()
     assert set(metrics.loc[metrics.metric == "gini", "layer"]) == {"enc1", "enc2", "enc3", "enc4", "enc5", "all"}
     assert metrics.groupby(["metric", "layer"], dropna=False).size().eq(240).all()
@@ -56,7 +60,7 @@ def test_default_run_writes_every_output(default_run) -> None:
     assert manifest["config"]["metrics"] == ["gini", "sam"] and manifest["config"]["store_dtype"] == "float16"
     assert manifest["format"] == "fluency-run" and manifest["format_version"] == 2
     parts = {p["plugin"]: p for p in manifest["metric_parts"]}
-    assert set(parts) == {"gini", "sam"} and all((out / p["file"]).exists() for p in parts.values())
+    assert set(parts) == {"gini", "sam", "image-stats"} and all((out / p["file"]).exists() for p in parts.values())
     assert parts["sam"]["options"] == manifest["options"]["metric.sam"]
     for plugin, part in parts.items():
         rows = metrics[metrics["plugin"] == plugin]
@@ -79,6 +83,8 @@ def test_default_run_recovers_the_generators_relation(default_run) -> None:
     assert sam["estimate"] < -0.2 and sam["p_fdr"] < 0.05
     both = pd.concat([pearson, pd.read_parquet(out / "analyses" / "spearman.parquet")])
     assert (both["p_fdr"] >= both["p"] - 1e-15).all() and len(both) == 14
+    # ... and that the relation is clutter's: controlling for the image-stats covariates, it vanishes
+    assert abs(sam["estimate_adj"]) < 0.1 and sam["p_adj_fdr"] > 0.05
 
 
 def test_activation_store_of_a_run_has_provenance_and_matches_the_metric(default_run) -> None:
@@ -109,8 +115,8 @@ def test_python_api_same_as_cli(tmp_path: Path) -> None:
     result = fluency.run(metrics=["lepsilon"], options=["lepsilon.mode=relative", "lepsilon.epsilon=0.1"],
                          layers=["enc1", "enc2"], out=tmp_path / "api", progress=False, store=False)
     assert result.path == tmp_path / "api"
-    assert set(result.metrics["metric"]) == {"lepsilon", "lepsilon-fraction"}
-    assert set(result.metrics["layer"]) == {"enc1", "enc2"}
+    assert set(result.metrics["metric"]) == {"lepsilon", "lepsilon-fraction", *COVARIATES}
+    assert set(result.metrics["layer"].dropna()) == {"enc1", "enc2"}
     assert set(result.analyses) == {"pearson", "spearman"} and "p_fdr" in result.analyses["pearson"]
     assert result.manifest["options"]["metric.lepsilon"] == {"epsilon": 0.1, "mode": "relative",
                                                             "layers": ["enc1", "enc2"], "all_layers": False,
@@ -432,7 +438,7 @@ def test_unknown_option_in_config_file(tmp_path: Path) -> None:
 def test_subgroup_analyses_report_small_groups_instead_of_failing(london_faces: Path, tmp_path: Path) -> None:
     result = fluency.run(metrics=["gini"], images=london_faces / "images", ratings=london_faces / "ratings.csv",
                          rating_column="attractiveness", by=["face_sex", "face_eth"], min_group_size=10,
-                         out=tmp_path / "by", progress=False, store=False)
+                         out=tmp_path / "by", progress=False, store=False, covariates=False)  # raw p only
     groups = {g["group"]: g for g in result.manifest["subgroups"]["groups"]}
     assert groups["face_sex=female, face_eth=white"]["analysed"] and groups["all"]["n"] == 102
     small = groups["face_sex=male, face_eth=east_asian/white"]

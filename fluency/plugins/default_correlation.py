@@ -7,6 +7,12 @@ regressing both the metric and the rating on ``covariates`` (columns of the rati
 or other metrics of the run written ``metric`` or ``metric@layer``), with n − 2 − k degrees
 of freedom. fluency adds ``p_fdr``, Benjamini–Hochberg across every test of the run.
 
+With the run's low-level covariates (:attr:`fluency.AnalysisData.covariates`, the ``image-stats``
+values; off with ``--no-covariates``), ``pearson`` and ``spearman`` rows also carry the relation
+controlling for them: ``estimate_adj`` (partial r given every covariate, Spearman's on ranks; the
+same computation as ``partial``), ``p_adj`` (n − 2 − k df; in the run-wide family as ``p_adj_fdr``)
+and ``covariates``. A metric that is itself a covariate is not adjusted (NaN): not a hypothesis.
+
 With two or more checkpoints, ``pearson`` and ``spearman`` also compare them: for every (metric,
 layer) and pair of checkpoints (A, B) a row with ``statistic`` ``r_diff`` (``rho_diff``),
 ``checkpoint`` ``"A−B"``, ``estimate`` = r_A − r_B and the two-sided p of the test of equal
@@ -28,7 +34,8 @@ import pandas as pd
 from scipy import stats
 
 from fluency import Analysis, AnalysisData, AnalysisSpec, Option, hookimpl
-from fluency.api import DEPENDENT_METHODS, RESULT_COLUMNS, EffectSize, FluencyError, compare_dependent_correlations
+from fluency.api import (ADJUSTED_COLUMNS, DEPENDENT_METHODS, RESULT_COLUMNS, EffectSize, FluencyError,
+                         compare_dependent_correlations)
 
 MIN_N = 3
 BOOT_OPTIONS = {
@@ -79,6 +86,23 @@ def residualize(v: np.ndarray, z: np.ndarray) -> np.ndarray:
     return v - design @ coef
 
 
+def correlation_test(x: np.ndarray, y: np.ndarray, z: np.ndarray | None, rank: bool) -> tuple[float, float]:
+    """(r, two-sided p) of x and y — Pearson's, or with ``rank`` Spearman's on ranks — partialled on the columns
+    of ``z`` (None: none; ranked too with ``rank``): r of the residuals of both on z, t test with n − 2 − k df."""
+    if rank:
+        x, y = stats.rankdata(x), stats.rankdata(y)
+        if z is not None:
+            z = np.column_stack([stats.rankdata(c) for c in z.T])
+    if z is not None:
+        x, y = residualize(x, z), residualize(y, z)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        estimate = float(stats.pearsonr(x, y).statistic)
+    dof = len(x) - 2 - (0 if z is None else z.shape[1])
+    t = estimate * np.sqrt(dof / max(1e-300, 1 - estimate**2))
+    return estimate, float(2 * stats.t.sf(abs(t), dof))
+
+
 class Correlation(Analysis):
     """Base of the correlation analyses; subclasses set ``name``, ``statistic`` and ``rank``."""
 
@@ -87,6 +111,8 @@ class Correlation(Analysis):
     rank: ClassVar[bool]
     #: add r_A − r_B rows for every pair of checkpoints (not for ``partial``)
     compares_checkpoints: ClassVar[bool] = False
+    #: with the run's covariates, add the relation controlling for them (not for ``partial``)
+    adjusts: ClassVar[bool] = False
 
     def covariates(self, data: AnalysisData, rows: pd.DataFrame) -> np.ndarray | None:
         return None
@@ -112,29 +138,36 @@ class Correlation(Analysis):
             elif np.ptp(x) == 0 or np.ptp(y) == 0:
                 note = "constant values"
             else:
-                x0, y0 = x, y
-                if self.rank:
-                    x, y = stats.rankdata(x), stats.rankdata(y)
-                    if z is not None:
-                        z = np.column_stack([stats.rankdata(c) for c in z.T])
-                if z is not None:
-                    x, y = residualize(x, z), residualize(y, z)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    estimate = float(stats.pearsonr(x, y).statistic)
-                dof = len(x) - 2 - k
-                t = estimate * np.sqrt(dof / max(1e-300, 1 - estimate**2))
-                p = float(2 * stats.t.sf(abs(t), dof))
+                estimate, p = correlation_test(x, y, z, self.rank)
                 if z is None:
-                    lo, hi = bootstrap_ci(x0, y0, self.rank, int(self.options.get("n_boot", 1000)), level, rng)
+                    lo, hi = bootstrap_ci(x, y, self.rank, int(self.options.get("n_boot", 1000)), level, rng)
             out.append({"analysis": self.name, "checkpoint": checkpoint, "metric": metric,
                         "layer": None if pd.isna(layer) else layer, "n": len(x), "statistic": self.statistic,
                         "estimate": estimate, "p": p, "ci_low": lo, "ci_high": hi, "note": note})
+            if self.adjusts and data.covariate_names:
+                out[-1].update(self.adjusted(data, group, metric))
         method = str(self.options.get("diff_test", "steiger"))
         if self.compares_checkpoints and method != "none" and joined["checkpoint"].nunique() > 1:
             out += self.compare_checkpoints(joined, method)
         extra = COMPARE_COLUMNS if any("r_ab" in row for row in out) else ()
-        return pd.DataFrame(out, columns=[*RESULT_COLUMNS, "ci_low", "ci_high", "note", *extra])
+        adjusted = ADJUSTED_COLUMNS if self.adjusts and data.covariate_names else ()
+        return pd.DataFrame(out, columns=[*RESULT_COLUMNS, "ci_low", "ci_high", "note", *extra, *adjusted])
+
+    def adjusted(self, data: AnalysisData, group: pd.DataFrame, metric: str) -> dict[str, Any]:
+        """The relation of one (checkpoint, metric, layer) controlling for the run's covariates: ``estimate_adj``
+        (partial r, Spearman's on ranks) and ``p_adj``; NaN for a covariate itself (not a hypothesis) or too few
+        images."""
+        names = data.covariate_names
+        row: dict[str, Any] = {"estimate_adj": np.nan, "p_adj": np.nan, "covariates": ",".join(names)}
+        if metric in names or not len(group):
+            return row
+        z = data.covariate_matrix(group["checkpoint"].iloc[0], group["image_id"])
+        keep = np.isfinite(z).all(axis=1)
+        x, y, z = group["value"].to_numpy(float)[keep], group["rating"].to_numpy(float)[keep], z[keep]
+        z = z[:, np.ptp(z, axis=0) > 0]  # a constant covariate (e.g. within a subgroup) carries nothing
+        if len(x) >= MIN_N + z.shape[1] and np.ptp(x) > 0 and np.ptp(y) > 0:
+            row["estimate_adj"], row["p_adj"] = correlation_test(x, y, z, self.rank)
+        return row
 
     def compare_checkpoints(self, joined: pd.DataFrame, method: str) -> list[dict[str, Any]]:
         """One row per (metric, layer, pair of checkpoints A < B): r_A − r_B and its dependent-correlation test.
@@ -171,14 +204,14 @@ class Pearson(Correlation):
     """Pearson's r with its two-sided p-value and a bootstrap confidence interval."""
 
     name, statistic, rank = "pearson", "r", False
-    compares_checkpoints = True
+    compares_checkpoints = adjusts = True
 
 
 class Spearman(Correlation):
     """Spearman's rho (Pearson's r of the ranks) with its two-sided p-value and a bootstrap interval."""
 
     name, statistic, rank = "spearman", "rho", True
-    compares_checkpoints = True
+    compares_checkpoints = adjusts = True
 
 
 class Partial(Correlation):
@@ -198,6 +231,9 @@ class Partial(Correlation):
         for name in self.options["covariates"]:
             if name in data.ratings.columns:
                 values = pd.to_numeric(data.ratings.set_index("image_id")[name], errors="coerce")
+            elif name in data.covariate_names:  # computed by the run as a covariate, not a tested metric
+                table = data.covariates[data.covariates["checkpoint"] == rows["checkpoint"].iloc[0]]  # type: ignore[index]
+                values = table.set_index("image_id")[name]
             else:
                 metric, _, layer = name.partition("@")
                 m = data.metrics[(data.metrics["metric"] == metric) &

@@ -10,7 +10,19 @@ each training fold, and a ridge regression whose penalty is chosen inside the fo
 - ``r2_fold_mean`` ± ``r2_fold_sd``: mean and SD of the per-fold R² (they differ from the pooled
   R²; both are reported, and both can be negative: worse than predicting the mean);
 - ``p``: permutation p-value of ``r2_pooled`` — (1 + #{permuted ≥ observed}) / (1 + permutations),
-  the ratings shuffled ``permutations`` times (seeded) through the same pipeline.
+  the ratings shuffled ``permutations`` times (seeded) through the same pipeline;
+- ``r2_in_sample``, ``r2_adj_in_sample``: the literature's in-sample R² and adjusted R²
+  (1 − (1 − R²)(n − 1)/(n − k − 1), k features) of the ordinary least-squares fit of the rating on the
+  same features, on all images — what published, in-sample figures report (no penalty, no hold-out),
+  so they can be set beside them; NaN when n ≤ k + 1.
+
+With the run's covariates (:attr:`fluency.AnalysisData.covariates`), also the R² the metric adds over
+them, on the same folds: ``r2_covariates`` = cross-validated R² of the covariates alone,
+``estimate_adj`` = ΔR² = R²(covariates + metric) − R²(covariates), both averaged over the repeats,
+and ``p_adj``, its permutation p: the metric's rows are shuffled relative to the covariates and the
+rating (whose own relation is kept) ``permutations`` times, ΔR² recomputed on the first repeat's split.
+Scaler, penalty and coefficients are fitted inside each training fold, for the estimate and every
+permutation alike.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from fluency import Analysis, AnalysisData, AnalysisSpec, Option, hookimpl
-from fluency.api import RESULT_COLUMNS, EffectSize
+from fluency.api import ADJUSTED_COLUMNS, RESULT_COLUMNS, EffectSize
 
 
 def _pipeline(alphas: np.ndarray, per_target: bool = False) -> Any:
@@ -71,6 +83,41 @@ def permutation_null(x: np.ndarray, y: np.ndarray, permutations: int, folds: int
     return np.asarray(r2_score(shuffled, pred, multioutput="raw_values"))
 
 
+def in_sample_r2(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(R², adjusted R²) of the least-squares fit of y on x with an intercept, on the same data; adjusted R² is
+    1 − (1 − R²)(n − 1)/(n − k − 1) for k columns of x (NaN, both, when n ≤ k + 1: a saturated fit)."""
+    n, k = x.shape
+    if n <= k + 1:
+        return np.nan, np.nan
+    design = np.column_stack([np.ones(n), x])
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    r2 = 1 - float(((y - design @ coef) ** 2).sum()) / float(((y - y.mean()) ** 2).sum())
+    return r2, 1 - (1 - r2) * (n - 1) / (n - k - 1)
+
+
+def delta_r2_null(z: np.ndarray, x: np.ndarray, y: np.ndarray, permutations: int, folds: int, seed: int,
+                  alphas: np.ndarray) -> np.ndarray:
+    """ΔR² = pooled R²(z + x) − pooled R²(z) of ``permutations`` seeded shuffles of the rows of ``x`` alone (the
+    covariates ``z`` stay with the rating ``y``), each through the same pipeline on the K-fold split of the first
+    repeat (penalty chosen inside each training fold)."""
+    from sklearn.base import clone
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import KFold
+
+    splits = list(KFold(folds, shuffle=True, random_state=seed).split(z))
+    model = _pipeline(alphas)
+
+    def pooled(features: np.ndarray) -> float:
+        pred = np.empty_like(y)
+        for train, test in splits:
+            pred[test] = clone(model).fit(features[train], y[train]).predict(features[test])
+        return float(r2_score(y, pred))
+
+    base = pooled(z)
+    rng = np.random.default_rng(seed + 1)
+    return np.array([pooled(np.column_stack([z, x[rng.permutation(len(y))]])) - base for _ in range(permutations)])
+
+
 class Ridge(Analysis):
     def run(self, data: AnalysisData) -> pd.DataFrame:
         o = self.options
@@ -79,16 +126,24 @@ class Ridge(Analysis):
         alphas = np.logspace(float(o.get("alpha_min_log10", -3)), float(o.get("alpha_max_log10", 4)), 30)
         joined = data.joined()
         joined["layer"] = joined["layer"].fillna("(whole)")
+        covariates = data.covariate_names
         rows = []
         for (checkpoint, metric), group in joined.groupby(["checkpoint", "metric"], sort=True):
             wide = group.pivot_table(index="image_id", columns="layer", values="value", aggfunc="first")
             ratings = group.drop_duplicates("image_id").set_index("image_id")["rating"].reindex(wide.index)
             ok = np.isfinite(wide.to_numpy()).all(axis=1) & np.isfinite(ratings.to_numpy())
+            z = data.covariate_matrix(checkpoint, wide.index) if covariates else None
+            if z is not None:
+                ok &= np.isfinite(z).all(axis=1)
+                z = z[ok]
             x, y = wide.to_numpy(float)[ok], ratings.to_numpy(float)[ok]
             row: dict[str, Any] = {"analysis": "ridge", "checkpoint": checkpoint, "metric": metric, "layer": None,
                                    "n": len(y), "statistic": "r2_pooled", "estimate": np.nan, "p": np.nan,
                                    "r2_fold_mean": np.nan, "r2_fold_sd": np.nan, "n_features": x.shape[1],
-                                   "layers": ",".join(map(str, wide.columns)), "note": ""}
+                                   "layers": ",".join(map(str, wide.columns)), "note": "",
+                                   "r2_in_sample": np.nan, "r2_adj_in_sample": np.nan}
+            if covariates:
+                row.update(r2_covariates=np.nan, estimate_adj=np.nan, p_adj=np.nan, covariates=",".join(covariates))
             if len(y) < 2 * folds or np.ptp(y) == 0:
                 row["note"] = f"fewer than {2 * folds} images or constant ratings"
                 rows.append(row)
@@ -97,18 +152,28 @@ class Ridge(Analysis):
             null = permutation_null(x, y, n_perm, folds, seed, alphas) if n_perm else np.array([])
             row.update(estimate=r2, r2_fold_mean=float(np.nanmean(per_fold)), r2_fold_sd=float(np.nanstd(per_fold)),
                        p=(1 + int((null >= r2).sum())) / (1 + n_perm) if n_perm else np.nan)
+            row["r2_in_sample"], row["r2_adj_in_sample"] = in_sample_r2(x, y)
+            if z is not None and metric not in covariates:
+                r2_z, _ = cross_validated_r2(z, y, folds, repeats, seed, alphas)
+                r2_zx, _ = cross_validated_r2(np.column_stack([z, x]), y, folds, repeats, seed, alphas)
+                delta = r2_zx - r2_z
+                null = delta_r2_null(z, x, y, n_perm, folds, seed, alphas) if n_perm else np.array([])
+                row.update(r2_covariates=r2_z, estimate_adj=delta,
+                           p_adj=(1 + int((null >= delta).sum())) / (1 + n_perm) if n_perm else np.nan)
             rows.append(row)
+        extra = ("r2_covariates", *ADJUSTED_COLUMNS) if covariates else ()
         return pd.DataFrame(rows, columns=[*RESULT_COLUMNS, "r2_fold_mean", "r2_fold_sd", "n_features", "layers",
-                                           "note"])
+                                           "note", "r2_in_sample", "r2_adj_in_sample", *extra])
 
 
 @hookimpl
 def fluency_register_analyses() -> list[AnalysisSpec]:
     return [AnalysisSpec(
         name="ridge", factory=Ridge,
-        effects=(EffectSize("r2_pooled", "cross-validated R²", kind="r2", range=None, directional=False,
+        effects=(EffectSize("r2_pooled", "CV R²", kind="r2", range=None, directional=False,
                             heatmap=False),),
-        description="Cross-validated R² of the ratings from a metric's per-layer values (ridge, permutation p).",
+        description="Cross-validated R² of the ratings from a metric's per-layer values (ridge, permutation p); "
+                    "ΔR² over the run's covariates; in-sample R² and adjusted R² (OLS) beside published figures.",
         options={"folds": Option("int", 5, "K of the K-fold cross-validation", minimum=2),
                  "repeats": Option("int", 10, "seeded reshuffles of the K-fold split", minimum=1),
                  "permutations": Option("int", 200, "label permutations for the p-value (0: none)", minimum=0),

@@ -147,8 +147,14 @@ def _model_views(run: Path, label: str, manifest: dict[str, Any], ratings: pd.Da
     return [f"<h2>Model views ({html.escape(label)})</h2>", *parts] if parts else []
 
 
+#: table headers that say what a column is (the column's own name otherwise)
+_HEADERS = {"estimate_adj": "adj. (given covariates)", "p_adj": "p adj.", "p_adj_fdr": "p_fdr adj.",
+            "r2_covariates": "CV R² of covariates", "r2": "R² (in-sample)", "r2_adj": "adj. R² (in-sample)",
+            "r2_in_sample": "R² (in-sample OLS)", "r2_adj_in_sample": "adj. R² (in-sample OLS)"}
+
+
 def _table(df: pd.DataFrame, columns: list[str], table_id: str) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    head = "".join(f"<th>{html.escape(_HEADERS.get(c, c))}</th>" for c in columns)
     rows = []
     for _, r in df.iterrows():
         cells = []
@@ -191,6 +197,16 @@ def _effect_views(analyses: dict[str, pd.DataFrame], effects: dict[tuple[str, st
                 figures.correlation_heatmap(table, fig_dir / f"{stem}.{suffix}", f"{name}: {effect.title}",
                                             value_range=effect.range)
             views.setdefault(effect.kind, []).append(_img(fig_dir / f"{stem}.png", _CAPTIONS.get(effect.kind)))
+            if "estimate_adj" in table.columns and table["estimate_adj"].notna().any():
+                adjusted = table.assign(estimate=table["estimate_adj"], p_fdr=table.get("p_adj_fdr", np.nan))
+                names = ", ".join(str(next(iter(table.get("covariates", pd.Series(dtype=object)).dropna()),
+                                           "the covariates")).split(","))
+                for suffix in ("png", "svg"):
+                    figures.correlation_heatmap(adjusted, fig_dir / f"{stem}-adjusted.{suffix}",
+                                                f"{name}: {effect.title} given the covariates", value_range=effect.range)
+                views[effect.kind].append(_img(fig_dir / f"{stem}-adjusted.png",
+                                               f"The same relations controlling for {names} (partial correlation; "
+                                               "Spearman's on ranks); * : p_adj_fdr < 0.05, same family."))
     out: list[str] = []
     for kind, images in views.items():
         heading = "Cross-validated prediction" if kind == "r2" else _HEADINGS[kind]
@@ -293,6 +309,23 @@ def build_report(run_dir: str | Path, top_scatter: int = 6) -> Path:
         return _build(run, manifest, status, note, top_scatter)
 
 
+def _covariates_note(manifest: dict[str, Any]) -> str:
+    """One paragraph: which low-level covariates the relations are controlled for, or that they are raw."""
+    record = manifest.get("covariates")
+    if not isinstance(record, dict) or not record.get("columns"):
+        return ("<p>Relations are <b>raw</b>: not controlled for low-level image statistics (run without "
+                "<code>--no-covariates</code>, with the images, to add them).</p>") if manifest.get("analyses") else ""
+    names = ", ".join(html.escape(str(c)) for c in record["columns"])
+    return (f"<p>Every relation is shown raw and controlling for the low-level covariates of "
+            f"<code>{html.escape(str(record.get('plugin', 'image-stats')))}</code> ({names}): columns "
+            "<i>adj.</i> (partial correlation, Spearman's on ranks; for ridge ΔR², the cross-validated R² the "
+            "metric adds over the covariates alone, with its own permutation p). Adjusted tests are in the same "
+            "Benjamini–Hochberg family as the raw ones (<i>p_fdr adj.</i>). "
+            + ("The covariates were requested as metrics and are tested raw too; never against themselves."
+               if record.get("requested") else "The covariates are not tested themselves; their values are in "
+               "metrics.parquet.") + "</p>")
+
+
 def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scatter: int) -> Path:
     """Write the page and the figures it embeds (the caller holds the run folder's lock)."""
     fig_dir = run / "figures"
@@ -310,6 +343,7 @@ def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scat
     except (KeyError, TypeError, ValueError) as exc:
         raise FluencyError(f"{run / MANIFEST}: damaged: analysis_effects ({error_text(exc, 160)})") from None
     parts += _reliability_view(manifest)
+    parts.append(_covariates_note(manifest))
     parts += _effect_views(analyses, effects, fig_dir)
     if analyses and metrics is not None and ratings is not None:
         table = pd.concat(analyses.values(), ignore_index=True)
@@ -341,10 +375,10 @@ def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scat
     for name, table in analyses.items():
         table = with_ceiling(table, effects, manifest)  # --rater-ratings: r² or R² over the noise ceiling
         columns = [c for c in ["group", "checkpoint", "metric", "layer", "n", "statistic", "estimate", "of_ceiling",
-                               "ci_low",
-                               "ci_high", "r_a", "r_b", "r_ab", "r2_fold_mean", "r2_fold_sd", "se", "r2", "p",
-                               "p_t", "p_wilcoxon", "mean_a", "mean_b", "sd_diff", "d_z", "r_rb",
-                               "p_fdr", "note"]
+                               "ci_low", "ci_high", "r_a", "r_b", "r_ab", "r2_fold_mean", "r2_fold_sd", "se", "r2",
+                               "r2_adj", "r2_in_sample", "r2_adj_in_sample", "p", "p_t", "p_wilcoxon", "mean_a",
+                               "mean_b", "sd_diff", "d_z", "r_rb", "p_fdr", "estimate_adj", "r2_covariates", "p_adj",
+                               "p_adj_fdr", "note"]
                    if c in table.columns]
         parts += [f"<h2>Analysis: {html.escape(name)}</h2>", _table(table, columns, f"table-{name}")]
     if metrics is not None:

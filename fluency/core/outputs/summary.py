@@ -47,31 +47,59 @@ def relations_table(rows: pd.DataFrame, directions: Mapping[str, Any], effects: 
     grouped = "group" in rows.columns and rows["group"].nunique() > 1
     directional = any(getattr(effects.get((r.analysis, r.statistic)), "directional", False)
                       for r in rows.itertuples(index=False))
+    adjusted = "estimate_adj" in rows.columns and bool(rows["estimate_adj"].notna().any())
+    in_sample = "r2_in_sample" in rows.columns and bool(rows["r2_in_sample"].notna().any())
+    one_n = adjusted and rows["n"].nunique() == 1  # to fit 80 columns: n in the caption, raw p in the tables
+    ceiling = "of_ceiling" in rows.columns  # --rater-ratings: r² or R² as a fraction of the noise ceiling
     table = Table(title=title, caption="p_fdr: Benjamini–Hochberg across all tests of the run; "
                   f"* < {alpha}." + (" fluent?: the direction processing-fluency theory predicts." if directional
-                                      else ""))
-    ceiling = "of_ceiling" in rows.columns  # --rater-ratings: r² or R² as a fraction of the noise ceiling
+                                      else "") + (adjusted_caption(rows) if adjusted else "")
+                  + (f" n = {rows['n'].iloc[0]}." if one_n else "")
+                  + (" in-sample: OLS R² on all images, as published in-sample figures are." if in_sample else ""))
     columns = ["test", *(["checkpoint"] if several else []), *(["group"] if grouped else []), "metric", "layer",
-               "n", "estimate", "p", "p_fdr", *(["fluent?"] if directional else [])]
+               *([] if one_n else ["n"]), *(["raw", "p_fdr", "adj.", "p_fdr "] if adjusted else
+                                             ["estimate", "p", "p_fdr"]),
+               *(["in-sample"] if in_sample else []), *(["fluent?"] if directional else [])]
     if ceiling:
         table.caption += f" %: {CEILING_NOTE}."
     for col in columns:
-        table.add_column(col, justify="right" if col in ("n", "estimate", "p", "p_fdr") else "left")
+        table.add_column(col, justify="left" if col in ("test", "checkpoint", "group", "metric", "layer", "fluent?")
+                         else "right")
     for row in rows.itertuples(index=False):
         effect = effects.get((row.analysis, row.statistic))
         direction = directions.get(row.metric, {}).get("higher_is_more_fluent")
         sig = isinstance(row.p_fdr, float) and row.p_fdr < alpha
         cells = [effect.title if effect is not None and effect.label else f"{row.analysis} {row.statistic}",
                  *([row.checkpoint] if several else []), *([row.group] if grouped else []), row.metric,
-                 "(whole)" if pd.isna(row.layer) else row.layer, str(row.n),
-                 (f"{row.estimate:+.3f}" if math.isfinite(row.estimate) else "–")
-                 + (f" {_fmt_fraction(row.of_ceiling)}" if ceiling and math.isfinite(row.of_ceiling) else ""),
-                 _fmt_p(row.p),
-                 _fmt_p(row.p_fdr) + ("*" if sig else "")]
+                 "(whole)" if pd.isna(row.layer) else row.layer, *([] if one_n else [str(row.n)]),
+                 _fmt_estimate(row.estimate) + (f" {_fmt_fraction(row.of_ceiling)}" if ceiling and
+                                                 math.isfinite(row.of_ceiling) else ""),
+                 *([] if adjusted else [_fmt_p(row.p)]), _fmt_fdr(row.p_fdr, alpha)]
+        if adjusted:
+            cells += [_fmt_estimate(row.estimate_adj), _fmt_fdr(getattr(row, "p_adj_fdr", math.nan), alpha)]
+        if in_sample:
+            cells.append(_fmt_estimate(getattr(row, "r2_in_sample", math.nan)))
         if directional:
             cells.append(supports_fluency(row.estimate, direction, getattr(effect, "directional", False)))
         table.add_row(*cells, style="bold" if sig else None)
     return table
+
+
+def _fmt_estimate(value: float) -> str:
+    return f"{value:+.3f}" if isinstance(value, float) and math.isfinite(value) else "–"
+
+
+def _fmt_fdr(p: float, alpha: float) -> str:
+    return _fmt_p(p) + ("*" if isinstance(p, float) and p < alpha else "")
+
+
+def adjusted_caption(rows: pd.DataFrame) -> str:
+    """What the ``adj.`` column holds: the relation controlling for the run's covariates (named)."""
+    names = next((str(c) for c in rows.get("covariates", pd.Series(dtype=object)).dropna() if c), "")
+    ridge = bool((rows["analysis"] == "ridge").any())
+    return (" adj.: controlling for " + (names.replace(",", ", ") if names else "the covariates")
+            + (" (ΔR² over them: the R² the metric adds)" if ridge else
+               " (partial r; Spearman's on ranks); – for a covariate itself") + ".")
 
 
 #: what the summary's and the report's ceiling column means

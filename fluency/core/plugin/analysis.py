@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 
 #: columns every analysis result has: ``statistic`` names the ``estimate`` (e.g. ``"r"``);
 #: ``p`` is the test's two-sided p-value (NaN for descriptive analyses); ``layer`` is
 #: None for whole-model metrics
 RESULT_COLUMNS = ("analysis", "checkpoint", "metric", "layer", "n", "statistic", "estimate", "p")
+
+#: optional columns of a result controlled for the run's covariates (:attr:`AnalysisData.covariates`):
+#: ``estimate_adj`` (e.g. the partial r given the covariates, or ridge's ΔR² over them), its test's
+#: ``p_adj`` and the ``covariates`` used (comma-separated); NaN on rows not adjusted (a covariate itself)
+ADJUSTED_COLUMNS = ("estimate_adj", "p_adj", "covariates")
+
+#: p-value columns that join the run-wide Benjamini–Hochberg family, and the column of their adjusted value
+FDR_COLUMNS = {"p": "p_fdr", "p_adj": "p_adj_fdr"}
 
 
 #: how an effect size is compared and shown: correlations are ranked together in the summary's main table;
@@ -75,11 +84,31 @@ class AnalysisData:
     ``metrics`` is the long metric table (``image_id, checkpoint, metric, layer,
     value``), restricted to rated images; ``ratings`` has one row per rated image with
     ``image_id``, the rating column ``rating_column`` and any other columns of the table.
+    ``covariates`` (None when the run has none, e.g. ``--no-covariates``) holds the low-level image
+    covariates the run controls for: one row per (``checkpoint``, ``image_id``), one column each
+    (luminance, rms-contrast, ...); they are not in ``metrics`` unless the user asked for them as metrics.
     """
 
     metrics: pd.DataFrame
     ratings: pd.DataFrame
     rating_column: str
+    covariates: pd.DataFrame | None = None
+
+    @property
+    def covariate_names(self) -> tuple[str, ...]:
+        """The covariates' names (empty without covariates)."""
+        if self.covariates is None:
+            return ()
+        return tuple(str(c) for c in self.covariates.columns if c not in ("checkpoint", "image_id"))
+
+    def covariate_matrix(self, checkpoint: str, image_ids: Sequence[str]) -> np.ndarray | None:
+        """n×k covariates of ``image_ids`` (in that order) under ``checkpoint``; NaN where one is missing;
+        None without covariates."""
+        names = self.covariate_names
+        if not names:
+            return None
+        table = self.covariates[self.covariates["checkpoint"] == checkpoint].drop_duplicates("image_id")  # type: ignore[index]
+        return table.set_index("image_id")[list(names)].reindex(list(image_ids)).to_numpy(float)
 
     def joined(self) -> pd.DataFrame:
         """The metric table with the rating of each image as a ``rating`` column."""
@@ -91,7 +120,8 @@ class Analysis:
     """Base class of analyses: :meth:`run` returns a DataFrame with at least :data:`RESULT_COLUMNS`.
 
     ``p`` holds the test's two-sided p-value; fluency adds ``p_fdr``
-    (Benjamini–Hochberg across every test of the run) afterwards.
+    (Benjamini–Hochberg across every test of the run) afterwards. An analysis that controls for the
+    run's covariates adds :data:`ADJUSTED_COLUMNS`; its ``p_adj`` joins the same family (``p_adj_fdr``).
     """
 
     def __init__(self, **options: Any) -> None:

@@ -14,10 +14,11 @@ from rich.console import Console
 
 from fluency.core.atomic import atomic_path
 from fluency.core.errors import FluencyError
-from fluency.core.plugin.analysis import AnalysisData, EffectSize
+from fluency.core.plugin.analysis import FDR_COLUMNS, AnalysisData, EffectSize
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager, guarded, read_registry
 from fluency.core.plugin.specs import AnalysisSpec
 from fluency.core.progress import progress_bar
+from fluency.core.run.covariates import Covariates
 from fluency.core.stats import fdr_bh
 
 
@@ -61,11 +62,14 @@ def default_analyses(n_checkpoints: int) -> list[str]:
 def analyse(metric_table: pd.DataFrame, ratings: pd.DataFrame | None, rating_column: str,
             specs: Mapping[str, AnalysisSpec], resolved: Mapping[tuple[str, str], Mapping[str, Any]], out_dir: Path,
             manager: PluginManager, by: Sequence[str] = (), min_group_size: int = 10,
-            console: Console | None = None) -> AnalysisOutcome:
+            console: Console | None = None, covariates: Covariates | None = None) -> AnalysisOutcome:
     """Run every analysis on the rated images (and within each ``by`` subgroup), add run-wide BH-corrected
-    p-values across every test, write ``ratings.parquet`` and one ``analyses/<name>.parquet`` per analysis."""
+    p-values across every test, write ``ratings.parquet`` and one ``analyses/<name>.parquet`` per analysis.
+    With ``covariates``, the analyses get them as :attr:`AnalysisData.covariates` (and, unless requested as
+    metrics, not as metrics to test)."""
     if ratings is None or not specs:
         return AnalysisOutcome()
+    metric_table, wide = covariates.split(metric_table) if covariates is not None else (metric_table, None)
     with atomic_path(out_dir / "ratings.parquet") as tmp:
         ratings.to_parquet(tmp, index=False)
     groups, report = subgroups(ratings, by, min_group_size) if by else ([("all", ratings)], [])
@@ -80,7 +84,7 @@ def analyse(metric_table: pd.DataFrame, ratings: pd.DataFrame | None, rating_col
             for label, rows in groups:
                 bars.update(task, status=name if label == "all" else f"{name} [{label}]")
                 data = AnalysisData(metric_table[metric_table["image_id"].isin(set(rows["image_id"]))], rows,
-                                    rating_column)
+                                    rating_column, wide)
                 parts.append(guarded(manager, "analysis", name, lambda d=data: analysis.run(d)).assign(group=label))
                 bars.advance(task)
             outcome.results[name] = pd.concat(parts, ignore_index=True)
@@ -110,13 +114,17 @@ def read_effects(manifest: Mapping[str, Any], analyses: Sequence[str]) -> dict[t
 
 
 def _write_with_fdr(results: dict[str, pd.DataFrame], folder: Path) -> None:
-    """Add ``p_fdr`` (Benjamini–Hochberg across every test of every analysis) and write one table each."""
-    sizes = [len(r) for r in results.values()]
-    p_fdr = fdr_bh(np.concatenate([r["p"].to_numpy(float) for r in results.values()])) if sum(sizes) else []
+    """Add ``p_fdr`` (Benjamini–Hochberg across every test of every analysis) and write one table each; tests
+    controlled for the covariates (``p_adj``) are in the same family, their corrected values in ``p_adj_fdr``."""
+    family = [(name, p) for p in FDR_COLUMNS for name, r in results.items() if p in r.columns]
+    sizes = [len(results[name]) for name, _ in family]
+    pooled = np.concatenate([results[name][p].to_numpy(float) for name, p in family]) if sum(sizes) else []
+    p_fdr = fdr_bh(pooled) if sum(sizes) else []
     folder.mkdir(exist_ok=True)
     start = 0
-    for (name, result), size in zip(results.items(), sizes):
-        result["p_fdr"] = p_fdr[start:start + size]
+    for (name, p), size in zip(family, sizes):
+        results[name][FDR_COLUMNS[p]] = p_fdr[start:start + size]
         start += size
+    for name, result in results.items():
         with atomic_path(folder / f"{name}.parquet") as tmp:
             result.to_parquet(tmp, index=False)

@@ -66,6 +66,7 @@ class RunConfig:
     rater_column: str = "rater"
     reliability_splits: int = 1000
     deterministic: bool = False
+    covariates: bool = True  # also compute image-stats and control every relation for it (--no-covariates: off)
 
     @classmethod
     def create(cls, **settings: Any) -> RunConfig:

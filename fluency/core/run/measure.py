@@ -39,6 +39,7 @@ from fluency.core.plugin.metric import MetricBatch
 from fluency.core.plugin.specs import MetricSpec
 from fluency.core.progress import progress_bar
 from fluency.core.run.analyse import analyse, default_analyses, effects_record
+from fluency.core.run.covariates import COVARIATE_PLUGIN, Covariates, with_covariates
 from fluency.core.run.folder import (MANIFEST, RunResult, new_run_dir, now, outputs, read_manifest, run_status,
                                      versions, write_manifest, writing)
 from fluency.core.run.ledger import remove_if_unused, results
@@ -202,6 +203,8 @@ class MeasurePlan:
     analysis_specs: dict[str, Any]
     by: tuple[str, ...]
     min_group_size: int
+    #: None: no covariates; else whether the user asked for them as a metric too
+    covariates_requested: bool | None = None
 
 
 def _run_settings(manifest: dict[str, Any] | None) -> dict[str, Any]:
@@ -219,11 +222,13 @@ def plan_measure(target: str | Path, metrics: Sequence[str], *, analyses: Sequen
                  ratings: str | Path | None, id_column: str, rating_column: str | None, images: str | Path | None,
                  out: str | Path | None, options: Sequence[str], config: str | Path | None, replace: bool,
                  by: Sequence[str] | None, min_group_size: int | None, manager: PluginManager,
-                 console: Console) -> MeasurePlan:
+                 console: Console, covariates: bool = True) -> MeasurePlan:
     """Check everything before any work: target, metrics, out folder, ratings, analyses, options."""
     found = open_target(target)
-    specs = _split_specs(manager, metrics, images, console)
     in_place = found.run_dir is not None and (out is None or Path(out).resolve() == found.run_dir.resolve())
+    requested, raw_why = _covariates_plan(found.manifest if in_place else None, metrics, images, covariates)
+    metrics = with_covariates(metrics, requested is not None and images is not None)[0]
+    specs = _split_specs(manager, metrics, images, console)
     if in_place and found.run_dir is not None:
         refuse_if_busy(found.run_dir)
         status, note = run_status(found.run_dir, found.manifest or {"status": "complete"})
@@ -241,6 +246,8 @@ def plan_measure(target: str | Path, metrics: Sequence[str], *, analyses: Sequen
     names = analyses if analyses is not None else (found.manifest or {}).get("analyses") if in_place else None
     if table is None and analyses:
         raise FluencyError("--analysis needs ratings: pass --ratings TABLE (matched to the store's image ids)")
+    if table is not None and raw_why:
+        console.print(f"[yellow]note:[/yellow] {escape(raw_why)}", highlight=False)
     names = list(dict.fromkeys(default_analyses(len(found.stores)) if names is None else names))
     analysis_specs = {name: manager.get("analysis", name) for name in (names if table is not None else [])}
     used = [("metric", n) for n in specs] + [("analysis", n) for n in analysis_specs]
@@ -258,7 +265,27 @@ def plan_measure(target: str | Path, metrics: Sequence[str], *, analyses: Sequen
         str(found.run_dir / "ratings.parquet") if table is not None and found.run_dir is not None else None
     return MeasurePlan(found, out_dir, in_place, new, dropped, existing, resolved, table, source, column,
                        analysis_specs,
-                       groups, settings["min_group_size"] if min_group_size is None else min_group_size)
+                       groups, settings["min_group_size"] if min_group_size is None else min_group_size, requested)
+
+
+def _covariates_plan(manifest: dict[str, Any] | None, metrics: Sequence[str], images: str | Path | None,
+                     on: bool) -> tuple[bool | None, str]:
+    """(whether the covariates were asked for as metrics, None: the analyses run without covariates; why not).
+
+    They come from the run's own ``image-stats`` part (``manifest``: the run measured in place), else from the
+    images (``images``: ``image-stats`` is computed); without either the relations are raw.
+    """
+    if not on:
+        return None, ""
+    asked = COVARIATE_PLUGIN in metrics
+    columns = (manifest or {}).get("metric_columns") or {}
+    if any(info.get("plugin") == COVARIATE_PLUGIN for info in columns.values()):
+        return bool(((manifest or {}).get("covariates") or {}).get("requested", True)) or asked, ""
+    if images is not None:
+        return asked, ""
+    return None, (f"relations are raw, not controlled for low-level image statistics: a store keeps activations, "
+                  f"not images, and this run has no {COVARIATE_PLUGIN} part; pass --images DIR to compute them "
+                  "(--no-covariates silences this note)")
 
 
 def measure(target: str | Path, metrics: Sequence[str], *, analyses: Sequence[str] | None = None,
@@ -266,7 +293,8 @@ def measure(target: str | Path, metrics: Sequence[str], *, analyses: Sequence[st
             images: str | Path | None = None, out: str | Path | None = None, options: Sequence[str] = (),
             config: str | Path | None = None, replace: bool = False, batch_size: int = 256,
             by: Sequence[str] | None = None, min_group_size: int | None = None, progress: bool = True,
-            manager: PluginManager | None = None, console: Console | None = None) -> RunResult:
+            manager: PluginManager | None = None, console: Console | None = None, covariates: bool = True
+            ) -> RunResult:
     """Compute activation metrics from the store(s) at ``target`` (a store or a run folder), then analyses.
 
     A run folder is measured in place unless ``out`` names another folder (its ratings, subgroups and
@@ -279,7 +307,8 @@ def measure(target: str | Path, metrics: Sequence[str], *, analyses: Sequence[st
     console = console or Console(stderr=True, quiet=not progress)
     plan = plan_measure(target, metrics, analyses=analyses, ratings=ratings, id_column=id_column,
                         rating_column=rating_column, images=images, out=out, options=options, config=config,
-                        replace=replace, by=by, min_group_size=min_group_size, manager=manager, console=console)
+                        replace=replace, by=by, min_group_size=min_group_size, manager=manager, console=console,
+                        covariates=covariates)
     created = not plan.out_dir.exists()
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -309,8 +338,10 @@ def _measure(plan: MeasurePlan, manager: PluginManager, batch_size: int, images:
         dropped_columns = [c for name in plan.dropped for c in plan.existing[name]["columns"]]
         merge_tables(old + parts.files(), staged, replaced={p: dropped_columns for p in old})
         metric_table = read_metric_table(staged)
+        covariates = None if plan.covariates_requested is None else Covariates.of(
+            {**(manifest.get("metric_columns") or {}), **parts.metric_columns()}, plan.covariates_requested)
         outcome = analyse(metric_table, plan.ratings, plan.rating_column, plan.analysis_specs, plan.resolved,
-                          plan.out_dir, manager, plan.by, plan.min_group_size, console)
+                          plan.out_dir, manager, plan.by, plan.min_group_size, console, covariates)
     except BaseException:
         parts.abort()
         _remove_own(parts, staged)
@@ -318,6 +349,9 @@ def _measure(plan: MeasurePlan, manager: PluginManager, batch_size: int, images:
     publish(staged, plan.out_dir / MERGED)
     _remove_replaced(plan)
     manifest = _updated_manifest(manifest, plan, parts, outcome, manager, timings, started)
+    if plan.ratings is not None:  # the covariates the analyses were controlled for, as they ran now
+        manifest = {k: v for k, v in manifest.items() if k != "covariates"}
+        manifest.update({"covariates": covariates.record()} if covariates is not None else {})
     write_manifest(plan.out_dir, {**manifest, "outputs": outputs(plan.out_dir)})
     return RunResult(plan.out_dir, metric_table, outcome.results, read_manifest(plan.out_dir))
 

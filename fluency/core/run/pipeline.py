@@ -51,6 +51,7 @@ from fluency.core.run.ceiling import load_raters, noise_ceiling
 from fluency.core.run.checkpoints import ModelRef, unique_checkpoints, unique_models
 from fluency.core.run.checkpoints import labels as model_labels
 from fluency.core.run.config import RunConfig
+from fluency.core.run.covariates import Covariates, with_covariates
 from fluency.core.run.folder import RunRecord, RunResult, now, outputs, run_folder, versions
 from fluency.core.run.ledger import results
 from fluency.core.run.measuring import CheckpointMetrics, MetricParts, check_requirements
@@ -106,6 +107,8 @@ class RunPlan:
     duplicates: list[dict[str, str]]
     device: torch.device
     raters: RaterRatings | None = None  # --rater-ratings, read before any work
+    #: None: no covariates (--no-covariates); else whether the user asked for them as a metric too
+    covariates_requested: bool | None = None
 
 
 def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan:
@@ -115,9 +118,9 @@ def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan
         if out.resolve().is_relative_to(Path(config.images).resolve()):
             raise FluencyError(f"--out {out} is inside --images {config.images}: the run's figures would be read as "
                                "stimuli next time; choose an --out outside the image folder")
-    metric_names = list(dict.fromkeys(config.metrics))
-    if not metric_names:
+    if not config.metrics:
         raise FluencyError(f"name at least one --metric (available: {', '.join(manager.names('metric'))})")
+    metric_names, requested = with_covariates(config.metrics, config.covariates)
     metric_specs = {name: manager.get("metric", name) for name in metric_names}
     stimuli = embedded() if config.images is None else from_folder(config.images, config.ratings, config.id_column,
                                                                    config.rating_column, config.strict)
@@ -163,7 +166,8 @@ def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan
         check_requirements(metric_specs, built.model, name, label)
         _check_native(built, stimuli)
     return RunPlan(config, stimuli, metric_specs, analysis_specs, resolved, models, duplicates,
-                   resolve_device(config.device), raters=load_raters(config, stimuli))
+                   resolve_device(config.device), raters=load_raters(config, stimuli),
+                   covariates_requested=requested if config.covariates else None)
 
 
 def _check_native(loaded: LoadedCheckpoint, stimuli: Stimuli) -> None:
@@ -269,9 +273,13 @@ def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: 
         stimuli = replace(stimuli, report=_report_late(stimuli.report, late, unreadable))
         record.set(matching=stimuli.report.as_dict())
     metric_table = read_metric_table(out_dir / MERGED)
+    covariates = None if the_plan.covariates_requested is None else \
+        Covariates.of(parts.metric_columns(), the_plan.covariates_requested)
+    if covariates is not None:
+        record.set(covariates=covariates.record())
     t0 = time.perf_counter()
     outcome = analyse(metric_table, stimuli.ratings, stimuli.rating_column, the_plan.analysis_specs, the_plan.resolved,
-                      out_dir, manager, config.by, config.min_group_size, console)
+                      out_dir, manager, config.by, config.min_group_size, console, covariates)
     if outcome.subgroups is not None:
         record.set(subgroups=outcome.subgroups)
     for name, seconds in outcome.timings.items():
