@@ -199,7 +199,7 @@ def test_run_model_native_gini_at_every_pool_equals_torchvision(faces: tuple[Pat
                "-o", f"vgg16-imagenet.weights={path}", "-o", "vgg16-imagenet.size=native",
                "-o", f"gini.layers={json.dumps(pools)}", "-o", "gini.all_layers=false", "--no-report", "--no-figures")
     assert proc.returncode == 0, proc.stderr
-    table = pd.read_parquet(out / "metrics.parquet")
+    table = pd.read_parquet(out / "metrics.parquet").query("metric == 'gini'")
     assert set(table["checkpoint"]) == {"vgg16-imagenet"} and set(table["layer"]) == set(pools)
     ids = sorted(p.stem for p in images.glob("*.png"))
     pixels = np.stack([np.asarray(Image.open(images / f"{i}.png"), np.float32) / 255.0 for i in ids])

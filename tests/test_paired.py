@@ -160,7 +160,7 @@ def test_two_checkpoints_paired_rows_in_the_family_json_and_report(tmp_path: Pat
                                    str(tmp_path / "demo/ratings.csv"), "--checkpoint", str(DEFAULT_CHECKPOINT),
                                    "--checkpoint", str(tmp_path / "noisy.pt"), "--metric", "gini,recon-error",
                                    "--analysis", "pearson,paired", "-o", "pearson.n_boot=0", "--no-figures",
-                                   "--no-store", "--out", str(run), "--json"], catch_exceptions=False)
+                                   "--no-store", "--no-covariates", "--out", str(run), "--json"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["analysis_effects"]["paired"][0]["kind"] == "difference"

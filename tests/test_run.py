@@ -131,11 +131,11 @@ def test_same_seed_same_numbers(tmp_path: Path) -> None:
 
 
 def test_forward_hooks_are_removed_even_when_a_metric_fails(tmp_path: Path, monkeypatch) -> None:
-    from fluency.core.run import pipeline as runner
+    from fluency.core.run import checkpoints as loader  # where the run loads each checkpoint
     from fluency.plugins.default_gini import Gini
 
     seen = []
-    original = runner.load_checkpoint
+    original = loader.load_checkpoint
 
     def spy(*args, **kwargs):
         loaded = original(*args, **kwargs)
@@ -150,7 +150,7 @@ def test_forward_hooks_are_removed_even_when_a_metric_fails(tmp_path: Path, monk
         self._measured_once = True
         return compute(self, batch)
 
-    monkeypatch.setattr(runner, "load_checkpoint", spy)
+    monkeypatch.setattr(loader, "load_checkpoint", spy)
     monkeypatch.setattr(Gini, "compute", explode)
     with pytest.raises(FluencyError, match="metric 'gini' .* failed: RuntimeError: metric exploded"):
         fluency.run(metrics=["gini"], out=tmp_path / "boom", progress=False)
@@ -289,7 +289,7 @@ def test_terminal_summary_lists_unreadable_images(small_set: Path, tmp_path: Pat
 def test_an_image_failing_while_measuring_is_left_out_of_every_checkpoint(small_set: Path, tmp_path: Path,
                                                                         monkeypatch, manager) -> None:
     """A file that passes the up-front check but fails later (changed on disk) loses no finished work."""
-    from fluency.core.run import pipeline as runner
+    from fluency.core.run import checkpoints as loader  # where the run loads each checkpoint
     from fluency.core.inputs import stimuli
     from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
     from fluency.core.inputs.images import FolderSource
@@ -301,7 +301,7 @@ def test_an_image_failing_while_measuring_is_left_out_of_every_checkpoint(small_
     monkeypatch.setattr(stimuli, "find_unreadable", lambda paths: {})
     current: list[str] = []  # the label of the checkpoint being measured
     broken_for = {"other"}  # the checkpoints for which image 3 fails to load
-    load_ckpt, load_image = runner.load_checkpoint, FolderSource.load
+    load_ckpt, load_image = loader.load_checkpoint, FolderSource.load
 
     def tracking(path: Path, manager, label: str):
         current.append(label)
@@ -312,7 +312,7 @@ def test_an_image_failing_while_measuring_is_left_out_of_every_checkpoint(small_
             raise InputError(f"cannot read image {self.paths[index]}: OSError: gone") from OSError("gone")
         return load_image(self, index)
 
-    monkeypatch.setattr(runner, "load_checkpoint", tracking)
+    monkeypatch.setattr(loader, "load_checkpoint", tracking)
     monkeypatch.setattr(FolderSource, "load", flaky)
     result = run_small(small_set, tmp_path, checkpoints=[DEFAULT_CHECKPOINT, tmp_path / "other.pt"])
     assert result.manifest["status"] == "complete" and result.unreadable == {"a/3.png": "OSError: gone"}
