@@ -81,7 +81,7 @@ def test_default_run_recovers_the_generators_relation(default_run) -> None:
     sam = pearson[pearson.metric == "sam"].iloc[0]
     assert sam["estimate"] < -0.2 and sam["p_fdr"] < 0.05
     both = pd.concat([pearson, pd.read_parquet(out / "analyses" / "spearman.parquet")])
-    assert len(both) == 14 and np.isfinite(both["p"]).all()
+    assert len(both) == 14 and np.isfinite(both["p"]).all() and (both["same_as"] == "").all()  # no repeated test
     # p_fdr is one Benjamini–Hochberg over every test of the run (statsmodels as the oracle)
     assert np.allclose(both["p_fdr"], multipletests(both["p"], method="fdr_bh")[1], rtol=1e-12, atol=0)
 
@@ -150,6 +150,10 @@ def test_python_api_same_as_cli(tmp_path: Path) -> None:
     assert set(result.metrics["metric"]) == {"lepsilon", "lepsilon-fraction"}
     assert set(result.metrics["layer"]) == {"enc1", "enc2"}
     assert set(result.analyses) == {"pearson", "spearman"} and "p_fdr" in result.analyses["pearson"]
+    for table in result.analyses.values():  # count and fraction are one test: the fraction's rows are marked
+        assert table.loc[table.metric == "lepsilon-fraction", "same_as"].tolist() == ["lepsilon@enc1", "lepsilon@enc2"]
+        assert (table.loc[table.metric == "lepsilon", "same_as"] == "").all()
+    assert set(result.strongest(None)["metric"]) == {"lepsilon"}  # the summary shows each test once
     assert result.manifest["options"]["metric.lepsilon"] == {"epsilon": 0.1, "mode": "relative",
                                                             "layers": ["enc1", "enc2"], "all_layers": False,
                                                             "layer_weighting": "units", "layer_weights": None}
@@ -219,7 +223,11 @@ def test_london_faces_end_to_end(london_faces: Path, tmp_path: Path) -> None:
     summary = json.loads(proc.stdout)
     assert summary["n_images"] == 102 and summary["matching"]["mode"] == "stem"
     pearson = pd.read_parquet(out / "analyses" / "pearson.parquet")
-    assert (pearson["n"] == 102).all() and pearson["p_fdr"].notna().all()
+    assert (pearson["n"] == 102).all() and pearson.loc[pearson.same_as == "", "p_fdr"].notna().all()
+    # lepsilon's fraction is its count / N: the same test, kept out of the FDR family and marked
+    fraction = pearson[pearson.metric == "lepsilon-fraction"]
+    assert len(fraction) and (fraction["same_as"] == "lepsilon@" + fraction["layer"]).all()
+    assert fraction["p_fdr"].isna().all()
     ratings = pd.read_parquet(out / "ratings.parquet")
     assert len(ratings) == 102 and {"face_sex", "face_eth"} <= set(ratings.columns)
 
@@ -478,10 +486,11 @@ def test_subgroup_analyses_report_small_groups_instead_of_failing(london_faces: 
     pearson = result.analyses["pearson"]
     assert set(pearson["group"]) == {"all", "face_sex=female, face_eth=white", "face_sex=male, face_eth=white"}
     assert (pearson.loc[pearson.group == "face_sex=female, face_eth=white", "n"] == 35).all()
-    from fluency.core.stats import fdr_bh
-
-    both = pd.concat([result.analyses["pearson"], result.analyses["spearman"]])
-    assert np.allclose(fdr_bh(both["p"].to_numpy()), both["p_fdr"].to_numpy(), equal_nan=True)
+    both = pd.concat([result.analyses["pearson"], result.analyses["spearman"]], ignore_index=True)
+    tested = both["p"].notna()
+    assert tested.sum() > 0 and (both["same_as"] == "").all()
+    assert np.allclose(both.loc[tested, "p_fdr"], multipletests(both.loc[tested, "p"], method="fdr_bh")[1],
+                       rtol=1e-12, atol=0) and both.loc[~tested, "p_fdr"].isna().all()
     with pytest.raises(FluencyError, match="no column"):
         fluency.run(metrics=["gini"], images=london_faces / "images", ratings=london_faces / "ratings.csv",
                     rating_column="attractiveness", by=["nope"], out=tmp_path / "bad", progress=False, store=False)

@@ -5,7 +5,9 @@ and a percentile bootstrap confidence interval (``n_boot`` resamples of the imag
 ``partial`` is Pearson's (or, with ``method="spearman"``, Spearman's) correlation after
 regressing both the metric and the rating on ``covariates`` (columns of the ratings table,
 or other metrics of the run written ``metric`` or ``metric@layer``), with n − 2 − k degrees
-of freedom. fluency adds ``p_fdr``, Benjamini–Hochberg across every test of the run.
+of freedom. A metric that is itself a covariate (or a linear combination of them: its residual is
+round-off) is not tested: its row has no estimate or p, the note says why, and it is not in the FDR
+family. fluency adds ``p_fdr``, Benjamini–Hochberg across every test of the run.
 
 With two or more checkpoints, ``pearson`` and ``spearman`` also compare them: for every (metric,
 layer) and pair of checkpoints (A, B) a row with ``statistic`` ``r_diff`` (``rho_diff``),
@@ -43,6 +45,10 @@ COMPARE_OPTIONS = {
 }
 #: columns of the comparison rows only (NaN on the others): the two correlations and r between the checkpoints
 COMPARE_COLUMNS = ("r_a", "r_b", "r_ab")
+#: ``partial``: a metric whose residual on the covariates is below this fraction of its own spread is (in the
+#: span of) a covariate: what is left is round-off, so it is not tested (no p, not in the FDR family)
+SPAN_TOLERANCE = 1e-6
+COVARIATE_NOTE = "a covariate itself (in the span of the covariates): not tested"
 #: names of the dependent-correlation tests, for the ``note`` of each comparison row
 TEST_NAMES = {"steiger": "Steiger (1980) Z", "williams": "Williams' t (n−3 df)", "meng": "Meng et al. (1992) Z"}
 
@@ -118,13 +124,17 @@ class Correlation(Analysis):
                     if z is not None:
                         z = np.column_stack([stats.rankdata(c) for c in z.T])
                 if z is not None:
-                    x, y = residualize(x, z), residualize(y, z)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    estimate = float(stats.pearsonr(x, y).statistic)
-                dof = len(x) - 2 - k
-                t = estimate * np.sqrt(dof / max(1e-300, 1 - estimate**2))
-                p = float(2 * stats.t.sf(abs(t), dof))
+                    rx = residualize(x, z)
+                    if np.linalg.norm(rx) <= SPAN_TOLERANCE * np.linalg.norm(x - x.mean()):
+                        note = COVARIATE_NOTE
+                    x, y = rx, residualize(y, z)
+                if note != COVARIATE_NOTE:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        estimate = float(stats.pearsonr(x, y).statistic)
+                    dof = len(x) - 2 - k
+                    t = estimate * np.sqrt(dof / max(1e-300, 1 - estimate**2))
+                    p = float(2 * stats.t.sf(abs(t), dof))
                 if z is None:
                     lo, hi = bootstrap_ci(x0, y0, self.rank, int(self.options.get("n_boot", 1000)), level, rng)
             out.append({"analysis": self.name, "checkpoint": checkpoint, "metric": metric,

@@ -18,6 +18,7 @@ from fluency.core.plugin.analysis import AnalysisData, EffectSize
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager, guarded
 from fluency.core.plugin.specs import AnalysisSpec
 from fluency.core.progress import progress_bar
+from fluency.core.run.same_tests import SameTests, same_tests
 from fluency.core.stats import fdr_bh
 
 
@@ -78,7 +79,7 @@ def analyse(metric_table: pd.DataFrame, ratings: pd.DataFrame | None, rating_col
             outcome.results[name] = pd.concat(parts, ignore_index=True)
             outcome.timings[f"analysis[{name}]"] = round(time.perf_counter() - t0, 3)
         bars.update(task, status="")
-    _write_with_fdr(outcome.results, out_dir / "analyses")
+    _write_with_fdr(outcome.results, out_dir / "analyses", same_tests(metric_table, ratings["image_id"]))
     return outcome
 
 
@@ -101,10 +102,15 @@ def read_effects(manifest: Mapping[str, Any], analyses: Sequence[str]) -> dict[t
             for e in effects}
 
 
-def _write_with_fdr(results: dict[str, pd.DataFrame], folder: Path) -> None:
-    """Add ``p_fdr`` (Benjamini–Hochberg across every test of every analysis) and write one table each."""
+def _write_with_fdr(results: dict[str, pd.DataFrame], folder: Path, same: SameTests | None = None) -> None:
+    """Add ``p_fdr`` (Benjamini–Hochberg across every test of every analysis) and write one table each.
+
+    With ``same``, a row that repeats another output's test is marked (``same_as``) and left out of the
+    family: one hypothesis, one test (:mod:`fluency.core.run.same_tests`)."""
     sizes = [len(r) for r in results.values()]
-    p_fdr = fdr_bh(np.concatenate([r["p"].to_numpy(float) for r in results.values()])) if sum(sizes) else []
+    tested = [r["p"].to_numpy(float) if same is None else r["p"].mask(same.mark(r)).to_numpy(float)
+              for r in results.values()]
+    p_fdr = fdr_bh(np.concatenate(tested)) if sum(sizes) else []
     folder.mkdir(exist_ok=True)
     start = 0
     for (name, result), size in zip(results.items(), sizes):
