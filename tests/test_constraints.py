@@ -128,10 +128,18 @@ def test_kl_sparsity_mappings() -> None:
         assert math.isfinite(value) and value == pytest.approx(3 * kl_reference(RHO, 1e-6), rel=1e-6)
 
 
-def test_kl_sparsity_float32_and_half_inputs_are_finite() -> None:
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(16, 4, 5, 5).to(dtype) * 50
-        assert math.isfinite(float(KLSparsity()({"a": x}, MODEL)))
+def test_kl_sparsity_float32_and_half_inputs_give_the_float64_answer() -> None:
+    """Large float32 and bfloat16 activations (tanh saturates; many units' ρ̂ fall below ε and are clamped) give
+    the penalty computed in float64 numpy from the same values, to float32 precision: finite and right."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = (torch.randn(16, 4, 5, 5) * 50).to(dtype)
+        rho_hat = np.clip(np.tanh(x.double().numpy()).reshape(16, -1).mean(0), 1e-6, 1 - 1e-6)
+        expected = sum(kl_reference(RHO, float(r)) for r in rho_hat)
+        assert (rho_hat == 1e-6).any() and expected > 1  # the clamp is exercised
+        assert float(KLSparsity()({"a": x}, MODEL)) == pytest.approx(expected, rel=1e-5), dtype
 
 
 @pytest.mark.parametrize("options", [{"rho": 0.0}, {"rho": 1.0}, {"eps": 0.0}, {"mapping": "relu"},
@@ -248,3 +256,12 @@ def test_kl_sparsity_option_bounds_through_resolve() -> None:
     with pytest.raises(OptionError):
         spec.resolve({"mapping": "softplus"})
     assert KLSparsity(**spec.resolve({"rho": 0.1, "unit": "channel"})).rho == 0.1
+
+
+def test_kl_sparsity_docstring_names_the_default_mapping() -> None:
+    import fluency.plugins.default_kl_sparsity as module
+
+    default = PluginManager(autoload=False).get("constraint", "kl-sparsity").options["mapping"].default
+    assert default == KLSparsity().mapping == "tanh"
+    doc = module.__doc__
+    assert f"``{default}`` (default" in doc and not any(f"``{m}`` (default" in doc for m in ("sigmoid", "clamp"))

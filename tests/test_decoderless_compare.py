@@ -23,12 +23,18 @@ def test_inversion_lowers_the_latent_distance_and_is_seeded() -> None:
     model = VAESmall(image_size=32, latent_dim=8).eval()
     x = torch.rand(3, 3, 32, 32)
     batch = MetricBatch(["a", "b", "c"], x, model=model, seed=1)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     start = {v.metric: v.as_numpy() for v in Decoderless(steps=1, lr=0.0).compute(batch)}
     end = {v.metric: v.as_numpy() for v in Decoderless(steps=60, lr=0.05).compute(batch)}
     assert (end["decoderless-latent"] < 0.2 * start["decoderless-latent"]).all()
+    # the model is left as it was: every weight and buffer bit for bit, its trainable flags, no gradient, eval mode
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags and all(flags.values())
+    assert all(p.grad is None for p in model.parameters()) and not model.training
     again = {v.metric: v.as_numpy() for v in Decoderless(steps=60, lr=0.05).compute(batch)}
     assert np.array_equal(end["decoderless-latent"], again["decoderless-latent"])
-    assert all(p.requires_grad for p in model.parameters())  # the model is left as it was
 
 
 def test_total_variation_prior_smooths() -> None:

@@ -192,3 +192,14 @@ def test_attention_l1_reads_the_attention_layers_and_refuses_models_without() ->
     assert ((values["att5"] > 0) & (values["att5"] < acts["att5"].shape[1])).all()  # sigmoid weights in (0, 1)
     with pytest.raises(FluencyError, match="no attention layers"):
         AttentionL1().layers(VAESmall(image_size=32))
+
+
+def test_attention_l1_declares_lower_as_more_fluent() -> None:
+    """The study expects attention-l1 to fall with beauty: a negative correlation supports fluency."""
+    from fluency.core.outputs.summary import supports_fluency
+    from fluency.core.plugin.manager import PluginManager
+
+    spec = PluginManager(autoload=False).get("metric", "attention-l1")
+    assert spec.higher_is_more_fluent is False
+    assert supports_fluency(-0.3, spec.higher_is_more_fluent) == "yes"
+    assert supports_fluency(+0.3, spec.higher_is_more_fluent) == "no"

@@ -79,3 +79,49 @@ def test_ols_matches_statsmodels_with_covariates_and_groups() -> None:
 
     with pytest.raises(FluencyError, match="not columns"):
         OLS(covariates=["height"]).run(data)
+
+
+def noise_layers(n: int = 30, layers: int = 40, seed: int = 5) -> tuple[AnalysisData, np.ndarray, np.ndarray]:
+    """A metric on ``layers`` layers of pure noise and a rating unrelated to it: more features than images."""
+    rng = np.random.default_rng(seed)
+    ids = [f"i{k:03d}" for k in range(n)]  # sorted as the analysis sorts them: the same K-fold splits
+    x = rng.normal(size=(n, layers))
+    rows = [pd.DataFrame({"image_id": ids, "checkpoint": "ck", "metric": "gini", "layer": f"l{j:02d}",
+                          "value": x[:, j]}) for j in range(layers)]
+    y = rng.normal(size=n)
+    return AnalysisData(pd.concat(rows, ignore_index=True), pd.DataFrame({"image_id": ids, "beauty": y}), "beauty"), x, y
+
+
+def test_ridge_fits_estimate_and_null_inside_the_folds() -> None:
+    """40 noise layers, 30 images, a nearly unpenalised ridge: fitted on all the data it interpolates the ratings
+    (in-sample R² ≈ 1, for the observed and every shuffled rating alike); fitted inside the folds, as it must
+    be, it predicts held-out images worse than their mean (R² < 0), and so does every shuffle."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from fluency.plugins.default_ridge import cross_validated_r2, permutation_null
+
+    data, x, y = noise_layers()
+    opts = {"folds": 5, "repeats": 2, "permutations": 20, "seed": 0, "alpha_min_log10": -3.0, "alpha_max_log10": -1.0}
+    row = Ridge(**opts).run(data).iloc[0]
+    assert row["n_features"] == 40 and row["n"] == 30
+    assert row["estimate"] < -0.2 and row["r2_fold_mean"] < 0 and row["p"] > 0.3
+    alphas = np.logspace(-3, -1, 30)
+    in_sample = r2_score(y, make_pipeline(StandardScaler(), RidgeCV(alphas=alphas)).fit(x, y).predict(x))
+    assert in_sample > 0.99  # what a fit on all the data would report
+    null = permutation_null(x, y, 20, 5, 0, alphas)
+    assert null.max() < 0.5 and np.median(null) < -0.2  # a leaked fit: every shuffle ≈ 1
+    # the independent oracle: scikit-learn's own out-of-fold predictions over the same seeded K-fold splits
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=alphas))
+    oracle = np.mean([r2_score(y, cross_val_predict(model, x, y, cv=KFold(5, shuffle=True, random_state=r)))
+                      for r in range(2)])
+    assert row["estimate"] == pytest.approx(oracle, abs=1e-10)
+    assert cross_validated_r2(x, y, 5, 2, 0, alphas)[0] == pytest.approx(oracle, abs=1e-10)
+    rng = np.random.default_rng(0)
+    shuffles = [rng.permutation(y) for _ in range(20)]
+    null_oracle = [r2_score(s, cross_val_predict(model, x, s, cv=KFold(5, shuffle=True, random_state=0)))
+                   for s in shuffles]
+    assert np.allclose(null, null_oracle, rtol=0, atol=1e-8)

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from statsmodels.stats.multitest import multipletests
 
 import fluency
 from fluency.core.errors import FluencyError, InputError, OptionError, PluginError, StoreError
@@ -52,7 +53,9 @@ def test_default_run_writes_every_output(default_run) -> None:
     assert metrics.loc[metrics.metric == "sam", "layer"].isna().all()
     assert set(metrics.loc[metrics.metric == "gini", "layer"]) == {"enc1", "enc2", "enc3", "enc4", "enc5", "all"}
     assert metrics.groupby(["metric", "layer"], dropna=False).size().eq(240).all()
-    assert metrics["value"].between(0, 1).all() or (metrics.loc[metrics.metric == "gini", "value"].between(0, 1).all())
+    gini_values, sam_values = metrics.loc[metrics.metric == "gini", "value"], metrics.loc[metrics.metric == "sam", "value"]
+    assert gini_values.between(0, 1).all() and gini_values.gt(0).all()  # trained ReLU layers: sparse, never uniform
+    assert np.isfinite(sam_values).all() and sam_values.gt(0).all()  # sharpness at ρ = 0.05: ≈ ρ‖g‖ > 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["inputs"]["checkpoints"][0]["sha256"]
     assert manifest["options"]["metric.sam"]["rho"] == 0.05 and "total" in manifest["timings"]
@@ -82,7 +85,12 @@ def test_default_run_recovers_the_generators_relation(default_run) -> None:
     sam = pearson[pearson.metric == "sam"].iloc[0]
     assert sam["estimate"] < -0.2 and sam["p_fdr"] < 0.05
     both = pd.concat([pearson, pd.read_parquet(out / "analyses" / "spearman.parquet")])
-    assert (both["p_fdr"] >= both["p"] - 1e-15).all() and len(both) == 14
+    assert len(both) == 14 and np.isfinite(both["p"]).all() and (both["same_as"] == "").all()  # no repeated test
+    # p_fdr is one Benjamini–Hochberg over every test of the run, raw and covariate-adjusted alike (statsmodels as
+    # the oracle)
+    family = multipletests(np.concatenate([both["p"], both["p_adj"]]), method="fdr_bh")[1]
+    assert np.allclose(both["p_fdr"], family[:len(both)], rtol=1e-12, atol=0)
+    assert np.allclose(both["p_adj_fdr"], family[len(both):], rtol=1e-12, atol=0)
     # ... and that the relation is clutter's: controlling for the image-stats covariates, it vanishes
     assert abs(sam["estimate_adj"]) < 0.1 and sam["p_adj_fdr"] > 0.05
 
@@ -95,13 +103,46 @@ def test_activation_store_of_a_run_has_provenance_and_matches_the_metric(default
     assert prov["fluency_version"] == fluency.__version__ and "metric.gini" not in prov  # versions per plugin
     assert set(store.layers) == {"enc1", "enc2", "enc3", "enc4", "enc5"}
     assert store.num_rows("enc1") == 240 and store.shape("enc1") == (16, 64, 64)
-    from fluency.plugins.default_gini import gini
-
     ids, acts = store.read_layer("enc2")
     metrics = pd.read_parquet(out / "metrics.parquet")
     want = metrics[(metrics.metric == "gini") & (metrics.layer == "enc2")].set_index("image_id").loc[ids, "value"]
-    # the store holds float16: Gini from it agrees with the float32 metric to float16 precision
-    assert np.allclose(gini(acts.reshape(len(ids), -1).astype(np.float32)), want.to_numpy(), atol=2e-3)
+    # the store holds float16 (relative rounding u = 2⁻¹¹): each |x| moves by at most u·|x|, so Gini
+    # (Σ|cᵢ − cⱼ| / 2N Σc) moves by at most 2u ≈ 1e-3 from the float32 metric
+    got = [hurley_rickard_gini(row) for row in acts.reshape(len(ids), -1)]
+    assert np.allclose(got, want.to_numpy(), rtol=0, atol=2 * 2.0**-11)
+
+
+def hurley_rickard_gini(x: np.ndarray) -> float:
+    """Hurley & Rickard's Gini in plain float64 numpy (REFERENCE.md): c = |x| ascending,
+    G = 1 − 2 Σ_k (c_k / ‖c‖₁)(N − k + ½)/N, G(0) = 0."""
+    c = np.sort(np.abs(np.asarray(x, dtype=np.float64)).ravel())
+    n, total = len(c), c.sum()
+    if total == 0:
+        return 0.0
+    k = np.arange(1, n + 1)
+    return float(1 - 2 * np.sum(c / total * (n - k + 0.5) / n))
+
+
+def test_a_float32_store_holds_exactly_what_the_metric_measured(tmp_path: Path) -> None:
+    """With a float32 store the Gini of every stored layer, and of their concatenation (layer "all"), is the
+    metric's value to float32 precision: the store holds the activations the run measured."""
+    assert hurley_rickard_gini(np.array([-1.0, 0.0, 1.0])) == pytest.approx(1 / 3, abs=1e-15)  # the oracle's own
+    assert hurley_rickard_gini(np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(0.25, abs=1e-15)  # known answers
+    layers = ["enc2", "enc4"]
+    result = fluency.run(metrics=["gini"], layers=layers, options=["gini.all_layers=true"], store_dtype="float32",
+                         analyses=[], out=tmp_path / "f32", progress=False)
+    store = ActivationStore(result.path / "activations" / "default")
+    table = result.metrics[result.metrics.metric == "gini"].set_index(["layer", "image_id"])["value"]
+    rows = {}
+    for layer in layers:
+        ids, acts = store.read_layer(layer)
+        assert acts.dtype == np.float32
+        rows[layer] = acts.reshape(len(ids), -1)
+        got = [hurley_rickard_gini(row) for row in rows[layer]]
+        assert np.allclose(got, table[layer].loc[ids].to_numpy(), rtol=0, atol=1e-6), layer
+    pooled = np.concatenate([rows[layer] for layer in layers], axis=1)
+    got = [hurley_rickard_gini(row) for row in pooled]
+    assert np.allclose(got, table["all"].loc[ids].to_numpy(), rtol=0, atol=1e-6)
 
 
 def test_default_run_prints_a_readable_summary(tmp_path: Path) -> None:
@@ -118,6 +159,10 @@ def test_python_api_same_as_cli(tmp_path: Path) -> None:
     assert set(result.metrics["metric"]) == {"lepsilon", "lepsilon-fraction", *COVARIATES}
     assert set(result.metrics["layer"].dropna()) == {"enc1", "enc2"}
     assert set(result.analyses) == {"pearson", "spearman"} and "p_fdr" in result.analyses["pearson"]
+    for table in result.analyses.values():  # count and fraction are one test: the fraction's rows are marked
+        assert table.loc[table.metric == "lepsilon-fraction", "same_as"].tolist() == ["lepsilon@enc1", "lepsilon@enc2"]
+        assert (table.loc[table.metric == "lepsilon", "same_as"] == "").all()
+    assert set(result.strongest(None)["metric"]) == {"lepsilon"}  # the summary shows each test once
     assert result.manifest["options"]["metric.lepsilon"] == {"epsilon": 0.1, "mode": "relative",
                                                             "layers": ["enc1", "enc2"], "all_layers": False,
                                                             "layer_weighting": "units", "layer_weights": None}
@@ -187,7 +232,11 @@ def test_london_faces_end_to_end(london_faces: Path, tmp_path: Path) -> None:
     summary = json.loads(proc.stdout)
     assert summary["n_images"] == 102 and summary["matching"]["mode"] == "stem"
     pearson = pd.read_parquet(out / "analyses" / "pearson.parquet")
-    assert (pearson["n"] == 102).all() and pearson["p_fdr"].notna().all()
+    assert (pearson["n"] == 102).all() and pearson.loc[pearson.same_as == "", "p_fdr"].notna().all()
+    # lepsilon's fraction is its count / N: the same test, kept out of the FDR family and marked
+    fraction = pearson[pearson.metric == "lepsilon-fraction"]
+    assert len(fraction) and (fraction["same_as"] == "lepsilon@" + fraction["layer"]).all()
+    assert fraction["p_fdr"].isna().all()
     ratings = pd.read_parquet(out / "ratings.parquet")
     assert len(ratings) == 102 and {"face_sex", "face_eth"} <= set(ratings.columns)
 
@@ -446,10 +495,11 @@ def test_subgroup_analyses_report_small_groups_instead_of_failing(london_faces: 
     pearson = result.analyses["pearson"]
     assert set(pearson["group"]) == {"all", "face_sex=female, face_eth=white", "face_sex=male, face_eth=white"}
     assert (pearson.loc[pearson.group == "face_sex=female, face_eth=white", "n"] == 35).all()
-    from fluency.core.stats import fdr_bh
-
-    both = pd.concat([result.analyses["pearson"], result.analyses["spearman"]])
-    assert np.allclose(fdr_bh(both["p"].to_numpy()), both["p_fdr"].to_numpy(), equal_nan=True)
+    both = pd.concat([result.analyses["pearson"], result.analyses["spearman"]], ignore_index=True)
+    tested = both["p"].notna()
+    assert tested.sum() > 0 and (both["same_as"] == "").all()
+    assert np.allclose(both.loc[tested, "p_fdr"], multipletests(both.loc[tested, "p"], method="fdr_bh")[1],
+                       rtol=1e-12, atol=0) and both.loc[~tested, "p_fdr"].isna().all()
     with pytest.raises(FluencyError, match="no column"):
         fluency.run(metrics=["gini"], images=london_faces / "images", ratings=london_faces / "ratings.csv",
                     rating_column="attractiveness", by=["nope"], out=tmp_path / "bad", progress=False, store=False)

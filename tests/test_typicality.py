@@ -60,6 +60,14 @@ def test_fit_is_saved_and_reused(tmp_path: Path) -> None:
 
 
 def test_per_group_gaussians(tmp_path: Path) -> None:
+    """With groups, each image is scored under its own group's PCA Gaussian: the known answer is scikit-learn's
+    PCA of that group's responses and scipy's Gaussian log-density of the image's components (variances floored
+    by eps · their mean), computed here independently of the metric."""
+    from scipy.stats import multivariate_normal
+    from sklearn.decomposition import PCA
+
+    from fluency.core.errors import FluencyError
+
     ids, acts = _batches(outlier=False)
     acts[20:] = acts[20:] + 3.0  # a second, shifted group
     table = pd.DataFrame({"image_id": ids, "sex": ["f"] * 20 + ["m"] * 20})
@@ -67,8 +75,14 @@ def test_per_group_gaussians(tmp_path: Path) -> None:
     pooled = run_metric(Typicality(layers=["enc1"], dims=3), ids, acts)
     grouped = run_metric(Typicality(layers=["enc1"], dims=3, groups=str(tmp_path / "g.csv"), group_columns=["sex"]),
                          ids, acts)
+    features = acts.flatten(1).double().numpy()  # 4×16×16 = 1024 ≤ max_features: no pooling
+    for rows in (slice(0, 20), slice(20, 40)):
+        pca = PCA(n_components=3, svd_solver="full").fit(features[rows])
+        variances = pca.explained_variance_ + 1e-3 * pca.explained_variance_.mean()
+        expected = multivariate_normal(np.zeros(3), np.diag(variances)).logpdf(pca.transform(features[rows]))
+        assert np.allclose(grouped.to_numpy()[rows], expected, rtol=1e-9, atol=1e-9)
     assert grouped.mean() > pooled.mean()  # each image is more typical of its own group
-    state = Typicality(layers=["enc1"])
-    with pytest.raises(Exception, match="group_columns|sex2"):
-        run_metric(Typicality(layers=["enc1"], groups=str(tmp_path / "g.csv"), group_columns=["sex2"]), ids, acts)
-    assert state.state() is None
+    failing = Typicality(layers=["enc1"], groups=str(tmp_path / "g.csv"), group_columns=["sex2"])
+    with pytest.raises(FluencyError, match=r"needs columns \['image_id', 'sex2'\] \(missing \['sex2'\]\)"):
+        run_metric(failing, ids, acts)
+    assert failing.state() is None  # a failed fit leaves nothing to save with the run

@@ -3,8 +3,13 @@
 The report's attention metric: with CBAM channel attention (Woo et al. 2018) the weights M_c
 of an image say how much each channel is let through; their L1 norm Σ_c |M_c| is small when
 the network attends to few channels. With a softmax gate the weights sum to 1, so the L1 norm
-is constant — use the sigmoid gate (or read the weights' Gini) there. Lower = more selective
-attention; the direction relative to fluency is not fixed, so none is declared.
+is constant — use the sigmoid gate (or read the weights' Gini) there.
+
+Direction: ``higher_is_more_fluent=False``. A lower L1 norm means the network lets fewer channels
+through for the image: a more selective, more economical response, the attention counterpart of
+a sparser code (as for ``lepsilon``, where more active units is less fluent). Fluency theory then
+predicts that attention-l1 correlates *negatively* with beauty, which is what the study expected;
+the summary's "fluent?" column reads "yes" for a negative correlation with the rating.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class AttentionL1(FluencyMetric):
 @hookimpl
 def fluency_register_metrics() -> list[MetricSpec]:
     return [MetricSpec(
-        name="attention-l1", factory=AttentionL1, needs="activations", higher_is_more_fluent=None,
-        description="L1 norm of each image's CBAM channel-attention weights, per attention layer.",
+        name="attention-l1", factory=AttentionL1, needs="activations", higher_is_more_fluent=False,
+        description="L1 norm of each image's CBAM channel-attention weights, per attention layer (higher = less "
+                    "selective = less fluent).",
         options={"layers": Option("list[str]", None, "attention layers (default: all of the model's)")})]

@@ -5,7 +5,9 @@ and a percentile bootstrap confidence interval (``n_boot`` resamples of the imag
 ``partial`` is Pearson's (or, with ``method="spearman"``, Spearman's) correlation after
 regressing both the metric and the rating on ``covariates`` (columns of the ratings table,
 or other metrics of the run written ``metric`` or ``metric@layer``), with n − 2 − k degrees
-of freedom. fluency adds ``p_fdr``, Benjamini–Hochberg across every test of the run.
+of freedom. A metric that is itself a covariate (or a linear combination of them: its residual is
+round-off) is not tested: its row has no estimate or p, the note says why, and it is not in the FDR
+family. fluency adds ``p_fdr``, Benjamini–Hochberg across every test of the run.
 
 With the run's low-level covariates (:attr:`fluency.AnalysisData.covariates`, the ``image-stats``
 values; off with ``--no-covariates``), ``pearson`` and ``spearman`` rows also carry the relation
@@ -50,6 +52,10 @@ COMPARE_OPTIONS = {
 }
 #: columns of the comparison rows only (NaN on the others): the two correlations and r between the checkpoints
 COMPARE_COLUMNS = ("r_a", "r_b", "r_ab")
+#: ``partial``: a metric whose residual on the covariates is below this fraction of its own spread is (in the
+#: span of) a covariate: what is left is round-off, so it is not tested (no p, not in the FDR family)
+SPAN_TOLERANCE = 1e-6
+COVARIATE_NOTE = "a covariate itself (in the span of the covariates): not tested"
 #: names of the dependent-correlation tests, for the ``note`` of each comparison row
 TEST_NAMES = {"steiger": "Steiger (1980) Z", "williams": "Williams' t (n−3 df)", "meng": "Meng et al. (1992) Z"}
 
@@ -88,13 +94,17 @@ def residualize(v: np.ndarray, z: np.ndarray) -> np.ndarray:
 
 def correlation_test(x: np.ndarray, y: np.ndarray, z: np.ndarray | None, rank: bool) -> tuple[float, float]:
     """(r, two-sided p) of x and y — Pearson's, or with ``rank`` Spearman's on ranks — partialled on the columns
-    of ``z`` (None: none; ranked too with ``rank``): r of the residuals of both on z, t test with n − 2 − k df."""
+    of ``z`` (None: none; ranked too with ``rank``): r of the residuals of both on z, t test with n − 2 − k df.
+    (NaN, NaN) when x is a covariate itself (in the span of z, to :data:`SPAN_TOLERANCE`)."""
     if rank:
         x, y = stats.rankdata(x), stats.rankdata(y)
         if z is not None:
             z = np.column_stack([stats.rankdata(c) for c in z.T])
     if z is not None:
-        x, y = residualize(x, z), residualize(y, z)
+        rx = residualize(x, z)
+        if np.linalg.norm(rx) <= SPAN_TOLERANCE * np.linalg.norm(x - x.mean()):
+            return np.nan, np.nan  # x is (in the span of) a covariate: what is left is round-off, not a test
+        x, y = rx, residualize(y, z)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         estimate = float(stats.pearsonr(x, y).statistic)
@@ -139,6 +149,8 @@ class Correlation(Analysis):
                 note = "constant values"
             else:
                 estimate, p = correlation_test(x, y, z, self.rank)
+                if z is not None and not np.isfinite(estimate):
+                    note = COVARIATE_NOTE
                 if z is None:
                     lo, hi = bootstrap_ci(x, y, self.rank, int(self.options.get("n_boot", 1000)), level, rng)
             out.append({"analysis": self.name, "checkpoint": checkpoint, "metric": metric,

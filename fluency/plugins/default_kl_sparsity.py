@@ -15,12 +15,13 @@ feature map is a unit whatever its position, as for convolutional sparse coding)
 
 ρ̂ must lie in (0, 1); ``mapping`` says how activations get there:
 
-* ``sigmoid`` (default) — ρ̂ = mean σ(x). Smooth, gradient everywhere, right for signed
+* ``sigmoid`` — ρ̂ = mean σ(x). Smooth, gradient everywhere, right for signed
   (pre-activation) layers. On ReLU outputs (x ≥ 0) σ(x) ≥ ½, so ρ̂ ≥ ½: any ρ < ½ is
   out of reach, the penalty never reaches 0 (its floor is KL(ρ‖½), 0.4946 per unit at
   ρ = 0.05) and it merely pushes every activation to 0. On ReLU layers use ``tanh``,
   or read ρ as a target for σ(x), i.e. choose ρ > ½.
-* ``tanh`` — ρ̂ = mean tanh(x), for non-negative (post-ReLU) layers: it maps 0 → 0 and
+* ``tanh`` (default: the encoder blocks fluency constrains are ReLU outputs) — ρ̂ = mean
+  tanh(x), for non-negative (post-ReLU) layers: it maps 0 → 0 and
   (0, ∞) → (0, 1), so ρ keeps its meaning of a firing rate (the fraction of "on" units)
   and ρ̂ = ρ is reachable. On signed layers tanh(x) < 0 and ρ̂ can leave (0, 1).
 * ``clamp`` — ρ̂ = mean clamp(x, ε, 1 − ε): the identity for layers already in [0, 1]

@@ -19,6 +19,7 @@ from fluency.core.plugin.manager import PluginManager, get_plugin_manager, guard
 from fluency.core.plugin.specs import AnalysisSpec
 from fluency.core.progress import progress_bar
 from fluency.core.run.covariates import Covariates
+from fluency.core.run.same_tests import SameTests, same_tests
 from fluency.core.stats import fdr_bh
 
 
@@ -90,7 +91,7 @@ def analyse(metric_table: pd.DataFrame, ratings: pd.DataFrame | None, rating_col
             outcome.results[name] = pd.concat(parts, ignore_index=True)
             outcome.timings[f"analysis[{name}]"] = round(time.perf_counter() - t0, 3)
         bars.update(task, status="")
-    _write_with_fdr(outcome.results, out_dir / "analyses")
+    _write_with_fdr(outcome.results, out_dir / "analyses", same_tests(metric_table, ratings["image_id"]))
     return outcome
 
 
@@ -113,12 +114,18 @@ def read_effects(manifest: Mapping[str, Any], analyses: Sequence[str]) -> dict[t
             for e in effects}
 
 
-def _write_with_fdr(results: dict[str, pd.DataFrame], folder: Path) -> None:
+def _write_with_fdr(results: dict[str, pd.DataFrame], folder: Path, same: SameTests | None = None) -> None:
     """Add ``p_fdr`` (Benjamini–Hochberg across every test of every analysis) and write one table each; tests
-    controlled for the covariates (``p_adj``) are in the same family, their corrected values in ``p_adj_fdr``."""
+    controlled for the covariates (``p_adj``) are in the same family, their corrected values in ``p_adj_fdr``.
+
+    With ``same``, a row that repeats another output's test is marked (``same_as``) and left out of the
+    family, raw and adjusted: one hypothesis, one test (:mod:`fluency.core.run.same_tests`)."""
+    repeated = {name: same.mark(r) if same is not None else pd.Series(False, index=r.index)
+                for name, r in results.items()}
     family = [(name, p) for p in FDR_COLUMNS for name, r in results.items() if p in r.columns]
     sizes = [len(results[name]) for name, _ in family]
-    pooled = np.concatenate([results[name][p].to_numpy(float) for name, p in family]) if sum(sizes) else []
+    pooled = (np.concatenate([results[name][p].mask(repeated[name]).to_numpy(float) for name, p in family])
+              if sum(sizes) else [])
     p_fdr = fdr_bh(pooled) if sum(sizes) else []
     folder.mkdir(exist_ok=True)
     start = 0

@@ -72,21 +72,30 @@ class RunResult:
     def strongest(self, top: int | None = 10) -> pd.DataFrame:
         """The correlations (every statistic declared ``kind="correlation"``), strongest first: the comparable
         effect sizes that the summary ranks. With ``top``, the ``top`` strongest rows plus the strongest row
-        of every metric not among them, so that no metric disappears from the summary."""
-        table = self.results()
+        of every metric not among them, so that no metric disappears from the summary. A row that repeats
+        another output's test (``same_as``) is left out: one hypothesis, one row."""
+        table = _once(self.results())
         if not len(table):
             return table
         return _top(table[table["kind"] == "correlation"].reset_index(drop=True), top)
 
     def sections(self, top: int | None = 5) -> dict[str, pd.DataFrame]:
         """The other declared effect sizes, one table per kind (coefficient, r2, difference, descriptive),
-        strongest first, at most ``top`` rows each: they are not comparable with correlations."""
-        table = self.results()
+        strongest first, at most ``top`` rows each: they are not comparable with correlations. Without the
+        rows that repeat another output's test (``same_as``)."""
+        table = _once(self.results())
         if not len(table):
             return {}
         kinds = [k for k in ("coefficient", "r2", "difference", "descriptive") if (table["kind"] == k).any()]
         return {k: table[table["kind"] == k].reset_index(drop=True).head(top if top is not None else None)
                 for k in kinds}
+
+
+def _once(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows that are not a repeat of another output's test (:mod:`fluency.core.run.same_tests`)."""
+    if "same_as" not in table.columns:
+        return table
+    return table[~table["same_as"].fillna("").astype(str).str.len().gt(0)].reset_index(drop=True)
 
 
 def _top(table: pd.DataFrame, top: int | None) -> pd.DataFrame:
