@@ -330,8 +330,11 @@ def test_run_over_checkpoints_compares_them_and_corrects_every_test(tmp_path: Pa
                                                         plain[row.group, "noisy", row.layer]), abs=1e-12)
     every = pd.concat(result.analyses.values(), ignore_index=True)
     tested = every["p"].notna() & (every["same_as"] == "")
-    assert np.allclose(every.loc[tested, "p_fdr"], multipletests(every.loc[tested, "p"], method="fdr_bh")[1],
-                       rtol=1e-12, atol=0) and every.loc[~tested, "p_fdr"].isna().all()  # one BH over all
+    adjusted = every["p_adj"].notna() & (every["same_as"] == "")  # the covariate-adjusted tests: the same family
+    family = multipletests(np.concatenate([every.loc[tested, "p"], every.loc[adjusted, "p_adj"]]), method="fdr_bh")[1]
+    assert np.allclose(every.loc[tested, "p_fdr"], family[:tested.sum()], rtol=1e-12, atol=0)  # one BH over all
+    assert np.allclose(every.loc[adjusted, "p_adj_fdr"], family[tested.sum():], rtol=1e-12, atol=0)
+    assert every.loc[~tested, "p_fdr"].isna().all()
     assert np.isfinite(every.loc[every.statistic.str.endswith("_diff"), "p_fdr"]).all()
     from rich.console import Console
 
