@@ -215,7 +215,8 @@ def anchors(path: Path) -> set[str]:
     return {slug(m) for m in re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), flags=re.MULTILINE)}
 
 
-@pytest.mark.parametrize("source", ["docs/metrics.md", "docs/interpreting.md", "docs/user-guide.md", "README.md"])
+@pytest.mark.parametrize("source", ["docs/metrics.md", "docs/interpreting.md", "docs/user-guide.md", "docs/models.md",
+                                    "README.md"])
 def test_links_to_the_pages_resolve(source: str) -> None:
     path = ROOT / source
     for target, anchor in re.findall(r"\]\(([\w./-]*\.md)?#([\w-]+)\)", path.read_text(encoding="utf-8")):
