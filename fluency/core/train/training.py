@@ -370,10 +370,15 @@ def _build(cfg: TrainConfig, manager: PluginManager, options: _Options, files: S
 
 
 def _build_optimizer(manager: PluginManager, name: str, options: dict[str, Any], model: torch.nn.Module) -> Any:
+    """The optimizer over the trainable parameters only: frozen ones (e.g. ``freeze_encoder``) are not handed to
+    it, so no optimizer (weight decay, momentum, a plugin's own rule) can move them or keep state for them."""
     factory = manager.get("optimizer", name).load()
     params = inspect.signature(factory).parameters
     extra = {"model": model} if "model" in params else {}  # SAM protects BatchNorm statistics with it
-    return factory(model.parameters(), **options, **extra)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise TrainingError(f"optimizer {name!r}: the model has no trainable parameters (all are frozen)")
+    return factory(trainable, **options, **extra)
 
 
 def _scheduler(optimizer: Any, cfg: TrainConfig, steps_per_epoch: int) -> Any:
