@@ -118,7 +118,7 @@ def test_only_the_latent_and_decoder_train(trained: Path) -> None:
 
 def test_fluency_run_measures_reconstruction_and_sam_on_the_result(trained: Path) -> None:
     table = pd.read_parquet(trained / "runs/vgg16-decoder-run/metrics.parquet")
-    assert set(table["plugin"]) == {"recon-error", "sam"}
+    assert set(table["plugin"]) == {"recon-error", "sam", "image-stats"}  # image-stats: the covariates
     assert {"recon-l1", "recon-l2", "sam"} <= set(table["metric"])
     assert (table.groupby("metric")["image_id"].nunique() == N_IMAGES).all()
     assert table["value"].notna().all() and (table["value"].abs() < math.inf).all()
