@@ -120,8 +120,8 @@ def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan
                                "stimuli next time; choose an --out outside the image folder")
     if not config.metrics:
         raise FluencyError(f"name at least one --metric (available: {', '.join(manager.names('metric'))})")
-    metric_names, requested = with_covariates(config.metrics, config.covariates)
-    metric_specs = {name: manager.get("metric", name) for name in metric_names}
+    for name in dict.fromkeys(config.metrics):
+        manager.get("metric", name)  # an unknown name: one line listing the metrics, before reading any image
     stimuli = embedded() if config.images is None else from_folder(config.images, config.ratings, config.id_column,
                                                                    config.rating_column, config.strict)
     if stimuli.ratings is None and config.analyses:
@@ -130,6 +130,9 @@ def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan
     names = default_analyses(n_models) if config.analyses is None else config.analyses
     analysis_names = list(dict.fromkeys(names)) if stimuli.ratings is not None else []
     analysis_specs = {name: manager.get("analysis", name) for name in analysis_names}
+    adjusting = config.covariates and bool(analysis_names)  # the covariates serve the analyses: without, none
+    metric_names, requested = with_covariates(config.metrics, adjusting)
+    metric_specs = {name: manager.get("metric", name) for name in metric_names}
     model_names, repeated = unique_models(config.models)
     for name in model_names:
         manager.get("architecture", name)  # an unknown name: one line listing the architectures
@@ -167,7 +170,7 @@ def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan
         _check_native(built, stimuli)
     return RunPlan(config, stimuli, metric_specs, analysis_specs, resolved, models, duplicates,
                    resolve_device(config.device), raters=load_raters(config, stimuli),
-                   covariates_requested=requested if config.covariates else None)
+                   covariates_requested=requested if adjusting else None)
 
 
 def _check_native(loaded: LoadedCheckpoint, stimuli: Stimuli) -> None:
