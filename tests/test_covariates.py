@@ -244,10 +244,9 @@ def test_partial_names_a_covariate_the_run_computed() -> None:
     assert row["estimate"] == pytest.approx(_oracle(data, "enc1", rank=False)[0], abs=1e-12)
 
 
-@pytest.mark.slow
 def test_the_readmes_demo_numbers_as_written(tmp_path, monkeypatch) -> None:
     """Every command of the README's "What the demo shows" block, run as written; the numbers it states
-    (two runs of the embedded default and a one-epoch training: about 2 minutes on 2 busy cores; -m slow)."""
+    (two runs of the embedded default, about 20 s on 2 quiet cores)."""
     import shlex
     from pathlib import Path
 
@@ -272,9 +271,10 @@ def test_the_readmes_demo_numbers_as_written(tmp_path, monkeypatch) -> None:
     sam, gini = pearson.xs("sam", level=0).iloc[0], pearson.loc[("gini", "all")]
     assert round(pearson.xs("jpeg-bpp", level=0).iloc[0]["estimate"], 3) == -0.855
     assert (round(sam["estimate"], 3), round(sam["estimate_adj"], 3), round(sam["p_adj_fdr"], 2)) == (-0.391, -0.066,
-                                                                                                      0.42)
+                                                                                                      0.39)
     assert round(partial.xs("sam", level=0).iloc[0]["estimate"], 3) == 0.056
-    assert (round(gini["estimate"], 3), round(gini["estimate_adj"], 3)) == (-0.743, -0.057)
+    assert (round(gini["estimate"], 3), round(gini["estimate_adj"], 3), round(gini["p_adj_fdr"], 2)) == (-0.743, -0.057,
+                                                                                                        0.42)
     assert round(partial.loc[("gini", "all")]["estimate"], 3) == -0.191
     untrained = pd.read_parquet(tmp_path / "runs/demo-untrained/analyses/pearson.parquet")
     flipped = untrained[untrained["metric"] == "sam"].iloc[0]
