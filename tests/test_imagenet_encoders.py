@@ -245,7 +245,8 @@ def test_run_model_with_ratings_mixed_with_a_checkpoint(faces: tuple[Path, Path]
 
 
 def test_run_model_refusals_are_one_line_and_write_nothing(faces: tuple[Path, Path], tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     images, _ = faces
     vgg = needs(VGG16_FILE)
     odd = tmp_path / "odd"
@@ -263,17 +264,29 @@ def test_run_model_refusals_are_one_line_and_write_nothing(faces: tuple[Path, Pa
     ]
     for k, (args, expected) in enumerate(cases):
         out = tmp_path / f"out{k}"
-        proc = cli("run", *args, "--out", str(out))
-        assert proc.returncode == 2 and expected in proc.stderr, (args, proc.stderr)
-        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+        code, stderr = main_in_process(monkeypatch, capsys, "run", *args, "--out", str(out))
+        assert code == 2 and expected in stderr, (args, stderr)
+        assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
         assert not out.exists()  # refused before the run folder is made
     # no weights anywhere: the line names torchvision's cache file and the option
     env_home = tmp_path / "torch-home"
     monkeypatch.setenv("TORCH_HOME", str(env_home))
-    proc = cli("run", "--model", "vgg16-imagenet", "--metric", "gini", "--images", str(images),
-               "--out", str(tmp_path / "none"))
-    assert proc.returncode == 2 and "vgg16-397923af.pth" in proc.stderr and str(env_home) in proc.stderr
-    assert "-o vgg16-imagenet.weights=PATH" in proc.stderr
+    code, stderr = main_in_process(monkeypatch, capsys, "run", "--model", "vgg16-imagenet", "--metric", "gini",
+                                   "--images", str(images), "--out", str(tmp_path / "none"))
+    assert code == 2 and "vgg16-397923af.pth" in stderr and str(env_home) in stderr
+    assert "-o vgg16-imagenet.weights=PATH" in stderr
+
+
+def main_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """``fluency ARGS`` through the real entry point (its one-line errors and exit status), in this process."""
+    from fluency.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fluency", *args])
+    monkeypatch.setenv("COLUMNS", "200")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return int(exited.value.code or 0), capsys.readouterr().err
 
 
 def test_inspect_lists_the_layers_of_a_model(tmp_path: Path) -> None:

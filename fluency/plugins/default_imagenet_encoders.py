@@ -34,14 +34,8 @@ from torch import nn
 
 from fluency import ArchitectureSpec, FluencyError, Option, hookimpl
 from fluency.api import EncoderOutput, FluencyEncoder
-from fluency.blocks import (
-    ArchitectureConfigError,
-    load_features,
-    read_features_state_dict,
-)
+from fluency.blocks import IMAGENET_MEAN, IMAGENET_STD, ArchitectureConfigError, load_features, read_features_state_dict
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SIZE = 224
 NATIVE = "native"
 #: the largest side accepted for ``size`` (an integer)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fluency import ArchitectureSpec, Option, hookimpl
-from fluency.blocks import load_features, read_features_state_dict
+from fluency.blocks import IMAGENET_MEAN, IMAGENET_STD, load_features, read_features_state_dict
 from fluency.blocks import (block_options, ArchitectureConfigError, BlockVAE, EncoderParts, attention_stages,
                             build_decoder, build_encoder, check_choice, check_image_size, per_block)
 from fluency.blocks import MAX_CHANNELS, MAX_IMAGE_SIZE, MAX_LATENT_DIM
@@ -33,8 +33,6 @@ BLOCK_NAMES = tuple(f"enc{i}" for i in range(1, N_BLOCKS + 1))
 #: convolutions per block of torchvision's VGG configurations
 VGG_CONVS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
 VGG_WIDTHS = (64, 128, 256, 512, 512)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_NORMS = ("auto", "none", "imagenet")
 
 

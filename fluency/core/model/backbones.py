@@ -95,6 +95,9 @@ def load_features(modules: dict[int, nn.Module], weights: dict[int, dict[str, to
                 target.copy_(value)
 
 
+#: ImageNet's per-channel mean and standard deviation (RGB), which torchvision's ImageNet weights expect
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 #: the options of an LPIPS distance wherever one is used (the ``lpips`` metric, ``fluency compare``, the
 #: ``lpips`` training loss): declared once, here
 LPIPS_OPTIONS: dict[str, Option] = {

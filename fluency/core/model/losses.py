@@ -35,12 +35,10 @@ from torch import nn
 
 from fluency.core.errors import FluencyError, OptionError
 from fluency.core.plugin.architecture import FluencyModel, ObjectiveSettings
-from fluency.core.model.backbones import LPIPS_OPTIONS
+from fluency.core.model.backbones import IMAGENET_MEAN, IMAGENET_STD, LPIPS_OPTIONS
 from fluency.core.plugin.options import Option, resolve_options
 
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 REDUCTIONS = ("sum", "mean")
 
 
