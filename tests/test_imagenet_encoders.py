@@ -351,3 +351,33 @@ def test_model_without_pretrained_weights_is_untrained_and_seeded(faces: tuple[P
     spec = PluginManager().get("architecture", "vae-small")
     torch.manual_seed(1)
     assert state_sha256(spec.load()(**spec.resolve({}))) == a["sha256"]  # the same weights as building it here from the same seed
+
+
+def test_typicality_reference_of_two_sizes_is_one_line_at_native_size(faces: tuple[Path, Path], tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    images, _ = faces
+    vgg = needs(VGG16_FILE)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    shutil.copy(images / "X001.png", reference / "a.png")
+    Image.open(images / "X002.png").resize((80, 112)).save(reference / "b.png")
+    code, stderr = main_in_process(monkeypatch, capsys, "run", "--model", "vgg16-imagenet", "--images", str(images),
+                                   "--metric", "typicality", "-o", f"vgg16-imagenet.weights={vgg}",
+                                   "-o", "vgg16-imagenet.size=native", "-o", f"typicality.reference={reference}",
+                                   "--out", str(tmp_path / "run"), "--no-report")
+    assert code == 2 and "images of different sizes" in stderr and "b.png is 80×112" in stderr, stderr
+    assert "Traceback" not in stderr
+
+
+def test_one_checkpoint_named_twice_is_one_model_for_the_default_analyses(faces: tuple[Path, Path],
+                                                                           tmp_path: Path) -> None:
+    """Two spellings of one file are measured once, so they do not add `paired` (which needs two models)."""
+    images, ratings = faces
+    default = Path(fluency.__file__).parent / "data" / "default.pt"
+    (tmp_path / "again.pt").symlink_to(default)
+    run = fluency.run(metrics=["gini"], checkpoints=[str(default), str(tmp_path / "again.pt")], images=str(images),
+                      ratings=str(ratings), rating_column="attractiveness", out=str(tmp_path / "run"),
+                      progress=False, figures=False, covariates=False)
+    assert run.manifest["analyses"] == ["pearson", "spearman"]
+    assert [c["label"] for c in run.manifest["inputs"]["checkpoints"]] == ["default"]

@@ -153,6 +153,8 @@ class Typicality(FluencyMetric):
         files = find_images(root)
         source = FolderSource(root, {p.relative_to(root).with_suffix("").as_posix(): p for p in files},
                               Preprocessing(size, channels))
+        if size is None:  # a model at native size: the reference images, too, must be of one size
+            source.check_one_size()
         device = next(model.parameters()).device
         ids, feats = [], {k: [] for k in layer_names}
         for batch_ids, x in iter_batches(source, 32):

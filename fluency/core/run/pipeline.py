@@ -112,7 +112,7 @@ class RunPlan:
 
 
 def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan:
-    """Validate everything a run needs before it writes anything: plugins, options, stimuli, checkpoints."""
+    """Validate everything a run needs before it writes anything: plugins, options, stimuli, models."""
     if config.images is not None:
         out = Path(config.out) if config.out is not None else Path("runs")
         if out.resolve().is_relative_to(Path(config.images).resolve()):
@@ -126,16 +126,13 @@ def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan
                                                                    config.rating_column, config.strict)
     if stimuli.ratings is None and config.analyses:
         raise FluencyError("--analysis needs ratings: pass --ratings TABLE (and --rating-column)")
-    n_models = len(set(map(str, config.checkpoints))) + len(set(config.models))
-    names = default_analyses(n_models) if config.analyses is None else config.analyses
+    paths, model_names, duplicates = _which_models(config, manager, console)
+    names = default_analyses(len(paths) + len(model_names)) if config.analyses is None else config.analyses
     analysis_names = list(dict.fromkeys(names)) if stimuli.ratings is not None else []
     analysis_specs = {name: manager.get("analysis", name) for name in analysis_names}
     adjusting = config.covariates and bool(analysis_names)  # the covariates serve the analyses: without, none
     metric_names, requested = with_covariates(config.metrics, adjusting)
     metric_specs = {name: manager.get("metric", name) for name in metric_names}
-    model_names, repeated = unique_models(config.models)
-    for name in model_names:
-        manager.get("architecture", name)  # an unknown name: one line listing the architectures
     used = ([("metric", n) for n in metric_names] + [("analysis", n) for n in analysis_names]
             + [("architecture", n) for n in model_names])
     resolved = resolve_plugin_options(manager, used, config.options, read_config(config.config))
@@ -143,34 +140,51 @@ def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan
         for name, spec in metric_specs.items():
             if "layers" in spec.options and not resolved[("metric", name)].get("layers"):
                 resolved[("metric", name)]["layers"] = list(config.layers)
+    labels = model_labels(paths, model_names)
+    models = [ModelRef(label, path=path) for path, label in zip(paths, labels)]
+    models += [ModelRef(label, built=_built(name, label, resolved, metric_specs, stimuli, config, manager, console))
+               for name, label in zip(model_names, labels[len(paths):])]
+    return RunPlan(config, stimuli, metric_specs, analysis_specs, resolved, models, duplicates,
+                   resolve_device(config.device), raters=load_raters(config, stimuli),
+                   covariates_requested=requested if adjusting else None)
+
+
+def _which_models(config: RunConfig, manager: PluginManager, console: Console
+                  ) -> tuple[list[Path], list[str], list[dict[str, str]]]:
+    """The checkpoints (each file once, checked) and ``--model`` names (each once, known) a run measures, and
+    the notes on repeats; with neither, the embedded default checkpoint."""
+    model_names, repeated = unique_models(config.models)
+    for name in model_names:
+        manager.get("architecture", name)  # an unknown name: one line listing the architectures
     default = not config.checkpoints and not model_names
+    if default and not DEFAULT_CHECKPOINT.exists():
+        raise FluencyError(f"the embedded default checkpoint {DEFAULT_CHECKPOINT} is missing; reinstall fluency "
+                           "or pass --checkpoint")
     paths, duplicates = unique_checkpoints([Path(c) for c in config.checkpoints] or ([DEFAULT_CHECKPOINT] if default
                                                                                      else []))
-    duplicates += repeated
-    for note in duplicates:
+    for note in [*duplicates, *repeated]:
         console.print(f"[yellow]note:[/yellow] {escape(note['text'])}", highlight=False)
     if config.images is not None and default:
         console.print("[yellow]note:[/yellow] no --checkpoint: using the embedded default model, trained on "
                       "generated shapes at 64×64; train one on images like yours with `fluency train`, or "
                       "measure a pretrained network with --model (e.g. vgg16-imagenet).")
-    if not DEFAULT_CHECKPOINT.exists() and default:
-        raise FluencyError(f"the embedded default checkpoint {DEFAULT_CHECKPOINT} is missing; reinstall fluency "
-                           "or pass --checkpoint")
     for path in paths:  # fields, architecture, option bounds, model size: before the run folder is touched
         check_checkpoint(path, manager)
-    labels = model_labels(paths, model_names)
-    models = [ModelRef(label, path=path) for path, label in zip(paths, labels)]
-    for name, label in zip(model_names, labels[len(paths):]):  # built once, here, so that a missing weights
-        built = build_model(name, resolved[("architecture", name)], manager, label, config.seed)  # file or a bad
-        models.append(ModelRef(label, built=built))  # option stops the run before its folder exists
-        if built.info["weights"]["kind"] == "untrained":
-            console.print(f"[yellow]note:[/yellow] --model {name} has no pretrained weights: measured with "
-                          f"untrained weights drawn from --seed {config.seed}", highlight=False)
-        check_requirements(metric_specs, built.model, name, label)
-        _check_native(built, stimuli)
-    return RunPlan(config, stimuli, metric_specs, analysis_specs, resolved, models, duplicates,
-                   resolve_device(config.device), raters=load_raters(config, stimuli),
-                   covariates_requested=requested if adjusting else None)
+    return paths, model_names, [*duplicates, *repeated]
+
+
+def _built(name: str, label: str, resolved: dict[tuple[str, str], dict[str, Any]], metric_specs: dict[str, MetricSpec],
+           stimuli: Stimuli, config: RunConfig, manager: PluginManager, console: Console) -> LoadedCheckpoint:
+    """``--model NAME`` built once, here, and checked against the metrics and the images, so that a missing
+    weights file, a bad option, a metric it cannot serve or images of two sizes stop the run before its folder
+    exists."""
+    built = build_model(name, resolved[("architecture", name)], manager, label, config.seed)
+    if built.info["weights"]["kind"] == "untrained":
+        console.print(f"[yellow]note:[/yellow] --model {name} has no pretrained weights: measured with "
+                      f"untrained weights drawn from --seed {config.seed}", highlight=False)
+    check_requirements(metric_specs, built.model, name, label)
+    _check_native(built, stimuli)
+    return built
 
 
 def _check_native(loaded: LoadedCheckpoint, stimuli: Stimuli) -> None:
