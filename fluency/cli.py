@@ -163,13 +163,20 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
 def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = None) -> None:
     """The summary of a run or measure (``seconds``: how long it took, default the run's total): relations
     table (or JSON), notes, and where the results are."""
-    from fluency.core.outputs.summary import (SECTION_TITLES, print_matching, print_reliability, print_unreadable,
-                                              relations_table)
+    from fluency.core.outputs.summary import (print_matching, print_reliability, print_summary, print_unreadable,
+                                              summary_rows)
     from fluency.core.run.ceiling import with_ceiling
 
-    strongest, sections = result.strongest(top), result.sections()
+    order = [c.get("label") for c in result.manifest.get("inputs", {}).get("checkpoints") or []]
+    strongest, sections = summary_rows(result.strongest(None), top, order), result.sections()
     strongest = with_ceiling(strongest, result.effects(), result.manifest)  # --rater-ratings: r² ÷ ceiling
     sections = {kind: with_ceiling(rows, result.effects(), result.manifest) for kind, rows in sections.items()}
+    if result.report is None:  # with ratings, the matching report lists them
+        print_unreadable(err, result.unreadable)
+    print_matching(err, result.report)  # on stderr, so that --json keeps stdout pure JSON
+    for g in result.manifest.get("subgroups", {}).get("groups", []):
+        if not g["analysed"]:
+            err.print(f"[yellow]subgroup {g['group']}:[/yellow] {g['n']} images, {g['note']}; not analysed")
     if as_json:
         _emit_json({"run": str(result.path), "status": result.manifest["status"],
                     "n_images": int(result.metrics["image_id"].nunique()), "metric_rows": len(result.metrics),
@@ -179,22 +186,12 @@ def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = 
                     "timings": result.manifest["timings"], "reliability": result.manifest.get("reliability")})
         return
     out_console = Console()
-    if result.report is None:  # with ratings, the matching report lists them
-        print_unreadable(err, result.unreadable)
-    print_matching(err, result.report)
-    for g in result.manifest.get("subgroups", {}).get("groups", []):
-        if not g["analysed"]:
-            err.print(f"[yellow]subgroup {g['group']}:[/yellow] {g['n']} images, {g['note']}; not analysed")
     n_images = result.metrics["image_id"].nunique()
     seconds = result.manifest["timings"].get("total") if seconds is None else seconds
     took = f" in {seconds:.1f} s" if seconds is not None else ""
     out_console.print(f"[bold]{len(result.metrics)}[/bold] metric values for [bold]{n_images}[/bold] images{took}.")
     print_reliability(out_console, result.manifest.get("reliability"))
-    effects, directions = result.effects(), result.manifest["metric_columns"]
-    if len(strongest):
-        out_console.print(relations_table(strongest, directions, effects))
-    for kind, rows in sections.items():
-        out_console.print(relations_table(rows, directions, effects, SECTION_TITLES[kind]))
+    print_summary(out_console, strongest, sections, result.manifest["metric_columns"], result.effects())
     if not result.analyses:
         out_console.print("No analyses ran (pass --ratings to relate the metrics to ratings).")
     elif not len(strongest) and not sections:

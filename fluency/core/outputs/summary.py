@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -33,14 +37,120 @@ SECTION_TITLES = {"coefficient": "Regression coefficients", "r2": "Prediction of
                   "difference": "Differences between checkpoints", "descriptive": "Descriptive estimates (no test)"}
 
 
-def relations_table(rows: pd.DataFrame, directions: Mapping[str, Any], effects: Mapping[tuple[str, str], Any],
-                    title: str = "Strongest relations with the rating", alpha: float = 0.05) -> Table:
-    """A compact rich table of analysis rows (already sorted), with FDR significance and the fluency direction.
+#: the columns that hold names, which a narrow terminal shortens (a legend maps them back); "pair" is a
+#: checkpoint pair ``A−B``, each side shortened as a checkpoint
+NAME_COLUMNS = {"checkpoint": "checkpoint", "group": "group", "metric": "metric", "layer": "layer"}
+PAIR = "−"  # how a difference row names its checkpoints: "A−B"
+ELLIPSIS = "…"
+#: the narrowest a shortened name gets; below it rich wraps the table instead
+MIN_NAME_WIDTH = 8
 
-    ``effects`` (``{(analysis, statistic): EffectSize}``) says which statistics are directional and how they
-    are labelled; the test column names the statistic. The checkpoint and group columns appear only when
-    the rows come from several (the checkpoint column always for differences: it names the pair A−B).
+
+def short_names(names: Iterable[str], width: int) -> dict[str, str]:
+    """Every name → a form of at most ``width`` characters (at least 4), distinct from every other's.
+
+    Names that fit stay as they are. Longer ones are cut with ``…`` around the part that tells them apart
+    (what remains once their common start and end are removed: ``a-long-name-epoch-0010`` and
+    ``…-0020`` become ``…epoch-0010`` and ``…epoch-0020``); if no cut keeps them distinct they are numbered.
+    The same names and width always give the same forms, so one mapping serves a whole summary.
     """
+    names = list(dict.fromkeys(names))
+    width = max(width, 4)
+    long = [n for n in names if len(n) > width]
+    if not long:
+        return {n: n for n in names}
+    fitting = {n for n in names if len(n) <= width}
+    prefix = len(os.path.commonprefix(long))
+    suffix = len(os.path.commonprefix([n[::-1] for n in long]))
+    cuts = (lambda n: _window(n, prefix, max(prefix, len(n) - suffix), width),  # around what differs
+            lambda n: ELLIPSIS + n[len(n) - width + 1:], lambda n: n[:width - 1] + ELLIPSIS)
+    for cut in cuts:
+        short = {n: cut(n) for n in long}
+        if len(set(short.values())) == len(short) and not fitting & set(short.values()):
+            return {n: short.get(n, n) for n in names}
+    numbered = {n: f"{n[:width - 1 - len(str(i))]}{ELLIPSIS}{i}" for i, n in enumerate(long, 1)}
+    return {n: numbered.get(n, n) for n in names}
+
+
+def _window(name: str, start: int, stop: int, width: int) -> str:
+    """``name`` cut to ``width`` characters around ``name[start:stop]`` (centred on it when it is shorter),
+    with ``…`` where text was cut."""
+    room = width - 2  # both ends cut
+    lo = max(0, min(start - max(0, room - (stop - start)) // 2, len(name) - room))
+    if lo == 0:
+        return name[:width - 1] + ELLIPSIS
+    if lo + room >= len(name):
+        return ELLIPSIS + name[len(name) - width + 1:]
+    return ELLIPSIS + name[lo:lo + room] + ELLIPSIS
+
+
+@dataclass
+class ShortNames:
+    """The short forms of the names a summary shows, per column (checkpoint, group, metric, layer): one
+    mapping for every table of the summary, so a name reads the same everywhere; :meth:`legend` maps back."""
+
+    forms: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def __call__(self, column: str, name: str) -> str:
+        if column == "checkpoint" and PAIR in name and name not in self.forms.get(column, {}):
+            return PAIR.join(self(column, part) for part in name.split(PAIR))
+        return self.forms.get(column, {}).get(name, name)
+
+    def legend(self) -> list[tuple[str, str, str]]:
+        """``(column, short, full)`` for every name that was shortened, column by column, by full name."""
+        return [(column, forms[full], full) for column, forms in self.forms.items()
+                for full in sorted(forms) if forms[full] != full]
+
+
+def summary_rows(correlations: pd.DataFrame, top: int, order: Sequence[str] = ()) -> pd.DataFrame:
+    """The correlations the summary shows: ``top`` shared evenly among the checkpoint × group cells (each
+    cell's ⌈top / cells⌉ strongest, at least one), plus the strongest row of every metric not among them, so
+    that every checkpoint, subgroup and metric is represented. ``correlations`` are sorted strongest first;
+    the result is in checkpoint order (``order``, else first appearance), then group order, then strength."""
+    if not len(correlations):
+        return correlations
+    table = correlations.reset_index(drop=True)
+    group = table["group"].fillna("all") if "group" in table.columns else pd.Series("all", index=table.index)
+    cells = pd.DataFrame({"checkpoint": table["checkpoint"], "group": group})
+    each = max(1, math.ceil(top / len(cells.drop_duplicates())))
+    rank = cells.groupby(["checkpoint", "group"], sort=False).cumcount()
+    keep = table.index[rank < each].union(table.drop_duplicates("metric").index)
+    checkpoints = [*[c for c in order if c in set(table["checkpoint"])],
+                   *[c for c in dict.fromkeys(table["checkpoint"]) if c not in set(order)]]
+    groups = list(dict.fromkeys(["all", *group]))
+    position = pd.DataFrame({"c": table["checkpoint"].map(checkpoints.index), "g": group.map(groups.index),
+                             "i": table.index})
+    return table.loc[position.loc[keep].sort_values(["c", "g", "i"]).index].reset_index(drop=True)
+
+
+@dataclass
+class _Layout:
+    """A relations table before rendering: headers, cell texts (names in full), bold rows and caption."""
+
+    title: str
+    columns: list[str]
+    cells: list[list[str]]
+    bold: list[bool]
+    caption: str
+    breaks: list[int]  # row indices that start a new checkpoint (a section line above them)
+
+    def name_columns(self) -> list[int]:
+        return [i for i, c in enumerate(self.columns) if c in NAME_COLUMNS]
+
+    def widths(self, names: ShortNames | None = None) -> list[int]:
+        """Each column's natural width (with ``names`` applied to the names and tests)."""
+        return [max([cell_len(self.columns[i])] + [cell_len(self.cell(row, i, names)) for row in self.cells])
+                for i in range(len(self.columns))]
+
+    def cell(self, row: Sequence[str], i: int, names: ShortNames | None) -> str:
+        """The text shown in column ``i`` of ``row``: names and tests in their short form."""
+        short = names is not None and (i == 0 or self.columns[i] in NAME_COLUMNS)
+        return names(self.columns[i], row[i]) if short else row[i]  # type: ignore[misc]
+
+
+def _layout(rows: pd.DataFrame, directions: Mapping[str, Any], effects: Mapping[tuple[str, str], Any],
+            title: str, alpha: float) -> _Layout:
+    """The columns and cells of a relations table (see :func:`relations_table`)."""
     several = rows["checkpoint"].nunique() > 1 or any(  # a difference names its pair "A−B", even a single one
         getattr(effects.get((r.analysis, r.statistic)), "kind", None) == "difference"
         for r in rows.itertuples(index=False))
@@ -51,38 +161,183 @@ def relations_table(rows: pd.DataFrame, directions: Mapping[str, Any], effects: 
     in_sample = "r2_in_sample" in rows.columns and bool(rows["r2_in_sample"].notna().any())
     one_n = adjusted and rows["n"].nunique() == 1  # to fit 80 columns: n in the caption, raw p in the tables
     ceiling = "of_ceiling" in rows.columns  # --rater-ratings: r² or R² as a fraction of the noise ceiling
-    table = Table(title=title, caption="p_fdr: Benjamini–Hochberg across all tests of the run; "
-                  f"* < {alpha}." + (" fluent?: the direction processing-fluency theory predicts." if directional
-                                      else "") + (adjusted_caption(rows) if adjusted else "")
-                  + (f" n = {rows['n'].iloc[0]}." if one_n else "")
-                  + (" in-sample: OLS R² on all images, as published in-sample figures are." if in_sample else ""))
+    caption = ("p_fdr: Benjamini–Hochberg across all tests of the run; "
+               f"* < {alpha}." + (" fluent?: the direction processing-fluency theory predicts." if directional
+                                  else "") + (adjusted_caption(rows) if adjusted else "")
+               + (f" n = {rows['n'].iloc[0]}." if one_n else "")
+               + (" in-sample: OLS R² on all images, as published in-sample figures are." if in_sample else "")
+               + (f" %: {CEILING_NOTE}." if ceiling else ""))
     columns = ["test", *(["checkpoint"] if several else []), *(["group"] if grouped else []), "metric", "layer",
                *([] if one_n else ["n"]), *(["raw", "p_fdr", "adj.", "p_fdr "] if adjusted else
                                              ["estimate", "p", "p_fdr"]),
                *(["in-sample"] if in_sample else []), *(["fluent?"] if directional else [])]
-    if ceiling:
-        table.caption += f" %: {CEILING_NOTE}."
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("test", "checkpoint", "group", "metric", "layer", "fluent?")
-                         else "right")
-    for row in rows.itertuples(index=False):
+    cells, bold, breaks = [], [], []
+    for i, row in enumerate(rows.itertuples(index=False)):
         effect = effects.get((row.analysis, row.statistic))
         direction = directions.get(row.metric, {}).get("higher_is_more_fluent")
-        sig = isinstance(row.p_fdr, float) and row.p_fdr < alpha
-        cells = [effect.title if effect is not None and effect.label else f"{row.analysis} {row.statistic}",
-                 *([row.checkpoint] if several else []), *([row.group] if grouped else []), row.metric,
-                 "(whole)" if pd.isna(row.layer) else row.layer, *([] if one_n else [str(row.n)]),
-                 _fmt_estimate(row.estimate) + (f" {_fmt_fraction(row.of_ceiling)}" if ceiling and
-                                                 math.isfinite(row.of_ceiling) else ""),
-                 *([] if adjusted else [_fmt_p(row.p)]), _fmt_fdr(row.p_fdr, alpha)]
+        row_cells = [effect.title if effect is not None and effect.label else f"{row.analysis} {row.statistic}",
+                     *([str(row.checkpoint)] if several else []), *([str(row.group)] if grouped else []),
+                     str(row.metric), "(whole)" if pd.isna(row.layer) else str(row.layer),
+                     *([] if one_n else [str(row.n)]),
+                     _fmt_estimate(row.estimate) + (f" {_fmt_fraction(row.of_ceiling)}" if ceiling and
+                                                     math.isfinite(row.of_ceiling) else ""),
+                     *([] if adjusted else [_fmt_p(row.p)]), _fmt_fdr(row.p_fdr, alpha)]
         if adjusted:
-            cells += [_fmt_estimate(row.estimate_adj), _fmt_fdr(getattr(row, "p_adj_fdr", math.nan), alpha)]
+            row_cells += [_fmt_estimate(row.estimate_adj), _fmt_fdr(getattr(row, "p_adj_fdr", math.nan), alpha)]
         if in_sample:
-            cells.append(_fmt_estimate(getattr(row, "r2_in_sample", math.nan)))
+            row_cells.append(_fmt_estimate(getattr(row, "r2_in_sample", math.nan)))
         if directional:
-            cells.append(supports_fluency(row.estimate, direction, getattr(effect, "directional", False)))
-        table.add_row(*cells, style="bold" if sig else None)
+            row_cells.append(supports_fluency(row.estimate, direction, getattr(effect, "directional", False)))
+        if several and i and cells[-1][1] != row_cells[1] and PAIR not in row_cells[1]:
+            breaks.append(i)
+        cells.append(row_cells)
+        bold.append(isinstance(row.p_fdr, float) and row.p_fdr < alpha)
+    return _Layout(title, columns, cells, bold, caption, breaks)
+
+
+#: columns of a compact table (no borders) are this many spaces apart (one when two do not fit)
+_GAP = 2
+
+
+def _boxed_width(widths: Sequence[int]) -> int:
+    return sum(widths) + 3 * len(widths) + 1
+
+
+def _compact_width(widths: Sequence[int], gap: int = _GAP) -> int:
+    return sum(widths) + gap * (len(widths) - 1)
+
+
+def _render(layout: _Layout, names: ShortNames | None, width: int | None) -> Table:
+    """The rich table: boxed when it fits ``width`` (or no width is given), else compact (no borders)."""
+    widths = layout.widths(names)
+    boxed = width is None or _boxed_width(widths) <= width
+    gap = _GAP if width is None or _compact_width(widths) <= width else 1
+    style: dict[str, Any] = {} if boxed else {"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False,
+                                              "padding": (0, 1) if gap == 2 else 0, "collapse_padding": True}
+    table = Table(title=layout.title, caption=layout.caption, **style)
+    for col in layout.columns:
+        table.add_column(col, justify="left" if col in ("test", *NAME_COLUMNS, "fluent?") else "right",
+                         overflow="fold")
+    for i, (row, bold) in enumerate(zip(layout.cells, layout.bold)):
+        if i in layout.breaks:
+            table.add_section()
+        table.add_row(*[layout.cell(row, j, names) for j in range(len(row))], style="bold" if bold else None)
     return table
+
+
+def fit_names(layouts: Sequence[_Layout], width: int, checkpoints: Sequence[str] = ()) -> ShortNames:
+    """Short forms for the names of ``layouts`` such that every table fits ``width`` columns in the compact
+    style: tests by their symbol (``Pearson r`` → ``r``) when the symbols are distinct, subgroups by their
+    values (``face_sex=male, face_eth=white`` → ``male/white``), then the widest name column is narrowed
+    first, never below :data:`MIN_NAME_WIDTH` (one width per column kind, the same in every table; a pair
+    ``A−B`` narrows as its checkpoints do). ``checkpoints``: more checkpoint names to shorten alike."""
+    full: dict[str, set[str]] = {kind: set() for kind in [*NAME_COLUMNS, "test"]}
+    full["checkpoint"].update(checkpoints)  # also named in titles
+    for layout in layouts:
+        for j, kind in enumerate(layout.columns):
+            if kind in full:
+                full[kind].update(part for row in layout.cells
+                                  for part in (row[j].split(PAIR) if kind == "checkpoint" else [row[j]]))
+    symbols, tests = _symbols(full.pop("test")), {}
+    base = {"group": _group_values(full["group"])}
+    limit = {kind: max((cell_len(base.get(kind, {}).get(n, n)) for n in found), default=0)
+             for kind, found in full.items()}
+
+    def names() -> ShortNames:
+        forms = {"test": tests}
+        for kind, found in full.items():
+            pre = base.get(kind) or {n: n for n in found}
+            cut = short_names(sorted(set(pre.values())), limit[kind])
+            forms[kind] = {n: cut[pre[n]] for n in sorted(found)}
+        return ShortNames(forms)
+
+    current = names()
+    for layout in layouts:
+        while _compact_width(layout.widths(current), 1) > width:
+            if symbols and not tests:  # first the tests by their symbols: r, ρ
+                tests = symbols
+                current = names()
+                continue
+            content = {layout.columns[j]: max(cell_len(current(layout.columns[j], row[j])) for row in layout.cells)
+                       for j in layout.name_columns()}
+            candidates = [k for k, w in content.items() if w > cell_len(k) and limit[k] > MIN_NAME_WIDTH]
+            if not candidates:
+                break
+            kind = max(candidates, key=lambda k: content[k])
+            limit[kind] = min(limit[kind], max(map(cell_len, current.forms[kind].values()))) - 1
+            current = names()
+    return current
+
+
+def _symbols(labels: Iterable[str]) -> dict[str, str]:
+    """The test labels that end in a symbol, each → that symbol (``Pearson r`` → ``r``, ``Spearman ρ`` → ``ρ``);
+    empty unless the symbols are distinct from each other and from the other labels."""
+    labels = list(labels)
+    symbols = {label: label.split()[-1] for label in labels if len(label.split()) > 1 and len(label.split()[-1]) <= 2}
+    distinct = len(set(symbols.values())) == len(symbols) and not set(symbols.values()) & set(labels)
+    return symbols if distinct else {}
+
+
+def _group_values(labels: Iterable[str]) -> dict[str, str]:
+    """Each subgroup label ``col=value, col=value`` → ``value/value`` when every group has the same columns
+    (``all`` stays), else itself."""
+    labels = list(labels)
+    parts = {label: [p.split("=", 1) for p in label.split(", ")] for label in labels if label != "all"}
+    keys = {tuple(p[0] for p in ps) for ps in parts.values()}
+    if len(keys) != 1 or any(len(p) != 2 for ps in parts.values() for p in ps):
+        return {label: label for label in labels}
+    values = {label: "/".join(p[1] for p in ps) for label, ps in parts.items()}
+    if len(set(values.values())) != len(values) or "all" in values.values():
+        return {label: label for label in labels}
+    return {"all": "all", **values} if "all" in labels else values
+
+
+def relations_table(rows: pd.DataFrame, directions: Mapping[str, Any], effects: Mapping[tuple[str, str], Any],
+                    title: str = "Strongest relations with the rating", alpha: float = 0.05,
+                    names: ShortNames | None = None, width: int | None = None) -> Table:
+    """A compact rich table of analysis rows (already sorted), with FDR significance and the fluency direction.
+
+    ``effects`` (``{(analysis, statistic): EffectSize}``) says which statistics are directional and how they
+    are labelled; the test column names the statistic. The checkpoint and group columns appear only when
+    the rows come from several (the checkpoint column always for differences: it names the pair A−B).
+    ``names`` shortens long names (see :func:`fit_names`); with ``width`` the table drops its borders when
+    boxed it would be wider.
+    """
+    return _render(_layout(rows, directions, effects, title, alpha), names, width)
+
+
+def print_summary(console: Console, strongest: pd.DataFrame, sections: Mapping[str, pd.DataFrame],
+                  directions: Mapping[str, Any], effects: Mapping[tuple[str, str], Any],
+                  alpha: float = 0.05) -> None:
+    """The summary's tables (the correlations, then one per other kind of effect) fitted to the console's
+    width: long names shortened the same way in every table, with a legend below the last. Correlations
+    of several checkpoints share one table, a section per checkpoint; one table per checkpoint when that
+    table cannot fit."""
+    title = "Strongest relations with the rating"
+    first = [_layout(strongest, directions, effects, title, alpha)] if len(strongest) else []
+    if first and {"checkpoint", "group"} <= set(first[0].columns):  # checkpoints × subgroups: a table each
+        first = [_layout(rows, directions, effects, f"{title}: {label}", alpha)
+                 for label, rows in strongest.groupby("checkpoint", sort=False)]
+        for layout in first[:-1]:
+            layout.caption = ""
+    others = [_layout(rows, directions, effects, SECTION_TITLES[kind], alpha) for kind, rows in sections.items()]
+    if not first + others:
+        return
+    width = console.width
+    names = None
+    if not all(_boxed_width(layout.widths()) <= width for layout in first + others):
+        names = fit_names(first + others, width, [t.removeprefix(f"{title}: ") for t in (f.title for f in first)
+                                                  if t != title])
+        for layout in first:  # the title names the checkpoint as the other tables do
+            if layout.title != title:
+                layout.title = f"{title}: {names('checkpoint', layout.title.removeprefix(f'{title}: '))}"
+    for layout in first + others:
+        console.print(_render(layout, names, width))
+    legend = names.legend() if names is not None else []
+    if legend:
+        console.print("Short names:", highlight=False)
+        for column, short, full in legend:
+            console.print(f"  {escape(short)} = {escape(full)} ({column})", highlight=False)
 
 
 def _fmt_estimate(value: float) -> str:
