@@ -106,7 +106,8 @@ def summary_rows(correlations: pd.DataFrame, top: int, order: Sequence[str] = ()
     """The correlations the summary shows: ``top`` shared evenly among the checkpoint × group cells (each
     cell's ⌈top / cells⌉ strongest, at least one), plus the strongest row of every metric not among them, so
     that every checkpoint, subgroup and metric is represented. ``correlations`` are sorted strongest first;
-    the result is in checkpoint order (``order``, else first appearance), then group order, then strength."""
+    the result is in checkpoint order (``order``, else first appearance), then group (``all`` first, then by
+    name), then strength."""
     if not len(correlations):
         return correlations
     table = correlations.reset_index(drop=True)
@@ -117,7 +118,7 @@ def summary_rows(correlations: pd.DataFrame, top: int, order: Sequence[str] = ()
     keep = table.index[rank < each].union(table.drop_duplicates("metric").index)
     checkpoints = [*[c for c in order if c in set(table["checkpoint"])],
                    *[c for c in dict.fromkeys(table["checkpoint"]) if c not in set(order)]]
-    groups = list(dict.fromkeys(["all", *group]))
+    groups = ["all", *sorted(set(group) - {"all"})]  # as the analyses ran them
     position = pd.DataFrame({"c": table["checkpoint"].map(checkpoints.index), "g": group.map(groups.index),
                              "i": table.index})
     return table.loc[position.loc[keep].sort_values(["c", "g", "i"]).index].reset_index(drop=True)
@@ -408,11 +409,16 @@ def print_unreadable(console: Console, unreadable: Mapping[str, str], limit: int
 
 
 def print_matching(console: Console, report: MatchReport | None) -> None:
-    """Print the id-matching report when anything did not match."""
-    if report is None or report.ok:
+    """Print the id-matching report of a run with ratings: one line when every id matched, the problems with
+    examples otherwise (the user guide's "Ids and mismatches": printed at every run)."""
+    if report is None:
+        return
+    lines = report.summary_lines()
+    if report.ok:
+        console.print(f"Ratings ↔ images: {escape(lines[0])}", highlight=False)
         return
     console.print(f"[yellow]Ratings ↔ images ({report.mode} ids):[/yellow]")
-    for line in report.summary_lines():
+    for line in lines:
         console.print(f"  [yellow]•[/yellow] {escape(line)}", highlight=False)
     console.print("  Unmatched images and unusable rows are left out of the analyses (use --strict to stop instead).")
 

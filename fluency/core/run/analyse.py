@@ -17,7 +17,7 @@ from fluency.core.errors import FluencyError
 from fluency.core.plugin.analysis import FDR_COLUMNS, AnalysisData, EffectSize
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager, guarded, read_registry
 from fluency.core.plugin.specs import AnalysisSpec
-from fluency.core.progress import progress_bar
+from fluency.core.progress import progress_bar, step
 from fluency.core.run.covariates import Covariates
 from fluency.core.run.same_tests import SameTests, same_tests
 from fluency.core.stats import fdr_bh
@@ -83,7 +83,7 @@ def analyse(metric_table: pd.DataFrame, ratings: pd.DataFrame | None, rating_col
             analysis = guarded(manager, "analysis", name, lambda s=spec, n=name: s.load()(**resolved[("analysis", n)]))
             parts = []
             for label, rows in groups:
-                bars.update(task, status=name if label == "all" else f"{name} [{label}]")
+                bars.update(task, status=step(name, None if label == "all" else label))
                 data = AnalysisData(metric_table[metric_table["image_id"].isin(set(rows["image_id"]))], rows,
                                     rating_column, wide)
                 parts.append(guarded(manager, "analysis", name, lambda d=data: analysis.run(d)).assign(group=label))

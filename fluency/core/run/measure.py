@@ -37,7 +37,7 @@ from fluency.core.plugin.config import read_config, resolve_plugin_options
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager
 from fluency.core.plugin.metric import MetricBatch
 from fluency.core.plugin.specs import MetricSpec
-from fluency.core.progress import progress_bar
+from fluency.core.progress import progress_bar, step
 from fluency.core.run.analyse import analyse, default_analyses, effects_record
 from fluency.core.run.covariates import COVARIATE_PLUGIN, Covariates, with_covariates
 from fluency.core.run.folder import (MANIFEST, RunResult, new_run_dir, now, outputs, read_manifest, run_status,
@@ -143,7 +143,7 @@ def _measure_store(store: ActivationStore, metrics: CheckpointMetrics, parts: Me
     ids = store.image_ids
     source = _store_images(store, images, ids) if needs_images and images is not None else None
     pictures = iter_batches(source, batch_size) if source is not None else None
-    task = bars.add_task(f"measure {escape('[' + label + ']')}", total=len(ids), status="")
+    task = bars.add_task(step("measure", label), total=len(ids), status="")
     for batch in store.metric_batches(read, batch_size) if read else _id_batches(ids, batch_size, description):
         if pictures is not None:
             picture_ids, x = next(pictures)

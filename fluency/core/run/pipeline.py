@@ -45,7 +45,7 @@ from fluency.core.plugin.config import read_config, resolve_plugin_options
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager, plugin_version
 from fluency.core.plugin.metric import MetricBatch, ModelDescription, units_as_rows
 from fluency.core.plugin.specs import AnalysisSpec, MetricSpec
-from fluency.core.progress import progress_bar
+from fluency.core.progress import progress_bar, step
 from fluency.core.run.analyse import analyse, default_analyses, effects_record
 from fluency.core.run.ceiling import load_raters, noise_ceiling
 from fluency.core.run.checkpoints import ModelRef, unique_checkpoints, unique_models
@@ -261,12 +261,13 @@ def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: 
     try:
         with progress_bar(console) as bars:
             for ref in the_plan.models:
-                t0 = time.perf_counter()
+                t0 = time.perf_counter()  # the bar shows from the start, while the model loads
+                task = bars.add_task(step("metrics", ref.label), total=None, status="loading the model")
                 loaded, label = ref.load(manager), ref.label
                 checkpoints.append(_identity(loaded))
                 record.set(inputs={**record.data["inputs"], "checkpoints": list(checkpoints)})
                 latents, store = measure_checkpoint(loaded, stimuli, the_plan, parts, out_dir, manager, bars,
-                                                    skip_image)
+                                                    skip_image, task)
                 if store is not None:
                     record.entry("stores", label, store)
                 if late:  # later steps and checkpoints do not try them again
@@ -274,11 +275,13 @@ def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: 
                 record.timing(f"metrics[{label}]", time.perf_counter() - t0)
                 if observer is not None:
                     t0 = time.perf_counter()
+                    bars.update(task, status="drawing the figures")
                     done = MeasuredCheckpoint(loaded, stimuli, latents, out_dir, the_plan.device, config.batch_size)
                     figures = record.data["figures"]
                     record.set(figures={**figures, "checkpoints": {**figures["checkpoints"],
                                                                    label: observer.measured(done)}})
                     record.timing(f"figures[{label}]", time.perf_counter() - t0)
+                    bars.update(task, status="")
     except BaseException:
         parts.abort()
         raise
@@ -338,11 +341,12 @@ def stored_layers(config: RunConfig, read: Sequence[str], description: ModelDesc
 
 def measure_checkpoint(loaded: LoadedCheckpoint, stimuli: Stimuli, the_plan: RunPlan, parts: MetricParts,
                        out_dir: Path, manager: PluginManager, bars: Any,
-                       on_error: Callable[[ImageSource, int, InputError], None] | None = None
-                       ) -> tuple[Latents, dict[str, Any] | None]:
+                       on_error: Callable[[ImageSource, int, InputError], None] | None = None,
+                       task: Any = None) -> tuple[Latents, dict[str, Any] | None]:
     """Stream the stimuli through one checkpoint, feeding the store and every metric batch by batch.
 
-    ``on_error(source, index, error)`` is called for an image that fails to load (default: raise).
+    ``on_error(source, index, error)`` is called for an image that fails to load (default: raise); ``task``:
+    the progress task to advance (default: a new one).
     Returns the latent means μ read off the same forward passes (the figures need them; a second pass
     would decode every file again) and the manifest's description of the store written (or None).
     """
@@ -353,7 +357,9 @@ def measure_checkpoint(loaded: LoadedCheckpoint, stimuli: Stimuli, the_plan: Run
     source = stimuli.make_source(Preprocessing(size, channels))
     loss = loss_from_config(model, loaded.info.get("loss", {}))
     writer = _store_writer(out_dir, loaded, description, source, the_plan, manager) if stored else None
-    task = bars.add_task(f"metrics {escape('[' + loaded.label + ']')}", total=len(source), status="")
+    if task is None:
+        task = bars.add_task(step("metrics", loaded.label), total=len(source), status="")
+    bars.update(task, total=len(source), status="")
     latent_ids: list[str] = []
     latent_parts: list[np.ndarray] = []
     mu_shape: tuple[int, ...] = ()
