@@ -113,7 +113,7 @@ def cli() -> None:
               help="Subgroups with fewer rated images are reported, not analysed.")
 @click.option("--overwrite", is_flag=True,
               help="Reuse the --out folder of an earlier run: the files that run wrote (only those) are replaced.")
-@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Relations shown in the summary.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Correlations shown in the summary, shared among the checkpoints and subgroups.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @click.option("--interpolate", "interpolate", multiple=True, metavar="ID_A,ID_B",
               help="Draw a latent interpolation strip between these two images (repeatable); default: the "
@@ -226,7 +226,7 @@ def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = 
               "(default: the run's).")
 @click.option("--min-group-size", type=click.IntRange(min=3), help="Smallest subgroup analysed (default: the run's, "
               "else 10).")
-@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Relations shown in the summary.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Correlations shown in the summary, shared among the checkpoints and subgroups.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @click.option("--no-covariates", is_flag=True, help=NO_COVARIATES_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
