@@ -181,3 +181,17 @@ def test_progress_bars_name_every_checkpoint_and_keep_brackets(rated_set, tmp_pa
         assert f"metrics · {path.stem}" in shown  # the label, brackets and all, one bar per checkpoint
     assert "loading the model" in shown  # the bar is there before the model is loaded
     assert "analyses" in shown
+
+
+def test_a_failed_step_leaves_its_finished_bars_and_drops_the_unfinished_one() -> None:
+    """Piped stderr: a refusal raised while a model loads stays one line (no ``0/? loading the model`` bar)."""
+    from fluency.core.progress import progress_bar
+
+    buffer = io.StringIO()
+    with pytest.raises(ValueError), progress_bar(Console(file=buffer, width=80)) as bars:
+        done = bars.add_task("metrics · first", total=1, status="")
+        bars.advance(done)
+        bars.add_task("metrics · second", total=None, status="loading the model")
+        raise ValueError("refused")
+    shown = buffer.getvalue()
+    assert "metrics · first" in shown and "second" not in shown and "loading the model" not in shown
