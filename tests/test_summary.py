@@ -195,3 +195,19 @@ def test_a_failed_step_leaves_its_finished_bars_and_drops_the_unfinished_one() -
         raise ValueError("refused")
     shown = buffer.getvalue()
     assert "metrics · first" in shown and "second" not in shown and "loading the model" not in shown
+
+
+def test_bars_fit_80_columns_with_counts_times_and_distinct_long_labels() -> None:
+    from fluency.core.progress import progress_bar, step
+
+    buffer = io.StringIO()
+    labels = [LONG.format(i) for i in (1, 2)]
+    with progress_bar(Console(file=buffer, width=80)) as bars:
+        for label in labels:
+            task = bars.add_task(step("metrics", label), total=1020, status="drawing the figures")
+            bars.advance(task, 500)
+    lines = [line for line in buffer.getvalue().splitlines() if line.strip()]
+    assert len(lines) == 2 and all(len(line) <= 80 for line in lines)
+    for line, label in zip(lines, labels, strict=True):
+        assert line.startswith("metrics · a-very") and label[-4:] in line  # both ends of the name
+        assert re.search(r" 500/1020 \d:\d\d:\d\d ", line), line  # counts and times whole
