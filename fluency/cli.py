@@ -152,11 +152,8 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         console=err, by=_split((by,)) if by else (), min_group_size=min_group_size, interpolate=interpolate,
         figures=not no_figures, rater_ratings=rater_ratings, rater_column=rater_column,
         reliability_splits=reliability_splits, deterministic=deterministic, covariates=not no_covariates,
+        report=not no_report,
     )
-    if not no_report:
-        from fluency.core.outputs.report import build_report
-
-        build_report(result.path)
     _print_result(result, top, as_json)
 
 

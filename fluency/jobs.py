@@ -14,14 +14,18 @@ from typing import Any
 from fluency.core.run.folder import RunResult
 
 
-def run(*, figures: bool = True, interpolate: Sequence[str | tuple[str, str]] = (), **settings: Any) -> RunResult:
-    """``fluency run``: the metrics of every image and checkpoint, the analyses, and (with ``figures``) each
+def run(*, figures: bool = True, report: bool = True, interpolate: Sequence[str | tuple[str, str]] = (),
+        **settings: Any) -> RunResult:
+    """``fluency run``: the metrics of every image and checkpoint, the analyses, (with ``figures``) each
     checkpoint's latents and model figures, with latent interpolations between the ``interpolate`` pairs
-    (``"ID_A,ID_B"``). ``settings`` are the fields of :class:`fluency.core.run.config.RunConfig`."""
+    (``"ID_A,ID_B"``), and (with ``report``) report.html as the last step. ``settings`` are the fields of
+    :class:`fluency.core.run.config.RunConfig`."""
+    from fluency.core.outputs.report import write_report
     from fluency.core.outputs.run_figures import ModelFigures
     from fluency.core.run.pipeline import run as run_pipeline
 
-    return run_pipeline(observer=ModelFigures(interpolate) if figures else None, **settings)
+    return run_pipeline(observer=ModelFigures(interpolate) if figures else None,
+                        report=write_report if report else None, **settings)
 
 
 def measure(target: str, metrics: Sequence[str], *, report: bool | None = None, **settings: Any) -> RunResult:

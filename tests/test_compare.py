@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from cli_env import fluency_cli as cli
 from fluency.core.errors import InputError, OptionError
 from fluency.core.run.compare import compare
 
@@ -209,20 +209,6 @@ def test_lpips_options_are_the_plugins_and_checked_as_for_run(tmp_path: Path) ->
         compare(a, b, options=["lpips.samples=2"])
     with pytest.raises(OptionError, match=r"'gini' is not used by this command"):
         compare(a, b, ["l1"], options=["gini.layers=[enc1]"])
-
-
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """``fluency ARGS`` in this process through the real entry point: (exit status, stdout, stderr)."""
-    from fluency.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["fluency", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_errors_are_one_line_and_old_flags_are_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

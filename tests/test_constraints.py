@@ -200,7 +200,7 @@ def test_l1_attention_known_answer_on_attention_layers() -> None:
 
 def test_l1_attention_needs_attention() -> None:
     for model in (MODEL, SimpleNamespace(default_metric_layers=("a",), attention_layers=lambda: [])):
-        with pytest.raises(FluencyError, match=r'attention.*vae-small\.attention=\["enc3"\]'):
+        with pytest.raises(FluencyError, match=r"attention.*-o 'vae-small\.attention=\[enc3\]' --constraint l1-attention"):
             L1Attention().layers(model)
     with pytest.raises(FluencyError, match=r"\['enc1'\] are not attention layers"):
         L1Attention(layers=["enc1"]).layers(ATT_MODEL)

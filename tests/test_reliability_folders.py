@@ -76,7 +76,7 @@ def test_overwrite_removes_only_what_the_previous_run_wrote(stimuli: Path, tmp_p
             "notes.txt": b"mine", "metrics/README": b"how I read the parts"}
     for name, data in mine.items():
         (out / name).write_bytes(data)
-    second = small_run(stimuli, out, metrics=("hoyer",), overwrite=True)
+    second = small_run(stimuli, out, metrics=("hoyer",), overwrite=True, report=False)
     assert {name: (out / name).read_bytes() for name in mine} == mine
     assert not list((out / "metrics").glob("gini-*")) and set(second.metrics["plugin"]) == {"hoyer", "image-stats"}
     assert not (out / "report.html").exists() and not (out / "figures" / "heatmap-pearson.png").exists()

@@ -228,7 +228,7 @@ def test_a_checkpoint_holding_code_is_refused_without_torchs_advice(tmp_path: Pa
             return (print, ("pwned",))
 
     torch.save({"format": "fluency-checkpoint", "evil": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="cannot be read safely: it holds Python objects") as caught:
+    with pytest.raises(CheckpointError, match="not a fluency checkpoint: it holds Python objects") as caught:
         read_checkpoint(tmp_path / "evil.pt")
     assert_fluency_refusal(str(caught.value))
 

@@ -153,20 +153,24 @@ def test_default_run_prints_a_readable_summary(tmp_path: Path) -> None:
 
 
 def test_python_api_same_as_cli(tmp_path: Path) -> None:
-    result = fluency.run(metrics=["lepsilon"], options=["lepsilon.mode=relative", "lepsilon.epsilon=0.1"],
+    result = fluency.run(metrics=["lepsilon", "hoyer"], options=["lepsilon.mode=relative", "lepsilon.epsilon=0.1"],
                          layers=["enc1", "enc2"], out=tmp_path / "api", progress=False, store=False)
-    assert result.path == tmp_path / "api"
-    assert set(result.metrics["metric"]) == {"lepsilon", "lepsilon-fraction", *COVARIATES}
+    assert result.path == tmp_path / "api" and (result.path / "report.html").exists()  # as the CLI writes it
+    assert set(result.metrics["metric"]) == {"lepsilon", "lepsilon-fraction", "hoyer", *COVARIATES}
     assert set(result.metrics["layer"].dropna()) == {"enc1", "enc2"}
     assert set(result.analyses) == {"pearson", "spearman"} and "p_fdr" in result.analyses["pearson"]
     for table in result.analyses.values():  # count and fraction are one test: the fraction's rows are marked
         assert table.loc[table.metric == "lepsilon-fraction", "same_as"].tolist() == ["lepsilon@enc1", "lepsilon@enc2"]
         assert (table.loc[table.metric == "lepsilon", "same_as"] == "").all()
-    assert set(result.strongest(None)["metric"]) == {"lepsilon"}  # the summary shows each test once
+    assert set(result.strongest(None)["metric"]) == {"lepsilon", "hoyer"}  # the summary shows each test once
     assert result.manifest["options"]["metric.lepsilon"] == {"epsilon": 0.1, "mode": "relative",
                                                             "layers": ["enc1", "enc2"], "all_layers": False,
                                                             "layer_weighting": "units", "layer_weights": None}
-    assert len(result.strongest(3)) >= 3
+    everything = result.strongest(None)
+    assert len(everything) == 8 and result.strongest(5).equals(everything.head(5))
+    first = everything["metric"][0]
+    one_each = result.strongest(1, every_metric=True)
+    assert len(one_each) == 2 and set(one_each["metric"]) == {"lepsilon", "hoyer"} and one_each["metric"][0] == first
 
 
 def test_same_seed_same_numbers(tmp_path: Path) -> None:
@@ -451,7 +455,7 @@ def test_checkpoint_safety(tmp_path: Path, manager) -> None:
             return (print, ("pwned",))
 
     torch.save({"format": "fluency-checkpoint", "evil": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="cannot be read safely"):
+    with pytest.raises(CheckpointError, match="not a fluency checkpoint: it holds Python objects"):
         read_checkpoint(tmp_path / "evil.pt")
     payload = read_checkpoint(DEFAULT_CHECKPOINT)
     payload["architecture"]["name"] = "vae-huge"

@@ -200,3 +200,27 @@ def test_checkpoint_of_an_unknown_architecture_names_the_missing_plugin(images: 
         load_checkpoint(tmp_path / "foreign.pt", manager)
     inspect = cli("checkpoints", "inspect", str(result.checkpoint))
     assert inspect.returncode == 0 and "vae-small" in inspect.stdout
+
+
+def test_a_saved_config_trains_the_same_model_from_any_folder(images: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    import tomllib
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    shutil.copytree(images, project / "faces")
+    elsewhere.mkdir()
+    (project / "alex.pth").write_bytes(b"weights")
+    monkeypatch.chdir(project)  # typed with relative paths, as a user does
+    training.train(config(Path("faces"), Path("models/mine"), epochs=1, options=["adam.beta1=0.5"]))
+    saved = tomllib.loads((project / "models" / "mine" / "config.toml").read_text())["train"]
+    assert saved["images"] == str(project / "faces") and saved["out"] == str(project / "models" / "mine")
+    assert saved["options"] == ["adam.beta1=0.5"]
+    monkeypatch.chdir(elsewhere)
+    again = cli("train", "--config", str(project / "models" / "mine" / "config.toml"), "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert not (elsewhere / "models").exists() and (project / "models" / "mine" / "final.pt").exists()
+    monkeypatch.chdir(project)  # an option's value naming a file is saved absolute too; other values stay
+    options = training.with_absolute_paths(config(Path("faces"), Path("m"), options=["lpips.weights=alex.pth",
+                                                                                    "adam.beta1=0.5"])).options
+    assert options == [f"lpips.weights={project / 'alex.pth'}", "adam.beta1=0.5"]

@@ -17,15 +17,11 @@ from __future__ import annotations
 from typing import Any
 
 from fluency import FluencyMetric, MetricBatch, MetricSpec, MetricValues, Option, hookimpl
-from fluency.api import FluencyError, ModelDescription, require_attention_layers
+from fluency.api import FluencyError, require_attention_layers
 
 
 class AttentionL1(FluencyMetric):
     def layers(self, model: Any) -> list[str]:
-        if isinstance(model, ModelDescription) and not model.attention_layers():  # a run's or a store's model
-            raise FluencyError(f"attention-l1: the model (architecture {model.architecture or 'unknown'}) has no "
-                               "attention layers: measure a model trained with attention (e.g. fluency train "
-                               "-o vae-small.attention=[enc3]), or its store")
         available = require_attention_layers(model, "attention-l1")
         chosen = self.options.get("layers")
         unknown = [name for name in chosen or [] if name not in available]

@@ -27,7 +27,7 @@ from fluency.api import FluencyError, FluencyVAE, L1Penalty, require_attention_l
 
 def attention_layers_of(model: Any) -> list[str]:
     """``model.attention_layers()``, or a :class:`FluencyError` if the model has none."""
-    return require_attention_layers(model, "l1-attention")
+    return require_attention_layers(model, "l1-attention", constraint=True)
 
 
 class L1Attention(L1Penalty):

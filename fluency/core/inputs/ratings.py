@@ -173,7 +173,11 @@ def _require_column(table: pd.DataFrame, name: str, role: str, path: Path) -> No
     columns = [str(c) for c in table.columns]
     lowered = {c.lower(): c for c in columns}
     close = [lowered[c] for c in difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.6)]
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    option = f"--{role}-column"
+    if close:
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}? (pass {option} {close[0]})"
+    else:
+        hint = f"; pass {option} NAME to say which column holds the {role if role == 'rating' else 'image ids'}"
     raise InputError(f"ratings table {path} has no {role} column {name!r}; its columns are "
                      f"{_listing([repr(c) for c in columns], 30)}{hint}")
 

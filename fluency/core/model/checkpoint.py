@@ -115,8 +115,8 @@ def _load_failure(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     detail = re.search(r"WeightsUnpickler error: (.*?)(?:\. |\.?$)", text)
     if detail and "Unsupported global" in detail.group(1):
-        return (f"cannot be read safely: it holds Python objects, not only tensors and plain data "
-                f"({detail.group(1)[:120]}); fluency never unpickles those")
+        return (f"not a fluency checkpoint: it holds Python objects, not only tensors and plain data "
+                f"({detail.group(1)[:120]}), and fluency never unpickles those")
     reason = detail.group(1)[:120] if detail else (type(exc).__name__ if "weights_only" in text
                                                    else error_text(exc, 120))
     return f"not a fluency checkpoint: torch cannot read it ({reason})"

@@ -244,6 +244,10 @@ def loss_terms_from_config(config: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{"name": ALIASES.get(kind, kind), "weight": 1.0, "options": {}}]
 
 
+class LossUnavailable(FluencyError):
+    """A checkpoint's training loss cannot be built here (e.g. LPIPS weights missing offline)."""
+
+
 class CheckpointLoss:
     """The per-image training objective of a checkpoint's model, as its training run configured it.
 
@@ -253,8 +257,8 @@ class CheckpointLoss:
     first use, so measuring a checkpoint with activation metrics never needs them.
     """
 
-    def __init__(self, model: FluencyModel, config: Mapping[str, Any]) -> None:
-        self.model, self.config = model, dict(config)
+    def __init__(self, model: FluencyModel, config: Mapping[str, Any], label: str = "") -> None:
+        self.model, self.config, self.label = model, dict(config), label
         self._settings: ObjectiveSettings | None = None
 
     @property
@@ -264,12 +268,22 @@ class CheckpointLoss:
             beta = float(self.config.get("beta", 1.0))
             if "decoder" in self.model.provides:
                 terms = loss_terms_from_config(self.config)
-                recon = ReconstructionLoss(terms)
+                recon = self._built(terms)
                 self._settings = ObjectiveSettings(recon.components, {t["name"]: float(t["weight"]) for t in terms},
                                                    beta)
             else:
                 self._settings = ObjectiveSettings(beta=beta)
         return self._settings
+
+    def _built(self, terms: Sequence[Mapping[str, Any]]) -> ReconstructionLoss:
+        """The reconstruction losses, or :class:`LossUnavailable` naming the checkpoint and its loss terms."""
+        try:
+            return ReconstructionLoss(terms)
+        except FluencyError as exc:
+            names = " + ".join(str(t["name"]) for t in terms)
+            raise LossUnavailable(f"the training loss of checkpoint {self.label or '?'} ({names}), which cannot be "
+                                  f"built here: {exc} (the loss is built from the options it was trained with "
+                                  "and environment variables; this command's -o options do not reach it)") from None
 
     def parts(self, out: Any, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every per-image term of the objective, ``loss`` the total."""
@@ -279,6 +293,7 @@ class CheckpointLoss:
         return self.parts(out, images)["loss"]
 
 
-def loss_from_config(model: FluencyModel, config: Mapping[str, Any]) -> CheckpointLoss:
-    """The :class:`CheckpointLoss` of ``model`` described by its checkpoint's ``loss`` entry."""
-    return CheckpointLoss(model, config)
+def loss_from_config(model: FluencyModel, config: Mapping[str, Any], label: str = "") -> CheckpointLoss:
+    """The :class:`CheckpointLoss` of ``model`` described by its checkpoint's ``loss`` entry (``label`` names the
+    checkpoint in errors)."""
+    return CheckpointLoss(model, config, label)

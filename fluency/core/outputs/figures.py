@@ -229,9 +229,9 @@ def activation_histograms(store: Any, path: Path, max_images: int = 256) -> None
             if seen >= max_images:
                 break
         a = np.concatenate(parts)[:max_images]
-        axes[0][j].hist(a.mean(0), bins=40, color="C0")
+        axes[0][j].hist(a.mean(0, dtype=np.float64), bins=40, color="C0")
         axes[0][j].set_title(f"{layer}: per unit", fontsize=8)
-        axes[1][j].hist(a.mean(1), bins=40, color="C1")
+        axes[1][j].hist(a.mean(1, dtype=np.float64), bins=40, color="C1")
         axes[1][j].set_title(f"{layer}: per image", fontsize=8)
     fig.tight_layout()
     _save(fig, path)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from fluency.core.errors import FluencyError, error_text
 from fluency.core.plugin.analysis import EffectSize
 from fluency.core.run.analyse import read_effects
 from fluency.core.run.ceiling import with_ceiling
-from fluency.core.run.folder import MANIFEST, read_manifest, run_status, writing
+from fluency.core.run.folder import MANIFEST, outputs, read_manifest, run_status, write_manifest, writing
 from fluency.core.run.tables import read_metric_table
 
 SORT_JS = """
@@ -306,7 +306,19 @@ def build_report(run_dir: str | Path, top_scatter: int = 6) -> Path:
     manifest = _manifest(run)
     status, note = run_status(run, manifest)  # before the lock: a killed run's stale lock says who wrote it
     with writing(run, "fluency report"):
-        return _build(run, manifest, status, note, top_scatter)
+        pending = bool(manifest.get("report_pending"))  # the run stopped while writing its report
+        if pending:  # its results are complete: so is the run, once the report is written
+            manifest = {k: v for k, v in manifest.items() if k not in ("report_pending", "error")}
+            manifest["status"], status, note = "complete", "complete", ""
+        path = _build(run, manifest, status, note, top_scatter)
+        if pending:
+            write_manifest(run, {**manifest, "outputs": outputs(run)})
+        return path
+
+
+def write_report(run_dir: Path, manifest: Mapping[str, Any]) -> Path:
+    """The report of a run that is finishing (``fluency run``'s last step; the caller holds the folder's lock)."""
+    return _build(Path(run_dir), dict(manifest), str(manifest.get("status", "complete")), "", 6)
 
 
 def _covariates_note(manifest: dict[str, Any]) -> str:

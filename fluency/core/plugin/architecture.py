@@ -238,13 +238,21 @@ def missing_capabilities(model: object, required: tuple[str, ...] | list[str]) -
     return [c for c in required if c not in provided]
 
 
-def require_attention_layers(model: object, who: str) -> list[str]:
-    """The model's attention layers (``model.attention_layers()``), or an error naming ``who`` needs them."""
+def require_attention_layers(model: object, who: str, *, constraint: bool = False) -> list[str]:
+    """The model's attention layers (``model.attention_layers()``), or an error naming ``who`` needs them.
+
+    The error's hint is a command that trains a model with attention (and, for a metric, measures it);
+    ``constraint=True`` when ``who`` is a training constraint.
+    """
     from fluency.core.errors import FluencyError
 
     method = getattr(model, "attention_layers", None)
     names = list(method()) if callable(method) else []
     if not names:
-        raise FluencyError(f"{who}: this architecture has no attention layers; build it with attention, "
-                           'e.g. -o vae-small.attention=["enc3"]')
+        arch = getattr(model, "architecture", None)
+        which = f" (architecture {arch})" if isinstance(arch, str) else ""
+        train = "fluency train --images DIR --out models/att -o 'vae-small.attention=[enc3]'"
+        hint = (f"{train} --constraint {who}" if constraint else
+                f"{train}, then fluency run --checkpoint models/att/final.pt --metric {who}")
+        raise FluencyError(f"{who}: the model{which} has no attention layers; train one with attention, e.g. {hint}")
     return names

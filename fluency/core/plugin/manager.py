@@ -26,6 +26,7 @@ Environment variables:
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import importlib
 import importlib.metadata as md
@@ -243,10 +244,13 @@ class PluginManager:
             if rec.kind is None and rec.status == "broken" and rec.name == name:
                 raise PluginError(f"{kind} {name!r} is unavailable: plugin package {rec.package} {rec.version} "
                                   f"failed to load: {rec.error}")
-        known = ", ".join(self.names(kind)) or "none"
+        names = self.names(kind)
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        known = ", ".join(names) or "none"
         broken = [f"{r.package} {r.version} ({r.error})" for r in self.records if r.kind is None and r.status == "broken"]
         tail = f"; plugins that failed to load: {'; '.join(broken)}" if broken else ""
-        raise PluginError(f"unknown {kind} {name!r} (available: {known}){tail}")
+        raise PluginError(f"unknown {kind} {name!r}{hint} (available: {known}){tail}")
 
     def names(self, kind: Kind) -> list[str]:
         """Names of the working plugins of ``kind``, sorted."""

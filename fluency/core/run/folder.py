@@ -69,15 +69,15 @@ class RunResult:
         table = table.sort_values(["p_fdr", "_abs"], ascending=[True, False], na_position="last")
         return table.drop(columns="_abs").reset_index(drop=True)
 
-    def strongest(self, top: int | None = 10) -> pd.DataFrame:
+    def strongest(self, top: int | None = 10, every_metric: bool = False) -> pd.DataFrame:
         """The correlations (every statistic declared ``kind="correlation"``), strongest first: the comparable
-        effect sizes that the summary ranks. With ``top``, the ``top`` strongest rows plus the strongest row
-        of every metric not among them, so that no metric disappears from the summary. A row that repeats
-        another output's test (``same_as``) is left out: one hypothesis, one row."""
+        effect sizes that the summary ranks; the ``top`` strongest rows (all with None), and with
+        ``every_metric`` also the strongest row of every metric not among them. A row that repeats another
+        output's test (``same_as``) is left out: one hypothesis, one row."""
         table = _once(self.results())
         if not len(table):
             return table
-        return _top(table[table["kind"] == "correlation"].reset_index(drop=True), top)
+        return _top(table[table["kind"] == "correlation"].reset_index(drop=True), top, every_metric)
 
     def sections(self, top: int | None = 5) -> dict[str, pd.DataFrame]:
         """The other declared effect sizes, one table per kind (coefficient, r2, difference, descriptive),
@@ -98,11 +98,11 @@ def _once(table: pd.DataFrame) -> pd.DataFrame:
     return table[~table["same_as"].fillna("").astype(str).str.len().gt(0)].reset_index(drop=True)
 
 
-def _top(table: pd.DataFrame, top: int | None) -> pd.DataFrame:
-    """The ``top`` first rows plus the first row of every metric not among them."""
+def _top(table: pd.DataFrame, top: int | None, every_metric: bool) -> pd.DataFrame:
+    """The ``top`` first rows (``every_metric``: plus the first row of every metric not among them)."""
     if top is None:
         return table
-    keep = set(table.index[:top]) | set(table.drop_duplicates("metric").index)
+    keep = set(table.index[:top]) | (set(table.drop_duplicates("metric").index) if every_metric else set())
     return table.loc[sorted(keep)].reset_index(drop=True)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from fluency.core.atomic import atomic_path
 from fluency.core.errors import FluencyError, PluginFailure
+from fluency.core.model.losses import LossUnavailable
 from fluency.core.hashing import options_hash
 from fluency.core.plugin.architecture import missing_capabilities
 from fluency.core.plugin.manager import PluginManager, guarded, plugin_version
@@ -125,7 +126,10 @@ class CheckpointMetrics:
             if on_metric is not None:
                 on_metric(name)
             own = batch if self.specs[name].needs == "model" or batch.loss is None else _without_loss(batch)
-            returned = guarded(self.manager, "metric", name, lambda m=metric, b=own: m.compute(b))
+            try:
+                returned = guarded(self.manager, "metric", name, lambda m=metric, b=own: m.compute(b))
+            except LossUnavailable as exc:
+                raise FluencyError(f"metric {name!r} needs {exc}") from None
             for values in self._checked(name, "compute()", returned):
                 self._write(parts, name, checkpoint, batch.image_ids, values)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -82,6 +82,10 @@ class MeasuredCheckpoint:
     out_dir: Path
     device: torch.device
     batch_size: int
+
+
+#: writes the report of a finished run: ``(run_dir, manifest) -> path`` (the caller holds the folder's lock)
+ReportWriter = Callable[[Path, Mapping[str, Any]], Path]
 
 
 class CheckpointObserver(Protocol):
@@ -195,13 +199,15 @@ def _check_native(loaded: LoadedCheckpoint, stimuli: Stimuli) -> None:
         stimuli.make_source(Preprocessing(None, int(channels))).check_one_size()
 
 
-def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | None = None, progress: bool = True,
-        manager: PluginManager | None = None, console: Console | None = None, **settings: Any) -> RunResult:
+def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | None = None,
+        report: ReportWriter | None = None, progress: bool = True, manager: PluginManager | None = None,
+        console: Console | None = None, **settings: Any) -> RunResult:
     """Compute the metrics for every image and checkpoint, then run the analyses against the ratings.
 
     Takes a :class:`RunConfig` or its fields as keyword arguments (``metrics=["gini"], images=...``).
     With neither ``images`` nor ``checkpoints`` it uses the embedded default. ``options`` are
-    ``[KIND.]PLUGIN.KEY=VALUE`` strings as for ``-o``. Returns a :class:`RunResult`.
+    ``[KIND.]PLUGIN.KEY=VALUE`` strings as for ``-o``. ``report`` writes the report as the run's last step
+    (the run is ``complete`` only once it is written). Returns a :class:`RunResult`.
     """
     if run_config is not None and settings:
         raise FluencyError(f"pass a RunConfig or settings, not both ({sorted(settings)})")
@@ -230,14 +236,14 @@ def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | N
         })
         record.write()
         try:
-            return _run(the_plan, record, manager, console, observer, started)
+            return _run(the_plan, record, manager, console, observer, report, started)
         except BaseException as exc:
             record.failed(exc, time.perf_counter() - started)
             raise
 
 
 def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: Console,
-         observer: CheckpointObserver | None, started: float) -> RunResult:
+         observer: CheckpointObserver | None, report: ReportWriter | None, started: float) -> RunResult:
     """The run proper: measure every checkpoint, merge the parts, analyse; each step recorded in ``record``."""
     config, stimuli, out_dir = the_plan.config, the_plan.stimuli, record.run_dir
     unreadable = dict(stimuli.unreadable)  # relative path -> reason; grows if a file fails while measuring
@@ -309,10 +315,29 @@ def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: 
         t0 = time.perf_counter()
         record.set(reliability=noise_ceiling(the_plan.raters, stimuli, config, out_dir))
         record.timing("reliability", time.perf_counter() - t0)
+    if report is not None:
+        _write_report(report, record, console)
     record.timing("total", time.perf_counter() - started)
     record.set(status="complete", finished=now(), outputs=outputs(out_dir))
     record.write()
     return RunResult(out_dir, metric_table, outcome.results, record.data, stimuli.report, dict(unreadable))
+
+
+def _write_report(report: ReportWriter, record: RunRecord, console: Console) -> None:
+    """The report, the run's last step: written from the manifest it will have once complete. Until then the
+    run is not ``complete``: stopped here (Ctrl-C, an error), the manifest says so and the user is told how to
+    write the report from the finished results."""
+    t0 = time.perf_counter()
+    with progress_bar(console) as bars:
+        bars.add_task(step("report", record.run_dir.name), total=None, status="writing report.html")
+        try:
+            report(record.run_dir, {**record.data, "status": "complete", "finished": now()})
+        except BaseException:
+            record.set(report_pending=True)
+            console.print(f"[yellow]note:[/yellow] the results are complete but report.html was not written; "
+                          f"write it with: fluency report {escape(str(record.run_dir))}", highlight=False)
+            raise
+    record.timing("report", time.perf_counter() - t0)
 
 
 def _identity(loaded: LoadedCheckpoint) -> dict[str, Any]:
@@ -355,7 +380,7 @@ def measure_checkpoint(loaded: LoadedCheckpoint, stimuli: Stimuli, the_plan: Run
     capture = list(dict.fromkeys([*read, *stored]))
     channels, size, _ = model.input_shape
     source = stimuli.make_source(Preprocessing(size, channels))
-    loss = loss_from_config(model, loaded.info.get("loss", {}))
+    loss = loss_from_config(model, loaded.info.get("loss", {}), loaded.label)
     writer = _store_writer(out_dir, loaded, description, source, the_plan, manager) if stored else None
     if task is None:
         task = bars.add_task(step("metrics", loaded.label), total=len(source), status="")

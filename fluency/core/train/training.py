@@ -279,7 +279,7 @@ def train(config: TrainConfig | None = None, *, manager: PluginManager | None = 
     run = _build(cfg, manager, options, files, console)
     history, first_epoch = _restore(run, state) if state is not None else ([], 1)
     run.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run.out / "config.toml", toml_dumps({"train": asdict(cfg)}))
+    atomic_write_text(run.out / "config.toml", toml_dumps({"train": asdict(with_absolute_paths(cfg))}))
     info = _checkpoint_info(run, options)
     if run.optimizer is None:  # fitted in one pass
         history = _fit_once(run, console)
@@ -313,6 +313,17 @@ def _start_or_resume(cfg: TrainConfig, resume: bool,
     for key, value in changed.items():
         console.print(f"[yellow]--resume:[/yellow] using the interrupted run's {key} = {value!r}")
     return resumed, state
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``images``, ``out`` and every ``-o`` value naming an existing file made absolute, so the saved
+    ``config.toml`` trains the same model from any folder."""
+    def absolute(assignment: str) -> str:
+        key, sep, value = assignment.partition("=")
+        return f"{key}={Path(value).resolve()}" if sep and value and Path(value).is_file() else assignment
+
+    return replace(cfg, images=str(Path(cfg.images).resolve()), out=str(Path(cfg.out).resolve()),
+                   options=[absolute(o) for o in cfg.options])
 
 
 def _resolve_options(cfg: TrainConfig, manager: PluginManager, plugin_config: Mapping[str, Any] | None) -> _Options:
