@@ -540,7 +540,7 @@ def schema(target: str | None) -> None:
 @click.argument("dir_a", type=click.Path(path_type=Path))
 @click.argument("dir_b", type=click.Path(path_type=Path))
 @click.option("--metric", "metrics", multiple=True, default=("lpips",), show_default=True,
-              help="lpips, l1, l2, ssim (repeatable or comma-separated).")
+              help="lpips, l1, l2, 1-ssim (1 − SSIM; ssim is accepted), repeatable or comma-separated.")
 @click.option("--image-size", type=click.IntRange(min=16), metavar="N",
               help="Resize both images of each pair first: shorter side to N (Lanczos), then the centre N×N crop. "
                    "Default: each pair at its own size (both images must be the same size).")
@@ -554,7 +554,7 @@ def compare(dir_a: Path, dir_b: Path, metrics: tuple[str, ...], image_size: int 
             config: Path | None, device: str, out: Path | None, as_json: bool) -> None:
     """Distances between the images with the same relative path in DIR_A and DIR_B, at their own size.
 
-    Example: fluency compare originals/ morphs/ --metric lpips,ssim -o lpips.net=vgg
+    Example: fluency compare originals/ morphs/ --metric lpips,1-ssim -o lpips.net=vgg
     """
     from fluency.core.run.compare import compare as run_compare
     from fluency.core.model.devices import resolve_device

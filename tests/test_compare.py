@@ -252,4 +252,4 @@ def test_the_user_guides_compare_commands_run_as_written(small: tuple[Path, Path
         code, out, err = cli(monkeypatch, capsys, *args[1:])
         assert code == 0, (command, err)
     table = pd.read_csv(tmp_path / "distances.csv")
-    assert set(table["metric"]) == {"lpips", "l1", "ssim"} and set(table["image"]) == {"square", "tall"}
+    assert set(table["metric"]) == {"lpips", "l1", "1-ssim"} and set(table["image"]) == {"square", "tall"}

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -106,3 +107,36 @@ def test_random_draws_depend_on_the_image_not_the_batch() -> None:
         # the start is the same noise exactly; after optimising, only float rounding differs between batched
         # and single-image convolutions, which Adam's normalised steps amplify (2.8e-3 measured here)
         torch.testing.assert_close(alone, together, atol=tolerance, rtol=0)
+
+
+def _one_minus_ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """1 − SSIM by Wang et al. (2004), written out here as the oracle: 11×11 Gaussian window (σ = 1.5), valid
+    positions only, K1 = 0.01, K2 = 0.03, data range 1, averaged over positions and channels (H×W×C input)."""
+    from scipy.signal import convolve2d
+
+    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5 ** 2))
+    window = np.outer(g, g) / g.sum() ** 2
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    maps = []
+    for ch in range(x.shape[2]):
+        a, b = x[..., ch].astype(np.float64), y[..., ch].astype(np.float64)
+        f = lambda z: convolve2d(z, window, mode="valid")  # noqa: E731
+        mu_a, mu_b = f(a), f(b)
+        var_a, var_b, cov = f(a * a) - mu_a ** 2, f(b * b) - mu_b ** 2, f(a * b) - mu_a * mu_b
+        maps.append((2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
+    return 1.0 - float(np.mean(maps))
+
+
+def test_compare_1_minus_ssim_matches_the_formula_and_is_named_as_a_distance(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    x = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    y = np.clip(x.astype(int) + rng.integers(-60, 61, x.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(x).save(tmp_path / "a" / "p.png"), Image.fromarray(y).save(tmp_path / "b" / "p.png")
+    Image.fromarray(x).save(tmp_path / "a" / "same.png"), Image.fromarray(x).save(tmp_path / "b" / "same.png")
+    for asked in ("ssim", "1-ssim"):
+        table = compare(tmp_path / "a", tmp_path / "b", [asked]).table.set_index("image")
+        assert set(table["metric"]) == {"1-ssim"}
+        assert table.loc["same", "value"] == pytest.approx(0.0, abs=1e-6)
+        assert table.loc["p", "value"] == pytest.approx(_one_minus_ssim(x / 255.0, y / 255.0), abs=1e-5)
+        assert 0.05 < table.loc["p", "value"] < 1

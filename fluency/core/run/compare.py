@@ -8,7 +8,8 @@ with ``a/x.png``) in both folders, reads both as fluency reads every image
   squeeze; ``weights``: a local backbone), given as for ``fluency run``: ``-o lpips.net=vgg``
   or a ``[lpips]`` table of ``--config``;
 - ``l1``, ``l2``: mean absolute / squared pixel difference in [0, 1];
-- ``ssim``: 1 − SSIM (pytorch-msssim, 11×11 window).
+- ``1-ssim``: 1 − SSIM (pytorch-msssim, 11×11 window), a distance like the others (0 for identical
+  images); ``ssim`` is accepted as its name when asking for it, but the table always says ``1-ssim``.
 
 By default each pair is measured at its own size: LPIPS is fully convolutional and averages
 over space, and l1, l2 and SSIM are means over pixels, so any size and aspect ratio will do,
@@ -40,8 +41,10 @@ from fluency.core.model.losses import LOSSES
 from fluency.core.plugin.config import read_config, resolve_plugin_options
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager
 
-#: the distances of LOSSES that compare offers, in the order of its table
-METRICS = ("lpips", "l1", "l2", "ssim")
+#: the distances that compare offers, in the order of its table, each with the loss of LOSSES that computes it
+METRICS = {"lpips": "lpips", "l1": "l1", "l2": "l2", "1-ssim": "ssim"}
+#: names accepted for a metric that the table names otherwise (SSIM is a similarity; the distance is 1 − SSIM)
+ALIASES = {"ssim": "1-ssim"}
 #: the options of the ``lpips`` metric plugin that compare uses (``samples`` draws reconstructions: not here)
 LPIPS_OPTIONS = ("net", "weights")
 _WORKERS = 4
@@ -121,6 +124,7 @@ def compare(dir_a: str | Path, dir_b: str | Path, metrics: Sequence[str] = ("lpi
             device: str = "cpu", manager: PluginManager | None = None) -> Comparison:
     """Pairwise distances between same-named images of two folders, at their own size (``size`` None) or
     both resized to ``size``×``size``; ``options``/``config`` as ``-o``/``--config`` of ``fluency run``."""
+    metrics = [ALIASES.get(m, m) for m in metrics]
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise FluencyError(f"compare: unknown metric(s) {unknown}; use some of {list(METRICS)}")
@@ -136,8 +140,8 @@ def compare(dir_a: str | Path, dir_b: str | Path, metrics: Sequence[str] = ("lpi
     common = sorted(set(a) & set(b))
     if not common:
         raise FluencyError(f"compare: no image has the same relative path in {dir_a} and {dir_b}")
-    distances = {name: LOSSES[name].build(plugin_options.get(name), reduction="mean").to(device)
-                 for name in METRICS if name in metrics}
+    distances = {name: LOSSES[loss].build(plugin_options.get(loss), reduction="mean").to(device)
+                 for name, loss in METRICS.items() if name in metrics}
     rows = []
     with torch.no_grad():
         for ids, xa, xb in _batches([(k, a[k], b[k]) for k in common], size, batch_size):
