@@ -300,7 +300,7 @@ def r2_bars(table: Any, path: Path, ylabel: str = "cross-validated R²") -> None
     ax.set_xticks(range(len(table)), labels, rotation=45, ha="right", fontsize=8)
     ax.tick_params(axis="y", labelsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
-    ax.legend(fontsize=7, loc="lower right", frameon=False)
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1), frameon=False)
     _save(fig, path)
 
 

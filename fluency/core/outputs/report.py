@@ -64,15 +64,16 @@ def _umap_2d(x: np.ndarray) -> np.ndarray | None:
 def _model_views(run: Path, label: str, manifest: dict[str, Any], ratings: pd.DataFrame | None,
                  rating_col: str) -> list[str]:
     """The HTML of one checkpoint's model figures: reconstructions, training curves, latent projections,
-    interpolation strips (those written by the run are embedded; the projections are drawn here)."""
+    interpolation strips (those written by the run are embedded; the projections are drawn here), side by
+    side."""
     fig_dir = run / "figures"
     captions = ((manifest.get("figures") or {}).get("checkpoints") or {}).get(label) or {}
     parts: list[str] = []
-    for name, heading, fallback in (
-            (f"recon-{label}.png", "Reconstructions", f"Images (top), reconstructions with z = μ ({label})."),
-            (f"curves-{label}.png", "Training curves", f"Training curves ({label}), from the checkpoint's history.")):
+    notes: list[str] = []
+    for name, fallback in ((f"recon-{label}.png", f"Images (top), reconstructions with z = μ ({label})."),
+                           (f"curves-{label}.png", f"Training curves ({label}), from the checkpoint's history.")):
         if (fig_dir / name).exists():
-            parts += [f"<h3>{heading}</h3>", _img(fig_dir / name, captions.get(f"figures/{name}", fallback))]
+            parts.append(_img(fig_dir / name, captions.get(f"figures/{name}", fallback)))
     latents = run / "latents" / f"{label}.parquet"
     if latents.exists():
         table = _read_parquet(latents, ["image_id"])
@@ -98,7 +99,6 @@ def _model_views(run: Path, label: str, manifest: dict[str, Any], ratings: pd.Da
             embedding = _umap_2d(x)
             if embedding is not None:
                 projections.append(("umap", embedding, ("UMAP 1", "UMAP 2"), "UMAP (umap-learn, random_state=0)"))
-            parts.append("<h3>Latent space</h3>")
             for key, coords, axes, method in projections:
                 stem = fig_dir / f"latents-{key}-{label}"
                 figures.latent_projection(coords, [stem.with_suffix(".png"), stem.with_suffix(".svg")],
@@ -108,16 +108,14 @@ def _model_views(run: Path, label: str, manifest: dict[str, Any], ratings: pd.Da
                                   f"2-D {method} projection of the latent means μ of all {len(x)} images "
                                   f"({x.shape[1]} dimensions), {colour}."))
             if embedding is None:
-                parts.append("<p>UMAP: install the optional extra <code>fluency[umap]</code> (umap-learn) to add "
+                notes.append("<p>UMAP: install the optional extra <code>fluency[umap]</code> (umap-learn) to add "
                              "a UMAP projection.</p>")
     k = 0
-    if (fig_dir / f"interp-{label}-0.png").exists():
-        parts.append("<h3>Latent interpolations</h3>")
     while (fig_dir / f"interp-{label}-{k}.png").exists():
         name = f"interp-{label}-{k}.png"
         parts.append(_img(fig_dir / name, captions.get(f"figures/{name}", f"Latent interpolation ({label}).")))
         k += 1
-    return [f"<h2>Model views ({html.escape(label)})</h2>", *parts] if parts else []
+    return [f"<h2>Model views ({html.escape(label)})</h2>", grid(parts), *notes] if parts else []
 
 
 #: section headings of the effect-size views, by kind

@@ -39,7 +39,7 @@ document.addEventListener('keydown', function (e) {
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;padding:0 2em;max-width:1400px}
 table{border-collapse:collapse;font-size:12px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 6px;
 text-align:right}th{cursor:pointer;background:#f0f0f0}td:first-child,th:first-child{text-align:left}
-table.facts th{cursor:auto}table.facts td{text-align:left}
+table.facts th{cursor:auto;text-align:left}table.facts td{text-align:left}
 .sig{font-weight:bold}figcaption{font-size:12px;color:#444;max-width:60em}
 figure{margin:.5em 0;max-width:100%;overflow-x:auto;box-sizing:border-box}
 figure>a>img{display:block;max-width:none;cursor:zoom-in}
