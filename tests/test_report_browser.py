@@ -3,10 +3,12 @@
 ``test_report.py`` checks the page's text; only a browser shows whether it works when opened. Here a small
 run's ``report.html`` is loaded from a ``file://`` copy with a check script appended, and the DOM that
 chromium dumps afterwards says: every figure decoded (complete, non-zero natural size, laid out, a
-``data:`` URI), the expected figures are all there, every table has rows as wide as its header, a click on
-a numeric header sorts ascending and a second click descending, the provenance block holds the run's
-manifest, and nothing is fetched or referenced over a network (hosts are unresolvable while it runs).
-A screenshot shows the page paints something.
+``data:`` URI, shown at its natural pixel size, a link to its full-window view), the expected figures are
+all there, the scatter plots sit side by side, every table has rows as wide as its header, a click on
+a numeric header sorts ascending and a second click descending, a click on a figure opens it over the
+whole window, the collapsed provenance section holds the key facts and the run's manifest, and nothing
+is fetched or referenced over a network (hosts are unresolvable while it runs). A screenshot at 1400 px
+shows the page paints something.
 
 ``.ci/run`` installs chromium when it is missing and then sets ``FLUENCY_REQUIRE_BROWSER=1``, which turns
 the skip (no browser here) into a failure, so CI cannot pass without running this test.
@@ -44,9 +46,12 @@ CHECK_JS = """
 window.addEventListener('load', function () {
   var out = {images: [], tables: [], resources: [], provenance: null};
   Array.from(document.images).forEach(function (img) {
-    var box = img.getBoundingClientRect();
+    var box = img.getBoundingClientRect(), link = img.parentElement;
     out.images.push({alt: img.alt, complete: img.complete, width: img.naturalWidth, height: img.naturalHeight,
-                     shown: box.width > 0 && box.height > 0, scheme: img.src.split(':')[0]});
+                     shown: box.width > 0 && box.height > 0, scheme: img.src.split(':')[0],
+                     shownWidth: box.width, shownHeight: box.height, top: box.top + window.scrollY,
+                     left: box.left, link: link.tagName === 'A' ? link.getAttribute('href') : null,
+                     figure: link.parentElement.id});
   });
   function column(table, i) {
     return Array.from(table.tBodies[0].rows).map(function (r) {
@@ -68,10 +73,23 @@ window.addEventListener('load', function () {
     }
     out.tables.push(entry);
   });
-  var heading = Array.from(document.querySelectorAll('h2')).filter(function (h) {
-    return h.textContent === 'Provenance'; })[0];
-  if (heading && heading.nextElementSibling && heading.nextElementSibling.tagName === 'PRE') {
-    out.provenance = heading.nextElementSibling.textContent;
+  var section = document.querySelector('details#provenance');
+  if (section) {
+    var manifest = section.querySelector('details pre#manifest');
+    out.provenance = {open: section.open, summary: section.querySelector('summary').textContent,
+                      height: section.getBoundingClientRect().height,
+                      facts: Array.from(section.querySelectorAll('table.facts tbody th')).map(function (th) {
+                        return th.textContent; }),
+                      manifest: manifest ? manifest.textContent : null};
+  }
+  var zoom = document.querySelector('figure a[href^="#fig-scatter"]');
+  if (zoom) {
+    zoom.click();
+    var target = document.querySelector(zoom.getAttribute('href')), box = target.getBoundingClientRect();
+    out.zoom = {hash: location.hash, position: getComputedStyle(target).position, width: box.width,
+                height: box.height, viewport: [document.documentElement.clientWidth, document.documentElement.clientHeight]};
+    location.hash = '#_';
+    out.zoom.after = getComputedStyle(target).position;
   }
   out.external = document.querySelectorAll('[src^="http"],[href^="http"],[src^="//"],[href^="//"]').length;
   out.resources = performance.getEntriesByType('resource').map(function (e) { return e.name; });
@@ -137,7 +155,8 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     assert "</body>" in source
     page = tmp_path / "report-checked.html"  # a copy with the check script added; the report itself is untouched
     page.write_text(source.replace("</body>", f"<script>{CHECK_JS}</script></body>"))
-    dom = chromium(binary, tmp_path / "profile", "--virtual-time-budget=5000", "--dump-dom", page.as_uri())
+    dom = chromium(binary, tmp_path / "profile", "--virtual-time-budget=5000", "--window-size=1400,2000", "--dump-dom",
+                   page.as_uri())
     found = re.search(r'<pre id="browser-check">(.*?)</pre>', dom, re.S)
     assert found, f"the check script did not run; DOM starts {dom[:300]!r}"
     seen = json.loads(html.unescape(found.group(1)))
@@ -148,6 +167,18 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     bad = [i for i in seen["images"] if not (i["complete"] and i["width"] > 0 and i["height"] > 0 and i["shown"])]
     assert not bad, f"figures that did not render: {bad}"
     assert {i["scheme"] for i in seen["images"]} == {"data"}
+    # at natural size (never scaled down, so figure text keeps its size), each a link to its full-window view
+    scaled = [i["alt"] for i in seen["images"] if (i["shownWidth"], i["shownHeight"]) != (i["width"], i["height"])]
+    assert not scaled, f"figures not shown at their natural size: {scaled}"
+    assert all(i["link"] == f"#{i['figure']}" and i["figure"] == f"fig-{i['alt']}" for i in seen["images"])
+    # scatter plots side by side in a grid that uses the page's width
+    scatter = [i for i in seen["images"] if i["alt"].startswith("scatter-")]
+    assert len(scatter) >= 3 and scatter[0]["top"] == scatter[1]["top"] == scatter[2]["top"], scatter[:3]
+    assert scatter[0]["left"] < scatter[1]["left"] < scatter[2]["left"]
+    # a click on a figure shows it over the whole window; leaving the fragment puts it back
+    zoom = seen["zoom"]
+    assert zoom["hash"].startswith("#fig-scatter") and zoom["position"] == "fixed", zoom
+    assert [zoom["width"], zoom["height"]] == zoom["viewport"] and zoom["after"] == "static", zoom
     alts = [i["alt"] for i in seen["images"]]
     missing = [f for f in EXPECTED_FIGURES if not any(re.fullmatch(f.replace("*", ".+"), a) for a in alts)]
     assert not missing, f"figures missing from the report: {missing} (it has {alts})"
@@ -157,7 +188,7 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     tables = {t["id"]: t for t in seen["tables"]}
     assert {"table-pearson", "table-spearman", "table-ridge", "table-metrics"} <= set(tables)
     for t in seen["tables"]:
-        assert t["sortable"] and t["rows"] > 0 and t["heads"], t["id"]
+        assert (t["sortable"] or t["id"] == "table-provenance") and t["rows"] > 0 and t["heads"], t["id"]
         assert set(t["cells"]) == {len(t["heads"])}, t["id"]
 
     # sorting: the first click sorts ascending, the second descending, the rows are only reordered
@@ -172,10 +203,14 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
         moved += t["before"] != t["first"]
     assert moved, "no table changed order when sorted"
 
-    # provenance: the page shows the run's manifest
-    assert seen["provenance"], "no <pre> after the Provenance heading"
+    # provenance: collapsed (a summary line, not a page of JSON), key facts in a table, the whole manifest inside
+    provenance = seen["provenance"]
+    assert provenance and provenance["manifest"], "no details#provenance holding pre#manifest"
+    assert not provenance["open"] and provenance["summary"] == "Provenance" and provenance["height"] < 60
+    assert {"fluency version", "date", "command", "checkpoints", "stimuli", "metrics", "analyses",
+            "seed"} <= set(provenance["facts"])
     manifest = json.loads((report.parent / "manifest.json").read_text())
-    assert json.loads(seen["provenance"])["run_id"] == manifest["run_id"]
+    assert json.loads(provenance["manifest"])["run_id"] == manifest["run_id"]
 
     # self-contained: nothing fetched, no http(s) reference anywhere in the page
     assert seen["external"] == 0
@@ -188,10 +223,10 @@ def test_report_screenshot_is_not_blank(report: Path, tmp_path: Path) -> None:
     binary = find_chromium()
     shot = tmp_path / "report.png"
     chromium(binary, tmp_path / "profile", "--virtual-time-budget=5000", "--hide-scrollbars",
-             f"--screenshot={shot}", "--window-size=1200,2000", report.as_uri())
+             f"--screenshot={shot}", "--window-size=1400,2000", report.as_uri())
     assert shot.exists(), "chromium wrote no screenshot"
     with Image.open(shot) as image:
-        assert image.size == (1200, 2000)
+        assert image.size == (1400, 2000)
         pixels = np.asarray(image.convert("L"), dtype=np.float64)
     assert pixels.std() > 10, "the screenshot is (nearly) one colour"
     assert (pixels < 128).mean() > 0.01, "hardly anything dark is painted: no text or figures"

@@ -11,6 +11,14 @@ import torch
 from fluency.core.atomic import atomic_path
 
 
+#: resolution of every saved raster figure; the report shows each PNG at its natural size, so a text of
+#: ``s`` points is ``s * DPI / 72`` pixels on screen (the smallest text used, 6 pt, is 10 px)
+DPI = 120
+#: the widest a figure of panels may grow before its panels wrap onto another row (inches; 11 in × 120 dpi
+#: fits the report's 1400-pixel page)
+MAX_WIDTH = 11.0
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -29,7 +37,7 @@ def _save(fig: Any, path: Path | Sequence[Path]) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         fmt = target.suffix.lstrip(".") or "png"
         with atomic_path(target) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight",
+            fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight",
                         metadata={"Date": None} if fmt in ("svg", "pdf") else None)
     _pyplot().close(fig)
 
@@ -146,40 +154,118 @@ def latent_projection(coords: Any, paths: Path | Sequence[Path], title: str, axi
     _save(fig, paths)
 
 
-def correlation_heatmap(table: Any, path: Path, title: str, alpha: float = 0.05,
-                        value_range: tuple[float, float] | None = (-1.0, 1.0)) -> None:
-    """Metric × layer heatmap of an analysis' estimates (one panel per checkpoint); * marks p_fdr < alpha.
+def _text_width(labels: Any, points: float) -> float:
+    """Rough width in inches of the longest of ``labels`` at ``points`` (a character is ~0.6 em)."""
+    return max((len(str(x)) for x in labels), default=0) * 0.6 * points / 72
 
-    ``value_range`` is the colour scale (None: symmetric around 0, from the largest |estimate|)."""
+
+def heatmap_panels(panels: Sequence[tuple[str, Any, Any]], path: Path | Sequence[Path], title: str,
+                   colour_label: str, value_range: tuple[float, float], alpha: float = 0.05) -> None:
+    """Labelled heatmaps, one panel per ``(panel title, values, p-values or None)`` (DataFrames: row and
+    column labels name the cells), sharing one colour scale labelled ``colour_label``; each cell shows its
+    value, ``*`` where its p-value is below ``alpha``. Panels wrap to keep the figure within
+    :data:`MAX_WIDTH` at 100 %; panels with the same rows label them once per row of panels."""
     import numpy as np
 
-    if value_range is None:
-        top = float(np.nanmax(np.abs(table["estimate"].to_numpy(float)))) if len(table) else 1.0
-        value_range = (-top, top) if np.isfinite(top) and top > 0 else (-1.0, 1.0)
-
-    plt = _pyplot()
-    table = table.assign(layer=table["layer"].fillna("(whole)"))
-    checkpoints = sorted(table["checkpoint"].unique())
-    fig, axes = plt.subplots(1, len(checkpoints), squeeze=False,
-                             figsize=(1.0 + 0.75 * table["layer"].nunique() * len(checkpoints),
-                                      1.2 + 0.38 * table["metric"].nunique()))
-    for ax, ck in zip(axes[0], checkpoints):
-        sub = table[table["checkpoint"] == ck]
-        est = sub.pivot_table(index="metric", columns="layer", values="estimate", aggfunc="first")
-        sig = sub.pivot_table(index="metric", columns="layer", values="p_fdr", aggfunc="first").reindex_like(est)
-        image = ax.imshow(est.to_numpy(float), cmap="RdBu_r", vmin=value_range[0], vmax=value_range[1],
+    n_rows = max(v.shape[0] for _, v, _ in panels)
+    n_cols = max(v.shape[1] for _, v, _ in panels)
+    shared = all(v.index.equals(panels[0][1].index) for _, v, _ in panels)
+    label_w = _text_width([x for _, v, _ in panels for x in v.index], 8) + 0.15
+    cell_w, cell_h, gap, bar_w = 0.55 * n_cols, 0.28 * n_rows, 0.25, 1.1
+    panel_w = cell_w + gap + (0.0 if shared else label_w)
+    per_row = max(1, min(len(panels), int((MAX_WIDTH - bar_w - label_w) // panel_w)))
+    x_labels_h = 0.72 * _text_width([x for _, v, _ in panels for x in v.columns], 8) + 0.15
+    panel_h = 0.3 + cell_h + x_labels_h  # title, cells, rotated column labels
+    rows = -(-len(panels) // per_row)
+    width, height = label_w + per_row * panel_w + bar_w, 0.35 + rows * panel_h
+    fig = _pyplot().figure(figsize=(width, height))
+    axes = []
+    for k in range(len(panels)):  # placed by hand: constrained layout took seconds per figure
+        row, col = divmod(k, per_row)
+        left = label_w + col * panel_w
+        bottom = height - 0.35 - row * panel_h - 0.3 - cell_h
+        axes.append(fig.add_axes((left / width, bottom / height, cell_w / width, cell_h / height)))
+    top = max(abs(value_range[0]), abs(value_range[1]))
+    image = None
+    for k, (ax, (name, values, p)) in enumerate(zip(axes, panels)):
+        image = ax.imshow(values.to_numpy(float), cmap="RdBu_r", vmin=value_range[0], vmax=value_range[1],
                           aspect="auto")
-        ax.set_xticks(range(est.shape[1]), est.columns, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(est.shape[0]), est.index, fontsize=8)
-        for i in range(est.shape[0]):
-            for j in range(est.shape[1]):
-                v, p = est.iat[i, j], sig.iat[i, j]
+        ax.set_xticks(range(values.shape[1]), [str(c) for c in values.columns], rotation=45, ha="right",
+                      fontsize=8)
+        ax.set_yticks(range(values.shape[0]), [str(r) for r in values.index] if not shared or k % per_row == 0
+                      else [], fontsize=8)
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                v = values.iat[i, j]
+                star = p is not None and np.isfinite(p.iat[i, j]) and p.iat[i, j] < alpha
                 if np.isfinite(v):
-                    ax.text(j, i, f"{v:.2f}{'*' if np.isfinite(p) and p < alpha else ''}", ha="center",
-                            va="center", fontsize=7)
-        ax.set_title(f"{title} — {ck}" if len(checkpoints) > 1 else title, fontsize=9)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+                    ax.text(j, i, f"{v:.2f}{'*' if star else ''}", ha="center", va="center", fontsize=7,
+                            color="white" if abs(v) > 0.6 * top else "black")
+        ax.set_title(name, fontsize=9)
+    fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")
+    bar_h = max(0.8, min(height - 0.65 - x_labels_h, 4.0))
+    bar_ax = fig.add_axes(((width - bar_w + 0.1) / width, (height - 0.65 - bar_h) / height, 0.15 / width,
+                           bar_h / height))
+    bar = fig.colorbar(image, cax=bar_ax)
+    bar.set_label(colour_label, fontsize=9)
+    bar.ax.tick_params(labelsize=8)
     _save(fig, path)
+
+
+def _symmetric_range(values: Any, value_range: tuple[float, float] | None) -> tuple[float, float]:
+    """``value_range``, or (None) symmetric around 0 from the largest finite |value| (±1 when there is none)."""
+    import numpy as np
+
+    if value_range is not None:
+        return value_range
+    finite = np.abs(np.asarray(values, dtype=float))
+    finite = finite[np.isfinite(finite)]
+    top = float(finite.max()) if finite.size else 0.0
+    return (-top, top) if top > 0 else (-1.0, 1.0)
+
+
+def correlation_heatmap(table: Any, path: Path | Sequence[Path], title: str, alpha: float = 0.05,
+                        value_range: tuple[float, float] | None = (-1.0, 1.0), colour_label: str = "estimate") -> None:
+    """Metric × layer heatmap of an analysis' estimates (one panel per checkpoint, or checkpoint pair);
+    * marks p_fdr < alpha. ``value_range`` is the colour scale (None: symmetric around 0, from the largest
+    |estimate|); ``colour_label`` says what the colour means (e.g. "Pearson r")."""
+    table = table.assign(layer=table["layer"].fillna("(whole)"))
+    panels = []
+    for ck in sorted(table["checkpoint"].unique()):
+        sub = table[table["checkpoint"] == ck]
+        est = sub.pivot_table(index="metric", columns="layer", values="estimate", aggfunc="first", dropna=False)
+        sig = sub.pivot_table(index="metric", columns="layer", values="p_fdr", aggfunc="first",
+                              dropna=False).reindex_like(est) if "p_fdr" in sub.columns else None
+        panels.append((str(ck), est, sig))
+    heatmap_panels(panels, path, title, colour_label, _symmetric_range(table["estimate"], value_range), alpha)
+
+
+def subgroup_heatmap(table: Any, path: Path | Sequence[Path], title: str, colour_label: str,
+                     value_range: tuple[float, float] | None = (-1.0, 1.0), alpha: float = 0.05) -> None:
+    """Subgroup × layer heatmap of one checkpoint's estimates, one panel per metric; rows are the groups
+    in the table's order, labelled with their n; * marks p_fdr < alpha."""
+    table = table.assign(layer=table["layer"].fillna("(whole)"), group=table["group"].fillna("all"))
+    order = list(dict.fromkeys(table["group"]))
+    sizes = table.groupby("group")["n"].max()
+    labels = {g: f"{g} (n={int(sizes[g])})" if g in sizes.index and sizes[g] == sizes[g] else g for g in order}
+    panels = []
+    for metric in sorted(table["metric"].unique()):
+        sub = table[table["metric"] == metric]
+        est = sub.pivot_table(index="group", columns="layer", values="estimate", aggfunc="first",
+                              dropna=False).reindex([g for g in order if g in set(sub["group"])])
+        sig = sub.pivot_table(index="group", columns="layer", values="p_fdr", aggfunc="first",
+                              dropna=False).reindex_like(est) if "p_fdr" in sub.columns else None
+        est.index = [labels[g] for g in est.index]
+        if sig is not None:
+            sig.index = est.index
+        panels.append((str(metric), est, sig))
+    heatmap_panels(panels, path, title, colour_label, _symmetric_range(table["estimate"], value_range), alpha)
+
+
+def metric_correlation_matrix(matrices: Mapping[str, Any], path: Path | Sequence[Path], title: str,
+                              colour_label: str = "Spearman ρ between metrics") -> None:
+    """One metric × metric correlation panel per layer (``matrices``: layer → square DataFrame)."""
+    heatmap_panels([(layer, m, None) for layer, m in matrices.items()], path, title, colour_label, (-1.0, 1.0))
 
 
 def scatter(x: Any, y: Any, path: Path, xlabel: str, ylabel: str, note: str) -> None:
@@ -195,32 +281,37 @@ def scatter(x: Any, y: Any, path: Path, xlabel: str, ylabel: str, note: str) -> 
         ax.plot(xs, slope * xs + intercept, color="C3")
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=8)
     ax.set_title(note, fontsize=8)
     _save(fig, path)
 
 
 def r2_bars(table: Any, path: Path, ylabel: str = "cross-validated R²") -> None:
-    """Cross-validated R² per metric (and checkpoint), with ± SD of the per-fold values where the table has
-    them (``r2_fold_sd``)."""
+    """Cross-validated R² per metric (and checkpoint), with error bars of ± 1 SD of the per-fold R² where the
+    table has them (``r2_fold_sd``: a spread over folds and repeats, not a confidence interval)."""
     plt = _pyplot()
     labels = [f"{m}" if table["checkpoint"].nunique() == 1 else f"{c}: {m}"
               for c, m in zip(table["checkpoint"], table["metric"])]
     fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(table), 3.0))
     sd = table["r2_fold_sd"] if "r2_fold_sd" in table.columns else None
-    ax.bar(range(len(table)), table["estimate"], yerr=sd, capsize=3, color="C0")
+    ax.bar(range(len(table)), table["estimate"], yerr=sd, capsize=3, color="C0",
+           label="R² of pooled out-of-fold predictions" + (" ± 1 SD of per-fold R²" if sd is not None else ""))
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(table)), labels, rotation=45, ha="right", fontsize=8)
+    ax.tick_params(axis="y", labelsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1), frameon=False)
     _save(fig, path)
 
 
 def activation_histograms(store: Any, path: Path, max_images: int = 256) -> None:
-    """Per layer: activations per unit (mean across images) and per image (mean across units), as in the study."""
+    """Per layer: activations per unit (mean across the first ``max_images`` images; y: units) and per image
+    (mean across units; y: images), as in the study."""
     import numpy as np
 
     plt = _pyplot()
     layers = store.layers
-    fig, axes = plt.subplots(2, len(layers), figsize=(2.4 * len(layers), 4.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(layers), figsize=(2.2 * len(layers), 4.8), squeeze=False)
     for j, layer in enumerate(layers):
         parts, seen = [], 0
         for _, values in store.iter_batches(layer, 64):
@@ -229,9 +320,12 @@ def activation_histograms(store: Any, path: Path, max_images: int = 256) -> None
             if seen >= max_images:
                 break
         a = np.concatenate(parts)[:max_images]
-        axes[0][j].hist(a.mean(0, dtype=np.float64), bins=40, color="C0")
-        axes[0][j].set_title(f"{layer}: per unit", fontsize=8)
-        axes[1][j].hist(a.mean(1, dtype=np.float64), bins=40, color="C1")
-        axes[1][j].set_title(f"{layer}: per image", fontsize=8)
+        for ax, values, what, counted, colour in ((axes[0][j], a.mean(0, dtype=np.float64), "per unit", "units", "C0"),
+                                                  (axes[1][j], a.mean(1, dtype=np.float64), "per image", "images", "C1")):
+            ax.hist(values, bins=40, color=colour)
+            ax.set_title(f"{layer}: {what}", fontsize=8)
+            ax.set_xlabel("mean activation over " + ("images" if counted == "units" else "units"), fontsize=8)
+            ax.set_ylabel(counted, fontsize=8)
+            ax.tick_params(labelsize=7)
     fig.tight_layout()
     _save(fig, path)

@@ -13,9 +13,7 @@ redraw it without the model: PCA always, UMAP too when the optional ``umap-learn
 
 from __future__ import annotations
 
-import base64
 import html
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from fluency.core.outputs import figures
+from fluency.core.outputs.report_html import CSS, SORT_JS, figure as _img, grid, provenance, table as _table
 from fluency.core.atomic import atomic_write_text
 from fluency.core.errors import FluencyError, error_text
 from fluency.core.plugin.analysis import EffectSize
@@ -31,32 +30,6 @@ from fluency.core.run.analyse import read_effects
 from fluency.core.run.ceiling import with_ceiling
 from fluency.core.run.folder import MANIFEST, outputs, read_manifest, run_status, write_manifest, writing
 from fluency.core.run.tables import read_metric_table
-
-SORT_JS = """
-document.querySelectorAll('table.sortable th').forEach(function (th) {
-  th.addEventListener('click', function () {
-    var table = th.closest('table'), body = table.tBodies[0], i = th.cellIndex;
-    var asc = th.dataset.asc !== 'true'; th.dataset.asc = asc;
-    Array.from(body.rows).sort(function (a, b) {
-      var x = a.cells[i].dataset.v || a.cells[i].textContent, y = b.cells[i].dataset.v || b.cells[i].textContent;
-      var nx = parseFloat(x), ny = parseFloat(y);
-      var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
-      return asc ? c : -c;
-    }).forEach(function (r) { body.appendChild(r); });
-  });
-});
-"""
-CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;
-font-size:12px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}th{cursor:pointer;
-background:#f0f0f0}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.5em 0}
-.sig{font-weight:bold}figcaption{font-size:12px;color:#444}
-pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:11px}"""
-
-
-def _img(path: Path, caption: str | None = None) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    note = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-    return f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">{note}</figure>'
 
 
 def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,15 +64,16 @@ def _umap_2d(x: np.ndarray) -> np.ndarray | None:
 def _model_views(run: Path, label: str, manifest: dict[str, Any], ratings: pd.DataFrame | None,
                  rating_col: str) -> list[str]:
     """The HTML of one checkpoint's model figures: reconstructions, training curves, latent projections,
-    interpolation strips (those written by the run are embedded; the projections are drawn here)."""
+    interpolation strips (those written by the run are embedded; the projections are drawn here), side by
+    side."""
     fig_dir = run / "figures"
     captions = ((manifest.get("figures") or {}).get("checkpoints") or {}).get(label) or {}
     parts: list[str] = []
-    for name, heading, fallback in (
-            (f"recon-{label}.png", "Reconstructions", f"Images (top), reconstructions with z = μ ({label})."),
-            (f"curves-{label}.png", "Training curves", f"Training curves ({label}), from the checkpoint's history.")):
+    notes: list[str] = []
+    for name, fallback in ((f"recon-{label}.png", f"Images (top), reconstructions with z = μ ({label})."),
+                           (f"curves-{label}.png", f"Training curves ({label}), from the checkpoint's history.")):
         if (fig_dir / name).exists():
-            parts += [f"<h3>{heading}</h3>", _img(fig_dir / name, captions.get(f"figures/{name}", fallback))]
+            parts.append(_img(fig_dir / name, captions.get(f"figures/{name}", fallback)))
     latents = run / "latents" / f"{label}.parquet"
     if latents.exists():
         table = _read_parquet(latents, ["image_id"])
@@ -125,7 +99,6 @@ def _model_views(run: Path, label: str, manifest: dict[str, Any], ratings: pd.Da
             embedding = _umap_2d(x)
             if embedding is not None:
                 projections.append(("umap", embedding, ("UMAP 1", "UMAP 2"), "UMAP (umap-learn, random_state=0)"))
-            parts.append("<h3>Latent space</h3>")
             for key, coords, axes, method in projections:
                 stem = fig_dir / f"latents-{key}-{label}"
                 figures.latent_projection(coords, [stem.with_suffix(".png"), stem.with_suffix(".svg")],
@@ -135,84 +108,180 @@ def _model_views(run: Path, label: str, manifest: dict[str, Any], ratings: pd.Da
                                   f"2-D {method} projection of the latent means μ of all {len(x)} images "
                                   f"({x.shape[1]} dimensions), {colour}."))
             if embedding is None:
-                parts.append("<p>UMAP: install the optional extra <code>fluency[umap]</code> (umap-learn) to add "
+                notes.append("<p>UMAP: install the optional extra <code>fluency[umap]</code> (umap-learn) to add "
                              "a UMAP projection.</p>")
     k = 0
-    if (fig_dir / f"interp-{label}-0.png").exists():
-        parts.append("<h3>Latent interpolations</h3>")
     while (fig_dir / f"interp-{label}-{k}.png").exists():
         name = f"interp-{label}-{k}.png"
         parts.append(_img(fig_dir / name, captions.get(f"figures/{name}", f"Latent interpolation ({label}).")))
         k += 1
-    return [f"<h2>Model views ({html.escape(label)})</h2>", *parts] if parts else []
-
-
-#: table headers that say what a column is (the column's own name otherwise)
-_HEADERS = {"estimate_adj": "adj. (given covariates)", "p_adj": "p adj.", "p_adj_fdr": "p_fdr adj.",
-            "r2_covariates": "CV R² of covariates", "r2": "R² (in-sample)", "r2_adj": "adj. R² (in-sample)",
-            "r2_in_sample": "R² (in-sample OLS)", "r2_adj_in_sample": "adj. R² (in-sample OLS)"}
-
-
-def _table(df: pd.DataFrame, columns: list[str], table_id: str) -> str:
-    head = "".join(f"<th>{html.escape(_HEADERS.get(c, c))}</th>" for c in columns)
-    rows = []
-    for _, r in df.iterrows():
-        cells = []
-        for c in columns:
-            v = r.get(c)
-            if isinstance(v, float):
-                text = "–" if not np.isfinite(v) else (f"{v:.3g}" if abs(v) < 1e-3 and v != 0 else f"{v:.4f}")
-                cells.append(f'<td data-v="{v}">{text}</td>')
-            else:
-                cells.append(f"<td>{html.escape('–' if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))}</td>")
-        sig = isinstance(r.get("p_fdr"), float) and r.get("p_fdr") < 0.05
-        rows.append(f'<tr{" class=sig" if sig else ""}>{"".join(cells)}</tr>')
-    return f'<table class="sortable" id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return [f"<h2>Model views ({html.escape(label)})</h2>", grid(parts), *notes] if parts else []
 
 
 #: section headings of the effect-size views, by kind
 _HEADINGS = {"correlation": "Correlations with the rating", "coefficient": "Regression coefficients",
-             "difference": "Differences between checkpoints", "descriptive": "Descriptive estimates"}
+             "difference": "Differences between checkpoints", "descriptive": "Descriptive estimates",
+             "r2": "Cross-validated prediction"}
+_FDR_NOTE = "* : Benjamini–Hochberg p_fdr < 0.05 across every test of the run."
+
+
+def _overall(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of every image (group "all"), not those of a ``--by`` subgroup."""
+    return table[table.get("group", pd.Series("all", index=table.index)).fillna("all") == "all"]
+
+
+def _distinct(table: pd.DataFrame) -> pd.Series:
+    """Which rows are tests of their own (not marked ``same_as`` another output's test)."""
+    if "same_as" not in table.columns:
+        return pd.Series(True, index=table.index)
+    return table["same_as"].fillna("").astype(str).eq("")
+
+
+def _heatmap_caption(effect: EffectSize) -> str:
+    """What a heatmap of ``effect`` shows, where its intervals are, what the star means."""
+    if effect.kind == "difference":
+        return ("Difference between the checkpoints' statistics, per pair (A−B), metric × layer; * marks "
+                "p_fdr < 0.05 by the analysis' test (for pearson and spearman the dependent-correlation test, "
+                "Steiger 1980, which accounts for both sharing the rating).")
+    return (f"{effect.title}, metric × layer, one panel per checkpoint; the colour is the estimate. "
+            f"{_FDR_NOTE} Confidence intervals are in the analysis table (ci_low, ci_high).")
+
+
+def _r2_caption(manifest: dict[str, Any], name: str) -> str:
+    """How the R² bars and their error bars were computed (folds and repeats from the run's options)."""
+    options = (manifest.get("options") or {}).get(f"analysis.{name}") or {}
+    folds, repeats = options.get("folds", "K"), options.get("repeats", "R")
+    return (f"Bars: cross-validated R² of the pooled out-of-fold predictions ({folds}-fold, averaged over {repeats} "
+            f"shuffles). Error bars: ± 1 SD of the per-fold R² over the {folds} × {repeats} folds — a spread "
+            "of the folds, not a confidence interval; p (permutation test) is in the table.")
 
 
 def _effect_views(analyses: dict[str, pd.DataFrame], effects: dict[tuple[str, str], EffectSize],
-                  fig_dir: Path) -> list[str]:
+                  fig_dir: Path, manifest: dict[str, Any]) -> list[str]:
     """A metric × layer heatmap of every declared effect size that asks for one (colour scale from its
-    ``range``), and cross-validated R² bars for ``kind="r2"``, grouped by kind."""
+    ``range``, labelled with its title), and cross-validated R² bars for ``kind="r2"``, grouped by kind."""
     views: dict[str, list[str]] = {}
     for (name, statistic), effect in effects.items():
         table = analyses.get(name)
         if table is None:
             continue
-        table = table[(table["statistic"] == statistic)
-                      & (table.get("group", pd.Series("all", index=table.index)).fillna("all") == "all")]
+        table = _overall(table[table["statistic"] == statistic])
         if not len(table) or not table["estimate"].notna().any():
             continue
         stem = f"heatmap-{name}" if effect.kind == "correlation" else f"heatmap-{name}-{statistic}"
         if effect.kind == "r2":
             figures.r2_bars(table, fig_dir / f"{name}-r2.png", effect.title)
-            views.setdefault("r2", []).append(_img(fig_dir / f"{name}-r2.png"))
+            views.setdefault("r2", []).append(_img(fig_dir / f"{name}-r2.png", _r2_caption(manifest, name)))
         elif effect.heatmap:
-            for suffix in ("png", "svg"):
-                figures.correlation_heatmap(table, fig_dir / f"{stem}.{suffix}", f"{name}: {effect.title}",
-                                            value_range=effect.range)
-            views.setdefault(effect.kind, []).append(_img(fig_dir / f"{stem}.png", _CAPTIONS.get(effect.kind)))
+            figures.correlation_heatmap(table, [fig_dir / f"{stem}.png", fig_dir / f"{stem}.svg"],
+                                        f"{name}: {effect.title}", value_range=effect.range,
+                                        colour_label=effect.title)
+            views.setdefault(effect.kind, []).append(_img(fig_dir / f"{stem}.png", _heatmap_caption(effect)))
             if "estimate_adj" in table.columns and table["estimate_adj"].notna().any():
                 adjusted = table.assign(estimate=table["estimate_adj"], p_fdr=table.get("p_adj_fdr", np.nan))
                 names = ", ".join(str(next(iter(table.get("covariates", pd.Series(dtype=object)).dropna()),
                                            "the covariates")).split(","))
-                for suffix in ("png", "svg"):
-                    figures.correlation_heatmap(adjusted, fig_dir / f"{stem}-adjusted.{suffix}",
-                                                f"{name}: {effect.title} given the covariates", value_range=effect.range)
+                figures.correlation_heatmap(adjusted, [fig_dir / f"{stem}-adjusted.png",
+                                                       fig_dir / f"{stem}-adjusted.svg"],
+                                            f"{name}: {effect.title} given the covariates", value_range=effect.range,
+                                            colour_label=f"{effect.title} given the covariates")
                 views[effect.kind].append(_img(fig_dir / f"{stem}-adjusted.png",
                                                f"The same relations controlling for {names} (partial correlation; "
                                                "Spearman's on ranks); * : p_adj_fdr < 0.05, same family."))
     out: list[str] = []
     for kind, images in views.items():
-        heading = "Cross-validated prediction" if kind == "r2" else _HEADINGS[kind]
-        out += [f"<h2>{heading}</h2>", "<p>* : Benjamini–Hochberg p_fdr &lt; 0.05 across every test of the "
-                "run.</p>" if kind != "r2" else "", *images]
+        out += [f"<h2>{_HEADINGS.get(kind, kind)}</h2>", grid(images)]
     return out
+
+
+def _subgroup_views(analyses: dict[str, pd.DataFrame], effects: dict[tuple[str, str], EffectSize],
+                    fig_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """With ``--by``: per correlation and checkpoint, a subgroup × layer heatmap per metric."""
+    by = (manifest.get("subgroups") or {}).get("by") or []
+    images: list[str] = []
+    for (name, statistic), effect in effects.items():
+        table = analyses.get(name)
+        if effect.kind != "correlation" or table is None or "group" not in table.columns:
+            continue
+        table = table[(table["statistic"] == statistic) & table["estimate"].notna() & _distinct(table)]
+        if table["group"].fillna("all").nunique() < 2:
+            continue
+        for checkpoint in sorted(table["checkpoint"].unique()):
+            stem = f"subgroups-{name}-{checkpoint}"
+            figures.subgroup_heatmap(table[table["checkpoint"] == checkpoint],
+                                     fig_dir / f"{stem}.png",
+                                     f"{name}: {effect.title} by {', '.join(by) or 'subgroup'} — {checkpoint}",
+                                     effect.title, effect.range)
+            images.append(_img(fig_dir / f"{stem}.png",
+                               f"{effect.title} with the rating within each subgroup ({checkpoint}); the first row "
+                               f"is every image; n per group in the row label. {_FDR_NOTE} A metric whose test repeats "
+                               "another's (same_as in the table) is left out."))
+    return ["<h2>Subgroups</h2>", grid(images)] if images else []
+
+
+def metric_correlations(metrics: pd.DataFrame, checkpoint: str) -> dict[str, pd.DataFrame]:
+    """Spearman correlation over images between the metric columns of one checkpoint, per layer (whole-image
+    metrics as the layer ``(whole)``); layers with fewer than two metrics are left out."""
+    table = metrics[metrics["checkpoint"] == checkpoint].assign(layer=lambda t: t["layer"].fillna("(whole)"))
+    out: dict[str, pd.DataFrame] = {}
+    for layer in dict.fromkeys(table["layer"]):
+        wide = table[table["layer"] == layer].pivot_table(index="image_id", columns="metric", values="value",
+                                                          aggfunc="first")
+        if wide.shape[1] >= 2:
+            out[str(layer)] = wide.corr(method="spearman")
+    return out
+
+
+def _metric_correlation_views(metrics: pd.DataFrame, fig_dir: Path) -> list[str]:
+    """Per checkpoint, the metric × metric Spearman correlations of every layer, with why they matter."""
+    images = []
+    for checkpoint in sorted(metrics["checkpoint"].unique()):
+        matrices = metric_correlations(metrics, checkpoint)
+        if not matrices:
+            continue
+        stem = f"metric-correlations-{checkpoint}"
+        figures.metric_correlation_matrix(matrices, fig_dir / f"{stem}.png",
+                                          f"Correlations between metrics over images — {checkpoint}")
+        n = int(metrics.loc[metrics["checkpoint"] == checkpoint, "image_id"].nunique())
+        images.append(_img(fig_dir / f"{stem}.png", f"Spearman ρ between the metrics over the {n} images, one "
+                                                   f"panel per layer ({checkpoint})."))
+    if not images:
+        return []
+    return ["<h2>Correlations between metrics</h2>",
+            "<p>Do the metrics agree about which images are processed fluently? Metrics meant to measure the "
+            "same thing should correlate in the direction theory expects: the Gini index (higher = sparser) and "
+            "the L-epsilon count (higher = more active units, less sparse) should correlate negatively. A "
+            "positive correlation between them means they rank the images differently (e.g. a layer whose few "
+            "strong units also raise the count above ε), so read their relations with the rating together.</p>",
+            grid(images)]
+
+
+def _scatter_views(analyses: dict[str, pd.DataFrame], effects: dict[tuple[str, str], EffectSize],
+                   metrics: pd.DataFrame, ratings: pd.DataFrame, rating_col: str, fig_dir: Path,
+                   top: int, manifest: dict[str, Any]) -> list[str]:
+    """Scatter plots of the ``top`` strongest correlations with the rating (every image; one per distinct
+    test: a row that is the same test as another, ``same_as``, is left out), side by side."""
+    table = pd.concat(analyses.values(), ignore_index=True)
+    correlation = np.array([getattr(effects.get((a, str(s))), "kind", None) == "correlation"
+                            for a, s in zip(table["analysis"], table["statistic"])], dtype=bool)
+    table = _overall(table[correlation & table["p"].notna() & _distinct(table)]).sort_values("p").drop_duplicates(
+        ["checkpoint", "metric", "layer"]).head(top)
+    images = []
+    for k, row in enumerate(table.to_dict("records")):
+        sel = (metrics["metric"] == row["metric"]) & (metrics["checkpoint"] == row["checkpoint"])
+        sel &= metrics["layer"].isna() if pd.isna(row["layer"]) else metrics["layer"] == row["layer"]
+        joined = metrics[sel].merge(ratings[["image_id", rating_col]], on="image_id")
+        label = f"{row['metric']}" + ("" if pd.isna(row["layer"]) else f" @ {row['layer']}")
+        figures.scatter(joined["value"].to_numpy(float), joined[rating_col].to_numpy(float),
+                        fig_dir / f"scatter-{k}.png", label, rating_col,
+                        f"{row['checkpoint']}: {row['statistic']} = {row['estimate']:+.3f}, "
+                        f"p_fdr = {row.get('p_fdr', np.nan):.2g}, n = {len(joined)}")
+        level = ((manifest.get("options") or {}).get(f"analysis.{row['analysis']}") or {}).get("ci", 0.95)
+        ci = (f" {level:.0%} percentile bootstrap interval of {row['statistic']} over images: [{row['ci_low']:.3f}, {row['ci_high']:.3f}]."
+              if np.isfinite(row.get("ci_low", np.nan)) and np.isfinite(row.get("ci_high", np.nan)) else "")
+        images.append(_img(fig_dir / f"scatter-{k}.png", f"{row['analysis']}: {label} against {rating_col}, "
+                                                         f"{len(joined)} images; red: least-squares line.{ci}"))
+    return ["<h2>Strongest relations</h2>", grid(images, "grid")] if images else []
 
 
 def _reliability_view(manifest: dict[str, Any]) -> list[str]:
@@ -240,11 +309,6 @@ def _reliability_view(manifest: dict[str, Any]) -> list[str]:
             + (f" The mean of the per-rater table correlates r = {agree:.4f} with the analysed rating."
                if isinstance(agree, (int, float)) else "") + "</p>",
             _table(rows, columns, "table-reliability")]
-
-
-_CAPTIONS = {"difference": "Difference between the checkpoints' statistics, per pair (A−B); * marks p_fdr < 0.05 "
-                           "by the analysis' test (for pearson and spearman the dependent-correlation test, "
-                           "Steiger 1980, which accounts for both sharing the rating)."}
 
 
 #: the manifest fields the report reads and their types ("[]": each item of a list, "{}": each value of a dict);
@@ -344,7 +408,8 @@ def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scat
     parts = [f"<h1>fluency run {html.escape(manifest.get('run_id') or run.name)}</h1>",
              f"<p>Status: <b>{html.escape(status)}</b>{html.escape(f' ({note})' if note else '')}. Metrics: "
              f"{html.escape(', '.join(manifest.get('metrics') or []))}. Analyses: "
-             f"{html.escape(', '.join(manifest.get('analyses') or []) or 'none')}.</p>"]
+             f"{html.escape(', '.join(manifest.get('analyses') or []) or 'none')}. Click a figure for a "
+             "full-window view.</p>"]
     metrics = read_metric_table(run / "metrics.parquet") if (run / "metrics.parquet").exists() else None
     analyses = {p.stem: _read_parquet(p, _ANALYSIS_COLUMNS) for p in sorted((run / "analyses").glob("*.parquet"))}
     ratings = _read_parquet(run / "ratings.parquet", ["image_id"]) if (run / "ratings.parquet").exists() else None
@@ -356,30 +421,21 @@ def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scat
         raise FluencyError(f"{run / MANIFEST}: damaged: analysis_effects ({error_text(exc, 160)})") from None
     parts += _reliability_view(manifest)
     parts.append(_covariates_note(manifest))
-    parts += _effect_views(analyses, effects, fig_dir)
+    parts += _effect_views(analyses, effects, fig_dir, manifest)
     if analyses and metrics is not None and ratings is not None:
-        table = pd.concat(analyses.values(), ignore_index=True)
-        correlation = np.array([getattr(effects.get((a, str(s))), "kind", None) == "correlation"
-                                for a, s in zip(table["analysis"], table["statistic"])], dtype=bool)
-        table = table[correlation & table["p"].notna()].sort_values("p").drop_duplicates(
-            ["checkpoint", "metric", "layer"]).head(top_scatter)
-        if len(table):
-            parts.append("<h2>Strongest relations</h2>")
-        for k, row in enumerate(table.itertuples()):
-            sel = (metrics["metric"] == row.metric) & (metrics["checkpoint"] == row.checkpoint)
-            sel &= metrics["layer"].isna() if pd.isna(row.layer) else metrics["layer"] == row.layer
-            joined = metrics[sel].merge(ratings[["image_id", rating_col]], on="image_id")
-            label = f"{row.metric}" + ("" if pd.isna(row.layer) else f" @ {row.layer}")
-            figures.scatter(joined["value"].to_numpy(float), joined[rating_col].to_numpy(float),
-                            fig_dir / f"scatter-{k}.png", label, rating_col,
-                            f"{row.checkpoint}: {row.statistic} = {row.estimate:+.3f}, p_fdr = {row.p_fdr:.2g}")
-            parts.append(_img(fig_dir / f"scatter-{k}.png"))
+        parts += _scatter_views(analyses, effects, metrics, ratings, rating_col, fig_dir, top_scatter, manifest)
+    if metrics is not None:
+        parts += _metric_correlation_views(metrics, fig_dir)
+    parts += _subgroup_views(analyses, effects, fig_dir, manifest)
     for store in sorted((run / "activations").glob("*/_COMPLETE.json")):
         from fluency.core.run.store import ActivationStore
 
         label = store.parent.name
         figures.activation_histograms(ActivationStore(store.parent), fig_dir / f"activations-{label}.png")
-        parts += [f"<h2>Activations ({html.escape(label)})</h2>", _img(fig_dir / f"activations-{label}.png")]
+        parts += [f"<h2>Activations ({html.escape(label)})</h2>",
+                  _img(fig_dir / f"activations-{label}.png",
+                       "Per layer, the mean activation of each unit over the images (top; y: number of units) and "
+                       "of each image over the units (bottom; y: number of images), from the activation store.")]
     labels = [c["label"] for c in (manifest.get("inputs") or {}).get("checkpoints") or [] if c.get("label")]
     labels += [p.stem for p in sorted((run / "latents").glob("*.parquet")) if p.stem not in labels]
     for label in labels:
@@ -398,7 +454,7 @@ def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scat
         parts += ["<h2>Metric summary</h2>",
                   _table(summary, ["checkpoint", "metric", "layer", "count", "mean", "std", "min", "max"],
                          "table-metrics")]
-    parts += ["<h2>Provenance</h2>", f"<pre>{html.escape(json.dumps(manifest, indent=2, default=str))}</pre>"]
+    parts.append(provenance(manifest))
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fluency report</title><style>{CSS}</style>"
             f"</head><body>{''.join(parts)}<script>{SORT_JS}</script></body></html>")
     atomic_write_text(run / "report.html", page)
