@@ -130,13 +130,16 @@ def cli() -> None:
               help="One CPU thread and deterministic algorithms: results that do not depend on the thread count "
                    "(slower).")
 @click.option("--no-covariates", is_flag=True, help=NO_COVARIATES_HELP)
+@click.option("--check-fit", is_flag=True,
+              help="Warn when the stimuli's reconstruction error exceeds the model's validation error (done "
+                   "anyway when a metric decodes, e.g. recon-error).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def run(images: Path | None, ratings: Path | None, id_column: str, rating_column: str, checkpoints: tuple[Path, ...],
         models: tuple[str, ...], metrics: tuple[str, ...], analyses: tuple[str, ...], layers: tuple[str, ...], out: Path | None, device: str,
         batch_size: int, seed: int, options: tuple[str, ...], config: Path | None, store_dtype: str, no_store: bool,
         store_layers: tuple[str, ...], strict: bool, by: str | None, min_group_size: int, overwrite: bool, top: int, no_report: bool,
         interpolate: tuple[str, ...], no_figures: bool, rater_ratings: Path | None, rater_column: str,
-        reliability_splits: int, deterministic: bool, no_covariates: bool, as_json: bool) -> None:
+        reliability_splits: int, deterministic: bool, no_covariates: bool, check_fit: bool, as_json: bool) -> None:
     """Compute per-image fluency metrics and relate them to ratings.
 
     With no --images and no --checkpoint, runs on the embedded default (generated, rated stimuli and a
@@ -152,7 +155,7 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         console=err, by=_split((by,)) if by else (), min_group_size=min_group_size, interpolate=interpolate,
         figures=not no_figures, rater_ratings=rater_ratings, rater_column=rater_column,
         reliability_splits=reliability_splits, deterministic=deterministic, covariates=not no_covariates,
-        report=not no_report,
+        check_fit=check_fit, report=not no_report,
     )
     _print_result(result, top, as_json)
 
@@ -161,7 +164,7 @@ def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = 
     """The summary of a run or measure (``seconds``: how long it took, default the run's total): relations
     table (or JSON), notes, and where the results are."""
     from fluency.core.outputs.summary import (print_matching, print_reliability, print_summary, print_unreadable,
-                                              summary_rows)
+                                              print_warnings, summary_rows)
     from fluency.core.run.ceiling import with_ceiling
 
     order = [c.get("label") for c in result.manifest.get("inputs", {}).get("checkpoints") or []]
@@ -171,6 +174,7 @@ def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = 
     if result.report is None:  # with ratings, the matching report lists them
         print_unreadable(err, result.unreadable)
     print_matching(err, result.report)  # on stderr, so that --json keeps stdout pure JSON
+    print_warnings(err, result.manifest)
     for g in result.manifest.get("subgroups", {}).get("groups", []):
         if not g["analysed"]:
             err.print(f"[yellow]subgroup {g['group']}:[/yellow] {g['n']} images, {g['note']}; not analysed")
@@ -180,7 +184,8 @@ def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = 
                     "strongest": _jsonable(strongest) if len(strongest) else [],
                     "other_effects": {kind: _jsonable(rows) for kind, rows in sections.items()},
                     "matching": result.manifest.get("matching"), "unreadable_images": result.unreadable,
-                    "timings": result.manifest["timings"], "reliability": result.manifest.get("reliability")})
+                    "timings": result.manifest["timings"], "reliability": result.manifest.get("reliability"),
+                    "warnings": result.manifest.get("warnings") or []})
         return
     out_console = Console()
     n_images = result.metrics["image_id"].nunique()
@@ -371,7 +376,8 @@ def train(options: tuple[str, ...], config: Path | None, resume: bool, overwrite
     result = train_model(cfg, console=err, resume=resume, overwrite=overwrite, plugin_config=plugin_tables,
                          observer=observer)
     if as_json:
-        _emit_json({"checkpoint": str(result.checkpoint), "history": result.history, "seconds": result.seconds})
+        _emit_json({"checkpoint": str(result.checkpoint), "history": result.history, "seconds": result.seconds,
+                    "warnings": result.warnings})
     else:
         last = result.history[-1] if result.history else {}
         terms = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("epoch", "beta", "lr", "seconds"))

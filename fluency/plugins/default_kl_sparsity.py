@@ -37,6 +37,10 @@ the literature and the report, so θ values carry over; its size grows with the 
 units (a 32×32×32 layer has 64× the units of a 512-unit one, and the image size changes
 it), so θ must be re-tuned per layer and image size. ``mean`` divides by the number of
 units, making θ comparable across layers and image sizes. Layers are always summed.
+
+Training logs the mean mapped activation of each constrained layer (mean tanh(x), σ(x) or the clamp; the
+average of ρ̂_j over units) and ``fluency run`` warns when it is above 2ρ over the stimuli: the constraint did
+not take effect (the study found that instance normalisation prevented it).
 """
 
 from __future__ import annotations
@@ -71,6 +75,9 @@ class KLSparsity(Constraint):
         self.mapping = self.options.get("mapping") or "tanh"
         self.unit = self.options.get("unit") or "element"
         self.reduction = self.options.get("reduction") or "sum"
+        self.target = self.rho
+        self.activity = {"sigmoid": "mean σ(x)", "tanh": "mean tanh(x)", "clamp": "mean clamp(x, ε, 1 − ε)"}.get(
+            self.mapping, self.mapping)
         if not 0.0 < self.rho < 1.0:
             raise OptionError(f"kl-sparsity: rho must lie strictly between 0 and 1, got {self.rho}")
         if not 0.0 < self.eps < 0.5:
@@ -80,18 +87,25 @@ class KLSparsity(Constraint):
             if value not in allowed:
                 raise OptionError(f"kl-sparsity: {key}={value!r}: use one of {list(allowed)}")
 
+    def mapped(self, x: torch.Tensor) -> torch.Tensor:
+        """The activations mapped into (0, 1) by ``mapping`` (float32 at least)."""
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()  # logs of values near ε need more than half precision
+        if self.mapping == "sigmoid":
+            return torch.sigmoid(x)
+        if self.mapping == "tanh":
+            return torch.tanh(x)
+        return x.clamp(self.eps, 1.0 - self.eps)
+
+    def mean_activation(self, x: torch.Tensor) -> float:
+        """The mean mapped activation of the batch (ρ̂ averaged over units), the value compared with ρ."""
+        return float(self.mapped(x.detach()).mean())
+
     def rho_hat(self, x: torch.Tensor) -> torch.Tensor:
         """Mean mapped activation per unit over the batch (per element, or per channel), clamped to [ε, 1 − ε]."""
         if x.ndim < 2:
             raise FluencyError(f"kl-sparsity: expected a batch of activations (B×…), got shape {tuple(x.shape)}")
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()  # logs of values near ε need more than half precision
-        if self.mapping == "sigmoid":
-            y = torch.sigmoid(x)
-        elif self.mapping == "tanh":
-            y = torch.tanh(x)
-        else:
-            y = x.clamp(self.eps, 1.0 - self.eps)
+        y = self.mapped(x)
         if self.unit == "channel":
             mean = y.transpose(0, 1).flatten(1).mean(dim=1)
         else:

@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from fluency.core.outputs import figures
-from fluency.core.outputs.report_html import CSS, SORT_JS, figure as _img, grid, provenance, table as _table
+from fluency.core.outputs.report_html import (CSS, SORT_JS, figure as _img, grid, provenance, table as _table,
+                                              warnings_box)
 from fluency.core.atomic import atomic_write_text
 from fluency.core.errors import FluencyError, error_text
 from fluency.core.plugin.analysis import EffectSize
@@ -317,7 +318,7 @@ _MANIFEST_FIELDS: list[tuple[tuple[str, ...], type]] = [
     (("run_id",), str), (("status",), str), (("metrics", "[]"), str), (("analyses", "[]"), str),
     (("inputs", "stimuli", "rating_column"), str), (("inputs", "checkpoints", "[]", "label"), str),
     (("figures", "checkpoints", "{}", "{}"), str), (("subgroups", "by", "[]"), str),
-    (("analysis_effects", "{}", "[]"), dict)]
+    (("analysis_effects", "{}", "[]"), dict), (("warnings", "[]"), dict)]
 #: the columns the report reads from each kind of table
 _ANALYSIS_COLUMNS = ("analysis", "checkpoint", "metric", "layer", "statistic", "estimate", "p")
 
@@ -409,7 +410,7 @@ def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scat
              f"<p>Status: <b>{html.escape(status)}</b>{html.escape(f' ({note})' if note else '')}. Metrics: "
              f"{html.escape(', '.join(manifest.get('metrics') or []))}. Analyses: "
              f"{html.escape(', '.join(manifest.get('analyses') or []) or 'none')}. Click a figure for a "
-             "full-window view.</p>"]
+             "full-window view.</p>", warnings_box(manifest)]
     metrics = read_metric_table(run / "metrics.parquet") if (run / "metrics.parquet").exists() else None
     analyses = {p.stem: _read_parquet(p, _ANALYSIS_COLUMNS) for p in sorted((run / "analyses").glob("*.parquet"))}
     ratings = _read_parquet(run / "ratings.parquet", ["image_id"]) if (run / "ratings.parquet").exists() else None

@@ -12,7 +12,7 @@ import base64
 import html
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,8 @@ figure:target>a>img{margin:0 auto;background:#fff;cursor:auto}figure:target figc
 figure:target .close{display:block;position:fixed;top:.2em;right:.6em;color:#fff;font-size:28px;
 text-decoration:none}
 details{margin:1em 0}summary{cursor:pointer}summary h2{display:inline}
-pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:11px;max-height:40em}"""
+pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:11px;max-height:40em}
+.warnings{border:2px solid #d9a400;background:#fff8e1;padding:.2em 1em;margin:1em 0}.warnings h2{margin:.4em 0}"""
 
 #: columns that hold counts: shown as integers (never "240.0")
 COUNT_COLUMNS = frozenset({"n", "count", "n_images", "n_raters", "missing", "n_features", "images", "n_unreadable"})
@@ -154,6 +155,19 @@ def _checkpoints(checkpoints: list[Any]) -> str:
                 f"epoch {c['epoch']}" if c.get("epoch") is not None else "", _code(c["path"]) if c.get("path") else ""]
         lines.append(" · ".join(b for b in bits if b))
     return "<br>".join(lines) or "–"
+
+
+def warnings_box(manifest: Mapping[str, Any]) -> str:
+    """The run's warnings about its checkpoints (``manifest["warnings"]``) in one box, or "" without any."""
+    found = manifest.get("warnings")
+    items = [w for w in (found if isinstance(found, list) else []) if isinstance(w, Mapping)
+             and isinstance(w.get("message"), str)]
+    if not items:
+        return ""
+    rows = "".join(f"<li><b>{html.escape(str(w.get('kind', '')))}</b>: {html.escape(w['message'])}</li>"
+                   for w in items)
+    return (f"<div class='warnings' id='warnings'><h2>Warnings</h2><ul>{rows}</ul><p>The user guide's "
+            "&ldquo;Warnings&rdquo; section says how each is decided and what to do.</p></div>")
 
 
 def provenance_facts(manifest: dict[str, Any]) -> list[tuple[str, str]]:

@@ -408,6 +408,15 @@ def print_unreadable(console: Console, unreadable: Mapping[str, str], limit: int
         console.print(f"  … and {n - limit} more (see manifest.json)")
 
 
+def print_warnings(console: Console, manifest: Mapping[str, Any]) -> None:
+    """Print the run's warnings about its checkpoints (collapsed latent, stimuli out of the training
+    distribution, sparsity not reached), one yellow ``warning:`` line each (the report shows them too)."""
+    found = manifest.get("warnings")
+    for item in found if isinstance(found, list) else []:
+        if isinstance(item, Mapping) and isinstance(item.get("message"), str):
+            console.print(f"[yellow]warning:[/yellow] {escape(item['message'])}", highlight=False)
+
+
 def print_matching(console: Console, report: MatchReport | None) -> None:
     """Print the id-matching report of a run with ratings: one line when every id matched, the problems with
     examples otherwise (the user guide's "Ids and mismatches": printed at every run)."""

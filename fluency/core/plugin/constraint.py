@@ -2,7 +2,10 @@
 
 During training, fluency captures (without detaching) the layers each constraint
 names and calls it once per step; the returned scalar is added to the loss, and its
-value is logged every step under the constraint's name.
+value is logged every step under the constraint's name. Training also logs, per constrained layer, the
+mean activation the constraint acts on (:meth:`Constraint.mean_activation`, history column
+``mean_act[LAYER]``) and records it in the checkpoint beside the constraint's :attr:`Constraint.target`,
+so that ``fluency run`` can warn when a constraint with a target did not take effect.
 """
 
 from __future__ import annotations
@@ -20,8 +23,18 @@ from fluency.core.plugin.options import Option
 class Constraint:
     """Base class of constraints. Conventional options: ``weight`` (θ) and ``layers`` (list or None)."""
 
+    #: the mean activation the constraint aims at (``kl-sparsity``'s ρ), or None for one without a target
+    target: float | None = None
+    #: how :meth:`mean_activation` measures a layer, for messages and the checkpoint (e.g. "mean |x|")
+    activity: str = "mean |x|"
+
     def __init__(self, **options: Any) -> None:
         self.options = options
+
+    def mean_activation(self, x: torch.Tensor) -> float:
+        """The mean activation of a batch of one layer as the constraint sees it (default: mean |x|), compared
+        with :attr:`target`; no gradient."""
+        return float(x.detach().float().abs().mean())
 
     def layers(self, model: FluencyModel) -> list[str]:
         """Names of the layers whose activations :meth:`penalty` reads."""

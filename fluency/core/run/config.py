@@ -36,7 +36,8 @@ class RunConfig:
     ``store_layers``: None stores the layers the activation metrics read plus the model's default
     metric layers (so a later ``fluency measure`` with default layers works), ``("all",)`` every
     hookable layer, else the named layers. ``deterministic``: one CPU thread and torch's deterministic
-    algorithms, for results that do not depend on the machine's thread count. ``models``: architectures measured without a checkpoint (pretrained
+    algorithms, for results that do not depend on the machine's thread count. ``check_fit``: check that the
+    stimuli are within the model's training distribution (see :mod:`fluency.core.run.checks`). ``models``: architectures measured without a checkpoint (pretrained
     networks such as ``vgg16-imagenet``), after the ``checkpoints``; with neither, the embedded default model.
     """
 
@@ -67,6 +68,9 @@ class RunConfig:
     reliability_splits: int = 1000
     deterministic: bool = False
     covariates: bool = True  # also compute image-stats and control every relation for it (--no-covariates: off)
+    #: compare the stimuli's reconstruction error with the checkpoint's validation error even when no metric
+    #: decodes (--check-fit; a decoding metric always does): fluency.core.run.checks
+    check_fit: bool = False
 
     @classmethod
     def create(cls, **settings: Any) -> RunConfig:

@@ -48,6 +48,7 @@ from fluency.core.plugin.specs import AnalysisSpec, MetricSpec
 from fluency.core.progress import progress_bar, step
 from fluency.core.run.analyse import analyse, default_analyses, effects_record
 from fluency.core.run.ceiling import load_raters, noise_ceiling
+from fluency.core.run.checks import CheckpointChecks, decodes
 from fluency.core.run.checkpoints import ModelRef, unique_checkpoints, unique_models
 from fluency.core.run.checkpoints import labels as model_labels
 from fluency.core.run.config import RunConfig
@@ -231,7 +232,7 @@ def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | N
             "options": {f"{k}.{n}": v for (k, n), v in the_plan.resolved.items()},
             "device": str(the_plan.device), "torch_settings": torch_settings(), "versions": versions(manager, used),
             "matching": the_plan.stimuli.report.as_dict() if the_plan.stimuli.report is not None else None,
-            "unreadable_images": dict(the_plan.stimuli.unreadable),
+            "unreadable_images": dict(the_plan.stimuli.unreadable), "warnings": [],
             **({"figures": {**figures, "checkpoints": {}}} if figures is not None else {}),
         })
         record.write()
@@ -272,8 +273,9 @@ def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: 
                 loaded, label = ref.load(manager), ref.label
                 checkpoints.append(_identity(loaded))
                 record.set(inputs={**record.data["inputs"], "checkpoints": list(checkpoints)})
+                checks = CheckpointChecks(loaded, manager, decodes(the_plan.metric_specs, config.check_fit))
                 latents, store = measure_checkpoint(loaded, stimuli, the_plan, parts, out_dir, manager, bars,
-                                                    skip_image, task)
+                                                    skip_image, task, checks)
                 if store is not None:
                     record.entry("stores", label, store)
                 if late:  # later steps and checkpoints do not try them again
@@ -288,6 +290,8 @@ def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: 
                                                                    label: observer.measured(done)}})
                     record.timing(f"figures[{label}]", time.perf_counter() - t0)
                     bars.update(task, status="")
+                found = checks.warnings(out_dir / "figures" / f"recon-{label}.png")
+                record.set(warnings=[*record.data.get("warnings", []), *found])
     except BaseException:
         parts.abort()
         raise
@@ -367,17 +371,19 @@ def stored_layers(config: RunConfig, read: Sequence[str], description: ModelDesc
 def measure_checkpoint(loaded: LoadedCheckpoint, stimuli: Stimuli, the_plan: RunPlan, parts: MetricParts,
                        out_dir: Path, manager: PluginManager, bars: Any,
                        on_error: Callable[[ImageSource, int, InputError], None] | None = None,
-                       task: Any = None) -> tuple[Latents, dict[str, Any] | None]:
+                       task: Any = None, checks: CheckpointChecks | None = None
+                       ) -> tuple[Latents, dict[str, Any] | None]:
     """Stream the stimuli through one checkpoint, feeding the store and every metric batch by batch.
 
     ``on_error(source, index, error)`` is called for an image that fails to load (default: raise); ``task``:
-    the progress task to advance (default: a new one).
+    the progress task to advance (default: a new one); ``checks`` are fed every batch's output and activations
+    (:mod:`fluency.core.run.checks`), its constrained layers captured too.
     Returns the latent means μ read off the same forward passes (the figures need them; a second pass
     would decode every file again) and the manifest's description of the store written (or None).
     """
     config = the_plan.config
     model, description, metrics, read, stored = _checked(loaded, the_plan, manager)
-    capture = list(dict.fromkeys([*read, *stored]))
+    capture = list(dict.fromkeys([*read, *stored, *(checks.layers if checks is not None else [])]))
     channels, size, _ = model.input_shape
     source = stimuli.make_source(Preprocessing(size, channels))
     loss = loss_from_config(model, loaded.info.get("loss", {}), loaded.label)
@@ -394,13 +400,17 @@ def measure_checkpoint(loaded: LoadedCheckpoint, stimuli: Stimuli, the_plan: Run
         for ids, x in iter_batches(source, config.batch_size, on_error=skip):
             x = x.to(the_plan.device)
             with torch.no_grad(), capture_activations(model, capture) as acts:
-                mu = model.latent(model(x, sample=False))
+                output = model(x, sample=False)
+                mu = model.latent(output)
             if mu is not None:
                 latent_ids += ids
                 latent_parts.append(mu.flatten(1).float().cpu().numpy())
                 mu_shape = tuple(mu.shape[1:])
             acts = {k: v.float() for k, v in acts.items()}
             _check_finite(acts, ids, loaded.label)
+            if checks is not None:
+                with torch.no_grad():
+                    checks.add(output, x, acts, loss)
             for layer in stored:
                 writer.write(layer, ids, acts[layer])  # type: ignore[union-attr]
             if stored and not room_checked:  # after the first batch: will the whole store fit?

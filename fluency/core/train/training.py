@@ -27,6 +27,13 @@ Everything lands in ``out/``:
 
 A NaN or infinite loss stops training with a message; ``last.pt`` keeps the last
 good epoch.
+
+Every checkpoint also records what ``fluency run`` checks a model against
+(:mod:`fluency.core.model.diagnostics`), measured after each epoch on the validation images with z = μ:
+``fit`` (the per-image reconstruction error: loss, n, mean, sd, p50, p95), ``latent`` (KL per dimension and
+the number of active dimensions) and, with constraints, ``sparsity`` (per constrained layer the constraint's
+target and the mean activation reached, also logged as the history column ``mean_act[LAYER]``). Training
+ends with a ``warning:`` line when the latent collapsed or a constraint's target was not reached.
 """
 
 from __future__ import annotations
@@ -50,12 +57,14 @@ from fluency.core.version import __version__
 from fluency.core.atomic import atomic_path, atomic_write_text
 from fluency.core.model.capture import capture_activations
 from fluency.core.model.checkpoint import check_training_state, read_checkpoint, save_checkpoint
+from fluency.core.model.diagnostics import (ErrorSummary, LatentActivity, collapse_warning, loss_name,
+                                            sparsity_warnings)
 from fluency.core.plugin.config import resolve_plugin_options
 from fluency.core.model.devices import resolve_device
 from fluency.core.errors import CheckpointError, FluencyError, OptionError, TrainingError, error_text
 from fluency.core.inputs.images import RESIZE, FolderSource, Preprocessing, find_images, scan_images
 from fluency.core.model.losses import LOSSES, ReconstructionLoss, parse_loss_terms
-from fluency.core.plugin.architecture import ObjectiveSettings
+from fluency.core.plugin.architecture import ObjectiveSettings, VAEOutput
 from fluency.core.plugin.options import check_seed
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager
 from fluency.core.progress import progress_bar
@@ -123,6 +132,8 @@ class TrainResult:
     checkpoint: Path
     history: list[dict[str, float]]
     seconds: float
+    #: the warnings about the final model (:mod:`fluency.core.model.diagnostics`), each printed once
+    warnings: list[dict[str, str]] = field(default_factory=list)
 
 
 def toml_dumps(data: Mapping[str, Any]) -> str:
@@ -284,10 +295,22 @@ def train(config: TrainConfig | None = None, *, manager: PluginManager | None = 
     if run.optimizer is None:  # fitted in one pass
         history = _fit_once(run, console)
         _save(run, info, run.out / "final.pt", 1, history)
-    else:
-        history = _fit(run, info, history, first_epoch, console, observer)
-        _save(run, info, run.out / "final.pt", cfg.epochs, history)
-    return TrainResult(run.out / "final.pt", history, time.perf_counter() - start)
+        return TrainResult(run.out / "final.pt", history, time.perf_counter() - start)
+    history = _fit(run, info, history, first_epoch, console, observer)
+    _save(run, info, run.out / "final.pt", cfg.epochs, history)
+    warnings = training_warnings(run.out / "final.pt", info, run.out / "figures" / f"recon-epoch-{cfg.epochs:03d}.png")
+    for item in warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(item['message'])}", highlight=False)
+    return TrainResult(run.out / "final.pt", history, time.perf_counter() - start, warnings)
+
+
+def training_warnings(checkpoint: Path, info: Mapping[str, Any], figure: Path) -> list[dict[str, str]]:
+    """The warnings about a trained model from its checkpoint's records: a collapsed latent (pointing to the
+    last reconstruction grid when it was drawn), constraints whose target was not reached."""
+    shown = str(figure) if figure.exists() else None
+    collapsed = collapse_warning(str(checkpoint), info.get("latent"), shown)
+    return [*([collapsed] if collapsed else []),
+            *sparsity_warnings(str(checkpoint), info.get("sparsity"), "the validation images")]
 
 
 def _start_or_resume(cfg: TrainConfig, resume: bool,
@@ -440,7 +463,7 @@ def _save(run: _Run, info: Mapping[str, Any], path: Path, epoch: int, history: S
                     training=training_state, **info)
 
 
-def _fit(run: _Run, info: Mapping[str, Any], history: Sequence[dict[str, float]], first_epoch: int,
+def _fit(run: _Run, info: dict[str, Any], history: Sequence[dict[str, float]], first_epoch: int,
          console: Console, observer: TrainingObserver | None) -> list[dict[str, float]]:
     """Epochs ``first_epoch``..``epochs``: train, validate, save; the history including the earlier epochs."""
     cfg, history = run.cfg, list(history)
@@ -453,6 +476,7 @@ def _fit(run: _Run, info: Mapping[str, Any], history: Sequence[dict[str, float]]
             means = _train_epoch(run, epoch, beta, lambda status: progress.update(task, advance=1, status=status))
             history.append({"epoch": epoch, "beta": beta, **means, **_validate(run, val_loader, beta),
                             "seconds": time.perf_counter() - t0})
+            info.update(_health(run, val_loader, history, beta))  # this epoch's weights: every save below
             _end_epoch(run, info, history, epoch, observer)
     return history
 
@@ -528,8 +552,55 @@ def _loss_terms(run: _Run, batch: torch.Tensor, beta: float) -> dict[str, torch.
     for name, constraint in run.constraints.items():
         terms[name] = constraint(acts, run.model)
         total = total + terms[name]
+    terms.update(_mean_activations(run, acts))
     terms["loss"] = total
     return terms
+
+
+def _mean_activations(run: _Run, acts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``mean_act[LAYER]`` of every constrained layer, as its (first) constraint measures it (logged only)."""
+    out: dict[str, torch.Tensor] = {}
+    for constraint in run.constraints.values():
+        for layer in constraint.layers(run.model):
+            if f"mean_act[{layer}]" not in out and layer in acts:
+                out[f"mean_act[{layer}]"] = torch.tensor(constraint.mean_activation(acts[layer]))
+    return out
+
+
+@torch.no_grad()
+def fit_records(model: Any, batches: Iterator[torch.Tensor], settings: ObjectiveSettings,
+                loss: str) -> dict[str, Any]:
+    """``fit`` (per-image reconstruction error, ``loss`` its name) and ``latent`` (KL per dimension) of a model
+    with a decoder over ``batches`` (eval mode, z = μ, as ``fluency run`` measures stimuli); {} for other kinds
+    or no images."""
+    if "decoder" not in getattr(model, "provides", ()):
+        return {}
+    was_training = model.training
+    model.eval()
+    errors, latent = ErrorSummary(), LatentActivity()
+    for batch in batches:
+        output = model(batch, sample=False)
+        errors.add(model.objective(output, batch, settings)["recon"])
+        if isinstance(output, VAEOutput):
+            latent.add(output.mu, output.logvar)
+    model.train(was_training)
+    records = {"fit": errors.record(loss), "latent": latent.record()}
+    return {k: {"split": "validation", "z": "mu", **v} for k, v in records.items() if v is not None}
+
+
+def _health(run: _Run, loader: Any, history: Sequence[Mapping[str, float]], beta: float) -> dict[str, Any]:
+    """What the checkpoint of this epoch records for ``fluency run``'s checks: ``fit`` and ``latent`` on the
+    validation images, ``sparsity`` from the epoch's (validation, else training) mean activations."""
+    settings = ObjectiveSettings(run.recon_loss.components if run.recon_loss is not None else None,
+                                 {t["name"]: float(t["weight"]) for t in run.loss_terms}, beta)
+    health = fit_records(run.model, (b.to(run.device) for b in loader), settings, loss_name(run.loss_terms))
+    last, sparsity = history[-1], []
+    for name, constraint in run.constraints.items():
+        for layer in constraint.layers(run.model):
+            reached = last.get(f"val_mean_act[{layer}]", last.get(f"mean_act[{layer}]"))
+            sparsity.append({"constraint": name, "layer": layer, "target": constraint.target, "reached": reached,
+                             "measure": constraint.activity})
+    return {**health, **({"sparsity": sparsity} if sparsity else {})}
 
 
 def _check_finite(logged: Mapping[str, float], epoch: int, out: Path) -> None:
