@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 from fluency.core.errors import FluencyError
 from fluency.core.plugin.analysis import Analysis, AnalysisData
 from fluency.core.plugin.hookspecs import hookimpl
+from fluency.core.plugin.metric import FluencyMetric, MetricBatch, MetricValues, ModelDescription, units_as_rows
 from fluency.core.plugin.options import Option
 from fluency.core.plugin.specs import AnalysisSpec, ArchitectureSpec, ConstraintSpec, MetricSpec, OptimizerSpec
 from fluency.core.version import __version__
 
 if TYPE_CHECKING:
-    from fluency.core.plugin.metric import FluencyMetric, MetricBatch, MetricValues, ModelDescription, units_as_rows
     from fluency.core.run.folder import RunResult
     from fluency.core.run.store import ActivationStore
 
@@ -51,23 +51,6 @@ def open_store(path: str | Path) -> ActivationStore:
     from fluency.core.run.store import ActivationStore
 
     return ActivationStore(path)
-
-
-#: names served on first use by :func:`__getattr__`: their module imports torch, which ``fluency --help`` and
-#: ``fluency plugins`` never need (the command line starts in a fraction of torch's import time)
-_LAZY = {name: "fluency.core.plugin.metric"
-         for name in ("FluencyMetric", "MetricBatch", "MetricValues", "ModelDescription", "units_as_rows")}
-
-
-def __getattr__(name: str) -> Any:
-    """Import a torch-bound name of the public API when it is first used (PEP 562)."""
-    if name not in _LAZY:
-        raise AttributeError(f"module 'fluency' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
 
 
 __all__ = [
