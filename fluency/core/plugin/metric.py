@@ -176,8 +176,8 @@ class FluencyMetric:
 
 def per_image_noise(seed: int, image_ids: Sequence[str], shape: Sequence[int], device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Standard normal noise of ``shape`` for each image (B×shape), each drawn from a generator seeded by the
-    run's ``seed`` and that image's id alone (crc32, not Python's per-process hash): a metric that draws
+    """Standard normal noise of ``shape`` for each image (B×shape; ``dtype`` default float32), each drawn from a
+    generator seeded by the run's ``seed`` and that image's id alone (crc32, not Python's per-process hash): a metric that draws
     random numbers through it gives values that depend neither on the batch size nor on the order."""
     import torch
 

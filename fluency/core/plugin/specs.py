@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from fluency.core.errors import FluencyError, PluginFailure, error_text
+from fluency.core.errors import FluencyError
 from fluency.core.plugin.analysis import EffectSize
 from fluency.core.plugin.options import Option, resolve_options
 
@@ -54,18 +54,13 @@ class PluginSpec:
                 raise ValueError(str(exc)) from None
 
     def load(self) -> Callable[..., Any]:
-        """Return the factory, importing it first if it is a ``"module:attribute"`` string (a failure raises
-        :class:`PluginFailure`)."""
+        """Return the factory, importing it first if it is a ``"module:attribute"`` string."""
         if callable(self.factory):
             return self.factory
         module, _, attr = self.factory.partition(":")
-        try:
-            obj: Any = importlib.import_module(module)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-        except Exception as exc:  # the plugin's module fails to import: one line, as for any plugin failure
-            raise PluginFailure(f"{self.kind} {self.name!r}: its factory {self.factory!r} cannot be loaded: "
-                                f"{error_text(exc)}") from exc
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
         return obj
 
     def resolve(self, *layers: Mapping[str, Any]) -> dict[str, Any]:
