@@ -28,6 +28,15 @@ def _split(values: tuple[str, ...]) -> list[str]:
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
 
+def _check_plugin_names(**names: list[str]) -> None:
+    """Refuse an unknown plugin name (``metric=[...]``, ``analysis=[...]``, ...) before torch loads: the plugin
+    manager lists the built-ins without importing them, so a misspelt name answers at once, as the run would."""
+    manager = get_plugin_manager()
+    for kind, given in names.items():
+        for name in given:
+            manager.get(kind, name)  # type: ignore[arg-type]
+
+
 def _emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str, allow_nan=False))
 
@@ -142,6 +151,7 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
     With no --images and no --checkpoint, runs on the embedded default (generated, rated stimuli and a
     small shipped model). Example: fluency run --metric gini --metric sam
     """
+    _check_plugin_names(metric=_split(metrics), analysis=_split(analyses), architecture=_split(models))
     from fluency.jobs import run as run_job
 
     result = run_job(
@@ -236,6 +246,7 @@ def measure(target: Path, metrics: tuple[str, ...], analyses: tuple[str, ...], r
     No model and no images are needed: TARGET is a store (e.g. RUN/activations/default) or a run folder,
     to which the new metrics are added. Example: fluency measure runs/my-run --metric hoyer
     """
+    _check_plugin_names(metric=_split(metrics), analysis=_split(analyses))
     from fluency.jobs import measure as measure_job
 
     result = measure_job(str(target), _split(metrics), analyses=_split(analyses) or None, ratings=ratings,
@@ -338,6 +349,8 @@ def train(options: tuple[str, ...], config: Path | None, resume: bool, overwrite
           id_column: str, by: str | None, min_group_size: int, as_json: bool, losses: tuple[str, ...],
           constraints: tuple[str, ...], no_figures: bool | None, **flags: Any) -> None:
     """Train a VAE on a folder of images; the final checkpoint is OUT/final.pt."""
+    _check_plugin_names(architecture=[flags["architecture"]] if flags.get("architecture") else [],
+                        optimizer=[flags["optimizer"]] if flags.get("optimizer") else [], constraint=list(constraints))
     from fluency.core.outputs.training_figures import TrainingFigures
     from fluency.core.plugin.config import read_config
     from fluency.core.train.training import TrainConfig, train as train_model, train_by_group
@@ -415,10 +428,11 @@ def checkpoints_inspect(path: Path, as_json: bool) -> None:
 def inspect(model: str | None, checkpoint: Path | None, options: tuple[str, ...], config: Path | None, size: int,
             as_json: bool) -> None:
     """List a model's layers (the names --layers and -o METRIC.layers take) with their output shapes."""
-    from fluency.core.run.checkpoints import inspect_model
-
     if (model is None) == (checkpoint is None):
         raise click.UsageError("name one of --model NAME or --checkpoint PATH")
+    _check_plugin_names(architecture=[model] if model else [])
+    from fluency.core.run.checkpoints import inspect_model
+
     info = inspect_model(model, checkpoint, options, config, size)
     if as_json:
         _emit_json(info)
