@@ -64,6 +64,12 @@ def probe(args: list[str], script: str = PROBE) -> dict[str, object]:
     (["train", "--optimizer", "nosuch"], 2),
     (["train", "--constraint", "nosuch"], 2),
     (["inspect", "--model", "nosuch"], 2),
+    (["run", "--metric", "gini", "-o", "gini.nosuch=1"], 2),          # unknown option of a plugin
+    (["run", "--metric", "gini", "-o", "sam.rho=abc"], 2),            # a value of the wrong type
+    (["run", "--metric", "gini", "-o", "vae-small.latent_dm=3"], 2),  # an architecture's option
+    (["run", "--metric", "gini", "-o", "no-equals-sign"], 2),         # not an assignment
+    (["train", "--images", "x", "--out", "y", "-o", "adam.beta=0.5"], 2),
+    (["compare", "a", "b", "--metric", "ssm"], 2),                    # unknown distance
 ])
 def test_command_answers_without_importing_torch(args: list[str], code: int) -> None:
     assert probe(args) == {"code": code, "torch": False}
