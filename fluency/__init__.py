@@ -13,7 +13,9 @@ Public API for users and plugin authors::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +32,51 @@ if TYPE_CHECKING:
     from fluency.core.run.store import ActivationStore
 
 
-def run(**kwargs: Any) -> RunResult:
-    """Run metrics (and analyses) like ``fluency run``, with its figures; see :func:`fluency.jobs.run`."""
+def run(**settings: Any) -> RunResult:
+    """Compute per-image fluency metrics and relate them to ratings, as ``fluency run`` does: the run folder
+    with metrics.parquet, analyses/, the activation store, figures and report.html; returns a
+    :class:`~fluency.core.run.folder.RunResult` (``.metrics``, ``.analyses``, ``.strongest(n)``, ``.path``).
+
+    With neither ``images`` nor ``checkpoints`` nor ``models`` it runs on the embedded default. Every
+    option of the command line is a keyword (lists for repeatable options):
+
+    - what: ``metrics`` (required, e.g. ``["gini", "sam"]``), ``analyses`` (default pearson and spearman
+      with ratings), ``layers``, ``options`` (``"[KIND.]PLUGIN.KEY=VALUE"`` strings as for ``-o``),
+      ``config`` (a TOML file), ``covariates`` (image statistics controlled for; default True);
+    - on what: ``images`` (a folder), ``ratings`` (a CSV or Parquet table) with ``id_column`` and
+      ``rating_column``, ``checkpoints`` (paths), ``models`` (architectures without a checkpoint, e.g.
+      ``"vgg16-imagenet"``), ``strict`` (an unreadable image or unrated id stops the run);
+    - subgroups and reliability: ``by`` (rating-table columns), ``min_group_size``, ``rater_ratings``
+      (per-rater table: the noise ceiling), ``rater_column``, ``reliability_splits``;
+    - where and how: ``out`` (default a new ``runs/`` folder), ``overwrite``, ``device``, ``batch_size``,
+      ``seed``, ``deterministic``, ``store`` (keep activations), ``store_dtype``, ``store_layers``;
+    - outputs: ``figures`` (model figures; default True), ``interpolate`` (``"ID_A,ID_B"`` pairs),
+      ``report`` (report.html as the last step; default True), ``progress`` (progress bars on stderr),
+      ``console`` (a :class:`rich.console.Console` for them).
+    """
     from fluency.jobs import run as _run
 
-    return _run(**kwargs)
+    return _run(**settings)
+
+
+def _run_signature() -> inspect.Signature:
+    """``run``'s keywords: every field of :class:`~fluency.core.run.config.RunConfig` and the outputs' switches,
+    so that ``help(fluency.run)`` shows the real settings (read from the one place that defines them)."""
+    from fluency.core.run.config import RunConfig
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter(f.name, keyword, annotation=f.type,
+                                **({} if f.default is MISSING else {"default": f.default}))
+              for f in fields(RunConfig)]
+    params += [inspect.Parameter("figures", keyword, default=True, annotation="bool"),
+               inspect.Parameter("interpolate", keyword, default=(), annotation="Sequence[str]"),
+               inspect.Parameter("report", keyword, default=True, annotation="bool"),
+               inspect.Parameter("progress", keyword, default=True, annotation="bool"),
+               inspect.Parameter("console", keyword, default=None, annotation="Console | None")]
+    return inspect.Signature(params, return_annotation="RunResult")
+
+
+run.__signature__ = _run_signature()  # type: ignore[attr-defined]
 
 
 def measure(target: str | Path, metrics: Sequence[str], **kwargs: Any) -> RunResult:

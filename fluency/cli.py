@@ -7,6 +7,7 @@ import math
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -26,6 +27,30 @@ err = Console(stderr=True)
 def _split(values: tuple[str, ...]) -> list[str]:
     """Accept repeated flags and comma-separated lists alike."""
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def _check_plugin_names(**names: list[str]) -> None:
+    """Refuse an unknown plugin name (``metric=[...]``, ``analysis=[...]``, ...) before torch loads: the plugin
+    manager lists the built-ins without importing them, so a misspelt name answers at once, as the run would."""
+    manager = get_plugin_manager()
+    for kind, given in names.items():
+        for name in given:
+            manager.get(kind, name)  # type: ignore[arg-type]
+
+
+def _check_options(assignments: Sequence[str], kinds: Sequence[str]) -> None:
+    """Check each ``-o`` before torch loads: its form, and for a known plugin of ``kinds`` (or of the kind it
+    names), the key and the value against the options the plugin declares, with the run's own messages.
+    Whether the command uses that plugin is checked later, once its models are known."""
+    from fluency.core.plugin.options import parse_assignment
+
+    manager = get_plugin_manager()
+    for text in assignments:
+        given = parse_assignment(text, KINDS)
+        for kind in [given.kind] if given.kind else kinds:
+            if given.plugin in manager.names(kind):  # type: ignore[arg-type]
+                manager.get(kind, given.plugin).resolve({given.key: given.value})  # type: ignore[arg-type]
+                break
 
 
 def _emit_json(obj: Any) -> None:
@@ -145,6 +170,8 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
     With no --images and no --checkpoint, runs on the embedded default (generated, rated stimuli and a
     small shipped model). Example: fluency run --metric gini --metric sam
     """
+    _check_plugin_names(metric=_split(metrics), analysis=_split(analyses), architecture=_split(models))
+    _check_options(options, ("metric", "analysis", "architecture"))
     from fluency.jobs import run as run_job
 
     result = run_job(
@@ -241,6 +268,8 @@ def measure(target: Path, metrics: tuple[str, ...], analyses: tuple[str, ...], r
     No model and no images are needed: TARGET is a store (e.g. RUN/activations/default) or a run folder,
     to which the new metrics are added. Example: fluency measure runs/my-run --metric hoyer
     """
+    _check_plugin_names(metric=_split(metrics), analysis=_split(analyses))
+    _check_options(options, ("metric", "analysis"))
     from fluency.jobs import measure as measure_job
 
     result = measure_job(str(target), _split(metrics), analyses=_split(analyses) or None, ratings=ratings,
@@ -343,6 +372,9 @@ def train(options: tuple[str, ...], config: Path | None, resume: bool, overwrite
           id_column: str, by: str | None, min_group_size: int, as_json: bool, losses: tuple[str, ...],
           constraints: tuple[str, ...], no_figures: bool | None, **flags: Any) -> None:
     """Train a VAE on a folder of images; the final checkpoint is OUT/final.pt."""
+    _check_plugin_names(architecture=[flags["architecture"]] if flags.get("architecture") else [],
+                        optimizer=[flags["optimizer"]] if flags.get("optimizer") else [], constraint=list(constraints))
+    _check_options(options, ("architecture", "optimizer", "constraint"))
     from fluency.core.outputs.training_figures import TrainingFigures
     from fluency.core.plugin.config import read_config
     from fluency.core.train.training import TrainConfig, train as train_model, train_by_group
@@ -421,10 +453,12 @@ def checkpoints_inspect(path: Path, as_json: bool) -> None:
 def inspect(model: str | None, checkpoint: Path | None, options: tuple[str, ...], config: Path | None, size: int,
             as_json: bool) -> None:
     """List a model's layers (the names --layers and -o METRIC.layers take) with their output shapes."""
-    from fluency.core.run.checkpoints import inspect_model
-
     if (model is None) == (checkpoint is None):
         raise click.UsageError("name one of --model NAME or --checkpoint PATH")
+    _check_plugin_names(architecture=[model] if model else [])
+    _check_options(options, ("architecture",))
+    from fluency.core.run.checkpoints import inspect_model
+
     info = inspect_model(model, checkpoint, options, config, size)
     if as_json:
         _emit_json(info)
@@ -562,10 +596,11 @@ def compare(dir_a: Path, dir_b: Path, metrics: tuple[str, ...], image_size: int 
 
     Example: fluency compare originals/ morphs/ --metric lpips,1-ssim -o lpips.net=vgg
     """
-    from fluency.core.run.compare import compare as run_compare
+    from fluency.core.run.compare import chosen_metrics, compare as run_compare
     from fluency.core.model.devices import resolve_device
 
-    result = run_compare(dir_a, dir_b, _split(metrics), image_size, options=options, config=config,
+    chosen = chosen_metrics(_split(metrics))  # before the device: a misspelt name answers without torch
+    result = run_compare(dir_a, dir_b, chosen, image_size, options=options, config=config,
                          device=str(resolve_device(device)))
     if out is not None:
         from fluency.core.atomic import atomic_path

@@ -28,6 +28,9 @@ class KindTemplate:
     description: str
     dependencies: tuple[str, ...]
     test_dependencies: tuple[str, ...] = ("numpy",)
+    #: modules besides plugin.py (from ``<kind>/<module>.py.tmpl``): the torch code of a plugin whose
+    #: classes subclass torch's, kept out of plugin.py so that listing the plugin does not import torch
+    modules: tuple[str, ...] = ()
 
 
 TEMPLATES: dict[str, KindTemplate] = {
@@ -36,7 +39,7 @@ TEMPLATES: dict[str, KindTemplate] = {
     "analysis": KindTemplate("Kendall tau of each metric and layer with the rating (two-sided p).",
                              ("numpy", "pandas", "scipy"), ()),
     "architecture": KindTemplate("A tiny convolutional VAE: two conv blocks, a Gaussian latent, two upsampling "
-                                 "blocks.", ("torch",)),
+                                 "blocks.", ("torch",), modules=("model",)),
     "constraint": KindTemplate("L2 penalty on the activations of chosen layers (batch mean of the squared norm).",
                                ("torch",)),
     "optimizer": KindTemplate("SGD with Nesterov momentum (torch.optim.SGD).", ("torch",)),
@@ -122,8 +125,9 @@ def render(kind: str, name: str) -> dict[str, str]:
               "test_dependencies": _toml_list(("pytest>=8", *template.test_dependencies))}
     for key, source in README_PARTS.items():
         values[key] = _substitute(Template(source).substitute(kind=kind), values).rstrip("\n")
+    files = {**FILES, **{f"src/$package/{m}.py": f"$kind/{m}.py.tmpl" for m in template.modules}}
     return {Template(target).substitute(package=package): _substitute(Template(source).substitute(kind=kind), values)
-            for target, source in FILES.items()}
+            for target, source in files.items()}
 
 
 def _toml_list(items: tuple[str, ...]) -> str:

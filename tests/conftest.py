@@ -35,3 +35,15 @@ def london_faces() -> Path:
     if not (LONDON_FACES / "ratings.csv").exists():
         pytest.skip(f"the London faces set is not at {LONDON_FACES} (set FLUENCY_LONDON_FACES to its folder)")
     return LONDON_FACES
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001 — pytest's hook
+    """After a session that ran the docs test: the documented commands that no test runs, and why."""
+    if not any(r.nodeid.startswith("tests/test_doc_commands.py") for reports in terminalreporter.stats.values()
+               for r in reports if hasattr(r, "nodeid")):
+        return
+    from test_doc_commands import exempt_commands
+
+    terminalreporter.section("documented commands exempt from the docs test")
+    for where, command, reason in exempt_commands():
+        terminalreporter.write_line(f"{where}: {command[:70]}{'…' if len(command) > 70 else ''}\n    ({reason})")

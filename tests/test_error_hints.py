@@ -153,3 +153,22 @@ def test_ctrl_c_while_the_report_is_written_leaves_the_run_incomplete_and_says_h
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and "report_pending" not in manifest and "error" not in manifest
     assert "report.html" in manifest["outputs"]
+
+
+def test_an_lpips_trained_checkpoint_is_measured_by_sam_in_vmap(images: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss (LPIPS, with its randomly initialised layers before the weights load) is built before SAM's
+    vmap, which refuses random operations inside it, and its frozen network is not moved inside vmap (which
+    crashed the process); vmap and the one-image loop agree."""
+    weights = Path(__file__).resolve().parents[2] / "shared" / "weights" / "alexnet_imagenet_features.pth"
+    if not weights.is_file():
+        pytest.skip(f"needs the offline AlexNet weights at {weights}")
+    payload = read_checkpoint(lpips_trained(tmp_path / "lp.pt"))
+    payload["loss"]["terms"][1]["options"] = {"weights": str(weights)}
+    torch.save(payload, tmp_path / "lp.pt")
+    values = {method: fluency.run(metrics=["sam"], images=images, checkpoints=[tmp_path / "lp.pt"],
+                                  out=tmp_path / method, options=[f"sam.method={method}"], progress=False,
+                                  figures=False, report=False, store=False, covariates=False).metrics["value"].to_numpy()
+              for method in ("vmap", "loop")}
+    assert len(values["vmap"]) == 8 and np.isfinite(values["vmap"]).all() and (values["vmap"] > 0).all()
+    assert np.allclose(values["vmap"], values["loop"], rtol=1e-4)  # the same per-image sharpness either way

@@ -538,3 +538,18 @@ def test_checkpoint_labels_name_the_model_folder_even_for_relative_paths(tmp_pat
     monkeypatch.chdir(tmp_path / "models" / "sparse")
     assert _labels([Path("final.pt"), Path("../sparse/final.pt"), Path("epoch-003.pt")]) == \
         ["sparse", "sparse-2", "epoch-003"]
+
+
+def test_help_of_the_python_api_shows_every_setting_and_documents_it() -> None:
+    import inspect
+    from dataclasses import fields
+
+    from fluency.core.run.config import RunConfig
+
+    params = inspect.signature(fluency.run).parameters
+    settings = [f.name for f in fields(RunConfig)]
+    assert list(params)[:len(settings)] == settings and params["metrics"].default is inspect.Parameter.empty
+    assert {"figures", "interpolate", "report", "progress", "console"} <= set(params)
+    assert params["batch_size"].default == 32 and params["report"].default is True
+    for name in params:
+        assert f"``{name}``" in fluency.run.__doc__, f"fluency.run's docstring does not explain {name}"

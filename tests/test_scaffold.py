@@ -43,7 +43,7 @@ def test_new_writes_a_package_of_each_kind(kind: str, tmp_path: Path) -> None:
     target = tmp_path / "pkg"
     result = CliRunner().invoke(cli, ["plugins", "new", kind, name, "--dir", str(target)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    files = [f.format(package=package(name)) for f in FILES]
+    files = [f.format(package=package(name)) for f in FILES + (["src/{package}/model.py"] if kind == "architecture" else [])]
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == sorted(files)
     lines = result.output.splitlines()
     assert lines[0] == (f"Wrote the {kind} plugin {name!r} (package fluency-{name}, import {package(name)}) "

@@ -6,17 +6,20 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fluency.core.errors import FluencyError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
+if TYPE_CHECKING:  # torch is imported where a device is used: the command line's options need DEVICES only
+    import torch
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` takes CUDA, then Apple's MPS, then the CPU; asking for an absent device is an error."""
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -35,6 +38,8 @@ def resolve_device(name: str) -> torch.device:
 def torch_settings() -> dict[str, Any]:
     """What decides torch's floating-point results besides the inputs, for provenance: CPU threads (a reduction
     split over other threads sums in another order) and whether deterministic algorithms are enforced."""
+    import torch
+
     return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
@@ -55,6 +60,8 @@ def deterministic(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
+    import torch
+
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.deterministic,
              torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))

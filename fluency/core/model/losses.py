@@ -94,6 +94,14 @@ class SSIMLoss(nn.Module):
         return 1 - self.ssim(recon, images, data_range=1.0, size_average=False, win_size=self.win_size)
 
 
+def _frozen_on(net: nn.Module, device: torch.device) -> nn.Module:
+    """The frozen network on ``device``, moved only when it is elsewhere: ``Module.to`` inside
+    ``torch.func.vmap`` (SAM's per-image gradients) crashes the process."""
+    if any(p.device != device for p in net.parameters()):
+        net.to(device)
+    return net.eval()
+
+
 class LPIPSLoss(nn.Module):
     def __init__(self, net: str = "alex", weights: str | None = None) -> None:
         super().__init__()
@@ -104,7 +112,7 @@ class LPIPSLoss(nn.Module):
         self._frozen = [lpips_model(net, weights)]
 
     def forward(self, recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        model = self._frozen[0].to(images.device).eval()
+        model = _frozen_on(self._frozen[0], images.device)
         return model(recon, images, normalize=True).flatten()
 
 
@@ -145,7 +153,7 @@ class DFCLoss(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        net = self._frozen[0].to(x.device).eval()
+        net = _frozen_on(self._frozen[0], x.device)
         # .to: a CheckpointLoss is never moved as a whole, so its buffers may still be on the CPU
         h, out = (x - self.mean.to(x.device)) / self.std.to(x.device), []
         for i, module in enumerate(net):
@@ -274,6 +282,12 @@ class CheckpointLoss:
             else:
                 self._settings = ObjectiveSettings(beta=beta)
         return self._settings
+
+    def build(self) -> CheckpointLoss:
+        """Build the loss now (e.g. before ``torch.func.vmap``, which refuses the random initialisation of a
+        backbone built inside it); :class:`LossUnavailable` when it cannot be built here."""
+        _ = self.settings
+        return self
 
     def _built(self, terms: Sequence[Mapping[str, Any]]) -> ReconstructionLoss:
         """The reconstruction losses, or :class:`LossUnavailable` naming the checkpoint and its loss terms."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import pandas as pd
+if TYPE_CHECKING:  # only annotations: listing plugins must not import pandas
+    import numpy as np
+    import pandas as pd
 
 #: columns every analysis result has: ``statistic`` names the ``estimate`` (e.g. ``"r"``);
 #: ``p`` is the test's two-sided p-value (NaN for descriptive analyses); ``layer`` is

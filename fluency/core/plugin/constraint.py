@@ -11,13 +11,15 @@ so that ``fluency run`` can warn when a constraint with a target did not take ef
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fluency.core.errors import FluencyError
-from fluency.core.plugin.architecture import FluencyModel
 from fluency.core.plugin.options import Option
+
+if TYPE_CHECKING:  # torch loads when a penalty is computed: a plugin module that subclasses Constraint lists fast
+    import torch
+
+    from fluency.core.plugin.architecture import FluencyModel
 
 
 class Constraint:
@@ -88,5 +90,7 @@ class L1Penalty(Constraint):
         self.normalize = self.normalize_default if normalize is None else bool(normalize)
 
     def penalty(self, activations: Mapping[str, torch.Tensor], model: FluencyModel) -> torch.Tensor:
+        import torch
+
         terms = [batch_l1(x, self.normalize) for x in require_layers(activations, self.layers(model), self.name)]
         return torch.stack(terms).sum() if len(terms) > 1 else terms[0]

@@ -12,6 +12,10 @@ of one kind and name make both broken; two distributions advertising one
 entry-point name keep the first loaded and mark the other broken. Asking for a
 name it provides, or might have provided, raises a one-line :class:`PluginError`.
 
+Built-in modules whose source matches ``fluency/plugins/catalog.json`` are not imported to be listed:
+their specs come from the catalog (:mod:`fluency.core.plugin.catalog`), with lazy factories, so that
+listing them and refusing an unknown name never import torch.
+
 Environment variables:
 
 ``FLUENCY_DISABLE_PLUGIN_AUTOLOAD=1``
@@ -42,6 +46,7 @@ from typing import Any, Literal, TypeVar
 import pluggy
 
 from fluency.core.plugin import hookspecs
+from fluency.core.plugin.catalog import catalogued_specs
 from fluency.core.errors import FluencyError, OptionError, PluginError, PluginFailure, error_text
 from fluency.core.plugin.specs import KINDS, SPEC_TYPES, Kind, PluginSpec
 from fluency.core.version import PLUGIN_API_VERSION
@@ -121,7 +126,8 @@ class PluginManager:
     """Loads plugins and answers "which spec is called NAME in KIND?"."""
 
     def __init__(self, *, autoload: bool | None = None, strict: bool | None = None,
-                 blocked: Iterable[str] | None = None, load: bool = True) -> None:
+                 blocked: Iterable[str] | None = None, load: bool = True, catalog: bool = True) -> None:
+        self.catalog = catalog  # built-ins from the catalog where it is current (False: always imported)
         self.autoload = not _env_flag("FLUENCY_DISABLE_PLUGIN_AUTOLOAD") if autoload is None else autoload
         self.strict = _env_flag("FLUENCY_STRICT_PLUGINS") if strict is None else strict
         names = os.environ.get("FLUENCY_BLOCK_PLUGINS", "").split(",") if blocked is None else blocked
@@ -138,10 +144,31 @@ class PluginManager:
 
     # -- loading ---------------------------------------------------------
     def load_builtins(self) -> None:
+        """The modules of ``registry.toml``: from the catalog where it matches the module's source, else imported."""
         from fluency.core.version import __version__
 
         for module_name in read_registry()["plugins"]["modules"]:
-            self._load(lambda m=module_name: importlib.import_module(m), module_name, "fluency", __version__)
+            specs = catalogued_specs(module_name) if self.catalog else None
+            if specs is None:
+                self.import_plugin(module_name, "fluency", __version__)
+            else:
+                self._load_catalogued(specs, module_name, __version__)
+
+    def import_plugin(self, module_name: str, package: str, version: str) -> None:
+        """Import a plugin module by name and register it (a failure is recorded as ``broken``)."""
+        self._load(lambda: importlib.import_module(module_name), module_name, package, version)
+
+    def _load_catalogued(self, specs: list[PluginSpec], module_name: str, version: str) -> None:
+        """Index a built-in module's specs read from the catalog; the module is imported when a factory loads."""
+        self._owners[module_name] = ("fluency", version)
+        for spec in specs:
+            try:
+                spec.check()
+            except ValueError as exc:
+                self._broken(spec.kind, spec.name, "fluency", version, str(exc), module_name)
+                continue
+            self._add(PluginRecord(spec.kind, spec.name, "fluency", version, "ok", spec.summary, spec=spec,
+                                   plugin=module_name))
 
     def load_entry_points(self) -> None:
         for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):

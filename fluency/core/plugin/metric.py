@@ -13,12 +13,14 @@ import zlib
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from fluency.core.plugin.architecture import FluencyModel
+if TYPE_CHECKING:  # torch loads when a metric computes: a plugin module that subclasses FluencyMetric lists fast
+    import torch
+
+    from fluency.core.plugin.architecture import FluencyModel
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class MetricValues:
 
     def as_numpy(self) -> np.ndarray:
         """The values as a flat float64 numpy array (from a tensor on any device, or a sequence)."""
+        import torch
+
         v = self.values.detach().cpu().double().numpy() if isinstance(self.values, torch.Tensor) else self.values
         return np.asarray(v, dtype=np.float64).reshape(-1)
 
@@ -113,6 +117,8 @@ def units_as_rows(activations: torch.Tensor) -> torch.Tensor:
     For metrics that do not depend on the order of a layer's units (Gini, Hoyer, counts, norms);
     a per-channel or spatial computation must keep the B×C×H×W layout instead.
     """
+    import torch
+
     t = activations.detach()
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
@@ -169,10 +175,13 @@ class FluencyMetric:
 
 
 def per_image_noise(seed: int, image_ids: Sequence[str], shape: Sequence[int], device: torch.device | str | None = None,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normal noise of ``shape`` for each image (B×shape), each drawn from a generator seeded by the
-    run's ``seed`` and that image's id alone (crc32, not Python's per-process hash): a metric that draws
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Standard normal noise of ``shape`` for each image (B×shape; ``dtype`` default float32), each drawn from a
+    generator seeded by the run's ``seed`` and that image's id alone (crc32, not Python's per-process hash): a metric that draws
     random numbers through it gives values that depend neither on the batch size nor on the order."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     out = torch.empty((len(image_ids), *shape), device=device, dtype=dtype)
     for row, image_id in enumerate(image_ids):
         key = (int(seed) * 1_000_003 + zlib.crc32(str(image_id).encode("utf-8"))) % (1 << 63)

@@ -25,21 +25,22 @@ Files present in only one folder are reported, never silently dropped.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
 
 from fluency.core.errors import FluencyError, InputError, OptionError
-from fluency.core.inputs.images import find_images, load_image
-from fluency.core.model.losses import LOSSES
 from fluency.core.plugin.config import read_config, resolve_plugin_options
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager
+
+if TYPE_CHECKING:  # torch is imported where pairs are measured: a wrong argument answers without it
+    import torch
 
 #: the distances that compare offers, in the order of its table, each with the loss of LOSSES that computes it
 METRICS = {"lpips": "lpips", "l1": "l1", "l2": "l2", "1-ssim": "ssim"}
@@ -48,6 +49,17 @@ ALIASES = {"ssim": "1-ssim"}
 #: the options of the ``lpips`` metric plugin that compare uses (``samples`` draws reconstructions: not here)
 LPIPS_OPTIONS = ("net", "weights")
 _WORKERS = 4
+
+
+def chosen_metrics(names: Sequence[str]) -> list[str]:
+    """The table names of the asked distances (``ssim`` → ``1-ssim``); an unknown one is one line."""
+    metrics = [ALIASES.get(m, m) for m in names]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], [*METRICS, *ALIASES], n=1)
+        raise FluencyError(f"compare: unknown metric(s) {unknown}{f'; did you mean {hint[0]!r}?' if hint else ''} "
+                           f"(use some of {list(METRICS)})")
+    return metrics
 
 
 @dataclass
@@ -59,6 +71,8 @@ class Comparison:
 
 
 def _index(root: Path) -> dict[str, Path]:
+    from fluency.core.inputs.images import find_images
+
     out: dict[str, Path] = {}
     for path in find_images(root):
         key = path.relative_to(root).with_suffix("").as_posix()
@@ -87,6 +101,8 @@ def _size_text(x: torch.Tensor) -> str:
 
 def _load_pair(a: Path, b: Path, size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Both images of a pair; at their own size they must have the same width and height."""
+    from fluency.core.inputs.images import load_image
+
     xa, xb = load_image(a, size), load_image(b, size)
     if xa.shape != xb.shape:
         raise InputError(f"compare: {a} is {_size_text(xa)} pixels but {b} is {_size_text(xb)}; make them the "
@@ -98,6 +114,8 @@ def _batches(pairs: Sequence[tuple[str, Path, Path]], size: int | None, batch_si
              ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
     """``(ids, A images, B images)`` in order, each batch of one image size (a run of consecutive pairs of
     that size, at most ``batch_size``); decoded ``batch_size`` pairs at a time on a few threads."""
+    import torch
+
     with ThreadPoolExecutor(_WORKERS, thread_name_prefix="fluency-compare") as pool:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
@@ -124,10 +142,7 @@ def compare(dir_a: str | Path, dir_b: str | Path, metrics: Sequence[str] = ("lpi
             device: str = "cpu", manager: PluginManager | None = None) -> Comparison:
     """Pairwise distances between same-named images of two folders, at their own size (``size`` None) or
     both resized to ``size``×``size``; ``options``/``config`` as ``-o``/``--config`` of ``fluency run``."""
-    metrics = [ALIASES.get(m, m) for m in metrics]
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise FluencyError(f"compare: unknown metric(s) {unknown}; use some of {list(METRICS)}")
+    metrics = chosen_metrics(metrics)
     if size is not None and size < 1:
         raise FluencyError(f"compare: the image size must be positive, not {size}")
     settings: dict[str, Any] = {"image_size": "native" if size is None else size}
@@ -140,6 +155,10 @@ def compare(dir_a: str | Path, dir_b: str | Path, metrics: Sequence[str] = ("lpi
     common = sorted(set(a) & set(b))
     if not common:
         raise FluencyError(f"compare: no image has the same relative path in {dir_a} and {dir_b}")
+    import torch
+
+    from fluency.core.model.losses import LOSSES
+
     distances = {name: LOSSES[loss].build(plugin_options.get(loss), reduction="mean").to(device)
                  for name, loss in METRICS.items() if name in metrics}
     rows = []

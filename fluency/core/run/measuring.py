@@ -127,6 +127,8 @@ class CheckpointMetrics:
                 on_metric(name)
             own = batch if self.specs[name].needs == "model" or batch.loss is None else _without_loss(batch)
             try:
+                if own.loss is not None and hasattr(own.loss, "build"):
+                    own.loss.build()  # outside the metric: SAM may call the loss inside vmap
                 returned = guarded(self.manager, "metric", name, lambda m=metric, b=own: m.compute(b))
             except LossUnavailable as exc:
                 raise FluencyError(f"metric {name!r} needs {exc}") from None
