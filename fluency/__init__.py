@@ -49,7 +49,9 @@ def run(**settings: Any) -> RunResult:
     - subgroups and reliability: ``by`` (rating-table columns), ``min_group_size``, ``rater_ratings``
       (per-rater table: the noise ceiling), ``rater_column``, ``reliability_splits``;
     - where and how: ``out`` (default a new ``runs/`` folder), ``overwrite``, ``device``, ``batch_size``,
-      ``seed``, ``deterministic``, ``store`` (keep activations), ``store_dtype``, ``store_layers``;
+      ``seed``, ``deterministic``, ``store`` (keep activations), ``store_dtype``, ``store_layers``,
+      ``check_fit`` (compare the stimuli's reconstruction error with the model's validation error even when
+      no metric decodes);
     - outputs: ``figures`` (model figures; default True), ``interpolate`` (``"ID_A,ID_B"`` pairs),
       ``report`` (report.html as the last step; default True), ``progress`` (progress bars on stderr),
       ``console`` (a :class:`rich.console.Console` for them).
