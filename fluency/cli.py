@@ -38,15 +38,24 @@ def _check_plugin_names(**names: list[str]) -> None:
             manager.get(kind, name)  # type: ignore[arg-type]
 
 
-def _check_options(assignments: Sequence[str], kinds: Sequence[str]) -> None:
-    """Check each ``-o`` before torch loads: its form, and for a known plugin of ``kinds`` (or of the kind it
-    names), the key and the value against the options the plugin declares, with the run's own messages.
-    Whether the command uses that plugin is checked later, once its models are known."""
+def _check_options(assignments: Sequence[str], kinds: Sequence[str], plugins_only: bool = True) -> None:
+    """Check each ``-o`` before torch loads: its form, that it names a plugin (``plugins_only``; training's
+    losses are not plugins), and for a known plugin of ``kinds`` (or of the kind it names) the key and the
+    value against the options the plugin declares, with the run's own messages. Whether the command uses
+    that plugin is checked later, once its models are known."""
+    import difflib
+
+    from fluency.core.errors import OptionError
     from fluency.core.plugin.options import parse_assignment
 
     manager = get_plugin_manager()
     for text in assignments:
         given = parse_assignment(text, KINDS)
+        names = {n for kind in ([given.kind] if given.kind else KINDS) for n in manager.names(kind)}  # type: ignore[arg-type]
+        if plugins_only and given.plugin not in names:
+            hint = difflib.get_close_matches(given.plugin, sorted(names), n=1)
+            raise OptionError(f"-o {text}: no plugin is called {given.plugin!r}"
+                              + (f"; did you mean {hint[0]!r}?" if hint else "") + " (fluency plugins lists them)")
         for kind in [given.kind] if given.kind else kinds:
             if given.plugin in manager.names(kind):  # type: ignore[arg-type]
                 manager.get(kind, given.plugin).resolve({given.key: given.value})  # type: ignore[arg-type]
@@ -374,7 +383,7 @@ def train(options: tuple[str, ...], config: Path | None, resume: bool, overwrite
     """Train a VAE on a folder of images; the final checkpoint is OUT/final.pt."""
     _check_plugin_names(architecture=[flags["architecture"]] if flags.get("architecture") else [],
                         optimizer=[flags["optimizer"]] if flags.get("optimizer") else [], constraint=list(constraints))
-    _check_options(options, ("architecture", "optimizer", "constraint"))
+    _check_options(options, ("architecture", "optimizer", "constraint"), plugins_only=False)
     from fluency.core.outputs.training_figures import TrainingFigures
     from fluency.core.plugin.config import read_config
     from fluency.core.train.training import TrainConfig, train as train_model, train_by_group

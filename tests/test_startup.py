@@ -68,6 +68,7 @@ def probe(args: list[str], script: str = PROBE) -> dict[str, object]:
     (["run", "--metric", "gini", "-o", "sam.rho=abc"], 2),            # a value of the wrong type
     (["run", "--metric", "gini", "-o", "vae-small.latent_dm=3"], 2),  # an architecture's option
     (["run", "--metric", "gini", "-o", "no-equals-sign"], 2),         # not an assignment
+    (["run", "--metric", "gini", "-o", "gni.layers=[enc1]"], 2),      # no plugin of that name
     (["train", "--images", "x", "--out", "y", "-o", "adam.beta=0.5"], 2),
     (["compare", "a", "b", "--metric", "ssm"], 2),                    # unknown distance
 ])
