@@ -333,9 +333,10 @@ def _write_report(report: ReportWriter, record: RunRecord, console: Console) -> 
     write the report from the finished results."""
     t0 = time.perf_counter()
     with progress_bar(console) as bars:
-        bars.add_task(step("report", record.run_dir.name), total=None, status="writing report.html")
+        task = bars.add_task(step("report", record.run_dir.name), total=1, status="writing report.html")
         try:
             report(record.run_dir, {**record.data, "status": "complete", "finished": now()})
+            bars.update(task, advance=1, status="")
         except BaseException:
             record.set(report_pending=True)
             console.print(f"[yellow]note:[/yellow] the results are complete but report.html was not written; "
