@@ -203,12 +203,15 @@ def start_run(out: Path) -> subprocess.Popen[str]:
 
 
 def wait_until_measuring(proc: subprocess.Popen[str], out: Path) -> None:
+    """Until gini's part exists, then half a second more: several one-image batches are finished by then (the
+    part file appears just before its first rows, so a signal at that instant would leave it empty)."""
     deadline = time.monotonic() + 120
-    while not list((out / "metrics").glob("*.parquet.partial")):
+    while not list((out / "metrics").glob("gini-*.parquet.partial")):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"the run was not measuring when it was to be signalled: {proc.communicate()}")
         time.sleep(0.02)
+    time.sleep(0.5)
 
 
 def test_sigterm_marks_the_run_interrupted_and_keeps_what_it_finished(tmp_path: Path) -> None:
