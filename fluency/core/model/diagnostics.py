@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fluency.core.plugin.architecture import kl_terms
+
 #: a latent dimension is active when its mean KL over the images exceeds this many nats
 ACTIVE_KL = 0.01
 #: a constraint with target ρ did not take effect when the mean activation reached exceeds this factor × ρ
@@ -41,8 +43,7 @@ def warning(checkpoint: str, kind: str, message: str) -> dict[str, str]:
 
 def kl_per_dimension(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(μ_j, e^{lv_j}) ‖ N(0, 1)) of every latent dimension of every image, B×k (nats)."""
-    mu, logvar = mu.detach().float().flatten(1), logvar.detach().float().flatten(1)
-    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+    return kl_terms(mu.detach().float().flatten(1), logvar.detach().float().flatten(1))
 
 
 class LatentActivity:

@@ -360,7 +360,11 @@ def _read_parquet(path: Path, columns: Sequence[str] = ()) -> pd.DataFrame:
     return table
 
 
-def build_report(run_dir: str | Path, top_scatter: int = 6) -> Path:
+#: scatter plots of the strongest relations the report draws
+TOP_SCATTER = 6
+
+
+def build_report(run_dir: str | Path, top_scatter: int = TOP_SCATTER) -> Path:
     """Write ``RUN_DIR/report.html`` (and the figures it embeds) and return its path.
 
     A missing or damaged manifest, metric table, analysis, ratings or latent table, or activation store is a
@@ -383,7 +387,7 @@ def build_report(run_dir: str | Path, top_scatter: int = 6) -> Path:
 
 def write_report(run_dir: Path, manifest: Mapping[str, Any]) -> Path:
     """The report of a run that is finishing (``fluency run``'s last step; the caller holds the folder's lock)."""
-    return _build(Path(run_dir), dict(manifest), str(manifest.get("status", "complete")), "", 6)
+    return _build(Path(run_dir), dict(manifest), str(manifest.get("status", "complete")), "", TOP_SCATTER)
 
 
 def _covariates_note(manifest: dict[str, Any]) -> str:

@@ -227,9 +227,14 @@ class FluencyEncoder(FluencyModel):
     provides: ClassVar[frozenset[str]] = frozenset()
 
 
+def kl_terms(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, e^logvar) ‖ N(0, 1)) of every latent dimension: −½ (1 + lv − mu² − e^lv), shaped like ``mu``."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, diag e^logvar) ‖ N(0, I)) per image: −½ Σ (1 + lv − mu² − e^lv)."""
-    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=tuple(range(1, mu.dim())))
+    """KL(N(mu, diag e^logvar) ‖ N(0, I)) per image: the sum of :func:`kl_terms` over its dimensions."""
+    return kl_terms(mu, logvar).sum(dim=tuple(range(1, mu.dim())))
 
 
 def missing_capabilities(model: object, required: tuple[str, ...] | list[str]) -> list[str]:

@@ -43,7 +43,7 @@ class CheckpointChecks:
         self.latent, self.errors = LatentActivity(), ErrorSummary()
         self.fit_problem: str | None = None
         self.constraints = _constraints(loaded, manager) if not built else []
-        self.sums: dict[str, float] = {}
+        self.sums = [0.0] * len(self.constraints)  # Σ over images of each (constraint, layer)'s mean activation
         self.n = 0
 
     @property
@@ -62,10 +62,8 @@ class CheckpointChecks:
                 self.errors.add(loss.parts(output, images)["recon"])
             except FluencyError as exc:  # the loss cannot be built here (e.g. LPIPS weights offline)
                 self.fit_problem = str(exc)
-        for _, constraint, layer in self.constraints:
-            if layer in acts:
-                key = f"{id(constraint)}:{layer}"
-                self.sums[key] = self.sums.get(key, 0.0) + constraint.mean_activation(acts[layer]) * len(images)
+        for i, (_, constraint, layer) in enumerate(self.constraints):  # captured: see ``layers``
+            self.sums[i] += constraint.mean_activation(acts[layer]) * len(images)
         self.n += len(images)
 
     def warnings(self, figure: Path | None) -> list[dict[str, str]]:
@@ -84,9 +82,8 @@ class CheckpointChecks:
 
     def _sparsity(self) -> list[dict[str, Any]]:
         """Per constrained layer: the constraint, its target and the mean activation over the stimuli."""
-        return [{"constraint": name, "layer": layer, "target": constraint.target,
-                 "reached": self.sums[f"{id(constraint)}:{layer}"] / self.n}
-                for name, constraint, layer in self.constraints if self.n and f"{id(constraint)}:{layer}" in self.sums]
+        return [{"constraint": name, "layer": layer, "target": constraint.target, "reached": total / self.n}
+                for (name, constraint, layer), total in zip(self.constraints, self.sums) if self.n]
 
 
 def _constraints(loaded: LoadedCheckpoint, manager: PluginManager) -> list[tuple[str, Any, str]]:
