@@ -44,14 +44,21 @@ def run(**settings: Any) -> RunResult:
       with ratings), ``layers``, ``options`` (``"[KIND.]PLUGIN.KEY=VALUE"`` strings as for ``-o``),
       ``config`` (a TOML file), ``covariates`` (image statistics controlled for; default True);
     - on what: ``images`` (a folder), ``ratings`` (a CSV or Parquet table) with ``id_column`` and
-      ``rating_column``, ``checkpoints`` (paths), ``models`` (architectures without a checkpoint, e.g.
-      ``"vgg16-imagenet"``), ``strict`` (an unreadable image or unrated id stops the run);
+      ``rating_column``, ``checkpoints`` (paths, globs such as ``"runs/*/final.pt"`` or folders),
+      ``checkpoints_from`` (a text file listing them), ``models`` (architectures without a checkpoint, e.g.
+      ``"vgg16-imagenet"``), ``match_group`` (ratings columns: each image measured only by the model trained
+      on its subgroup), ``strict`` (an unreadable image or unrated id stops the run), ``fail_fast`` (an
+      unloadable checkpoint or a failed task stops the run instead of being skipped);
     - subgroups and reliability: ``by`` (rating-table columns), ``min_group_size``, ``rater_ratings``
       (per-rater table: the noise ceiling), ``rater_column``, ``reliability_splits``;
     - where and how: ``out`` (default a new ``runs/`` folder), ``overwrite``, ``device``, ``batch_size``,
       ``seed``, ``deterministic``, ``store`` (keep activations), ``store_dtype``, ``store_layers``,
       ``check_fit`` (compare the stimuli's reconstruction error with the model's validation error even when
       no metric decodes);
+    - units of work: ``shard_size`` (images per task), ``force`` (recompute parts an earlier run of ``out``
+      left; without it, an ``out`` holding the same run is continued), ``executor`` (``"local"``, ``"dask"``,
+      ``"slurm"``), ``workers``, ``scheduler`` (a Dask address), ``threads`` (torch threads per task),
+      ``retries``, ``slurm`` (``"KEY=VALUE"`` settings over the config's ``[slurm]`` table);
     - outputs: ``figures`` (model figures; default True), ``interpolate`` (``"ID_A,ID_B"`` pairs),
       ``report`` (report.html as the last step; default True), ``progress`` (progress bars on stderr),
       ``console`` (a :class:`rich.console.Console` for them).

@@ -124,7 +124,7 @@ def cli() -> None:
 @click.option("--model", "models", multiple=True, metavar="NAME",
               help="Architecture measured without a checkpoint, e.g. a pretrained vgg16-imagenet (repeatable; "
                    "mixes with --checkpoint; options: -o NAME.KEY=VALUE).")
-@click.option("--metric", "metrics", multiple=True, required=True, help="Metric plugin (repeatable or comma-separated).")
+@click.option("--metric", "metrics", multiple=True, help="Metric plugin (repeatable or comma-separated); required.")
 @click.option("--analysis", "analyses", multiple=True,
               help="Analysis plugin (repeatable); default with --ratings: those in registry.toml.")
 @click.option("--layers", multiple=True, help="Layers the metrics read (repeatable or comma-separated).")
@@ -167,18 +167,57 @@ def cli() -> None:
 @click.option("--check-fit", is_flag=True,
               help="Warn when the stimuli's reconstruction error exceeds the model's validation error (done "
                    "anyway when a metric decodes, e.g. recon-error).")
+@click.option("--checkpoints-from", type=click.Path(path_type=Path), metavar="FILE",
+              help="Text file listing checkpoints (paths, globs or folders; one per line; # comments).")
+@click.option("--shard-size", type=click.IntRange(min=1), metavar="N",
+              help="Images per unit of work (default: each checkpoint's images in one unit).")
+@click.option("--force", is_flag=True, help="Recompute every part, even those an earlier run of --out left.")
+@click.option("--fail-fast", is_flag=True,
+              help="Stop at an unloadable checkpoint or a failed task (default: report it, skip, go on).")
+@click.option("--resume", "resume", type=click.Path(path_type=Path), metavar="RUN_DIR",
+              help="Continue the run in RUN_DIR with its recorded settings (executor options may be given anew).")
+@click.option("--executor", type=click.Choice(["local", "dask", "slurm"]), default="local", show_default=True,
+              help="Where the units run: this process, a Dask cluster, or SLURM jobs (pip install \"fluency[dask]\").")
+@click.option("--workers", type=click.IntRange(min=1), help="Dask worker processes (default: one per GPU, else per core).")
+@click.option("--scheduler", metavar="ADDRESS", help="Use the Dask cluster at ADDRESS (e.g. tcp://host:8786).")
+@click.option("--threads", type=click.IntRange(min=1), help="torch threads per unit (default: torch's in-process, 1 per Dask worker).")
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Tries again a task that raised or whose worker died.")
+@click.option("--slurm", "slurm", multiple=True, metavar="KEY=VALUE",
+              help="SLURM setting over the --config [slurm] table (partition, account, walltime, gpus, ...).")
+@click.option("--match-group", metavar="COLUMN[,COLUMN]",
+              help="Measure each image only with the model trained on its subgroup (fluency train --by COLUMNS); "
+                   "their rows form checkpoint matched-COLUMNS, compared with the general models.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def run(images: Path | None, ratings: Path | None, id_column: str, rating_column: str, checkpoints: tuple[Path, ...],
         models: tuple[str, ...], metrics: tuple[str, ...], analyses: tuple[str, ...], layers: tuple[str, ...], out: Path | None, device: str,
         batch_size: int, seed: int, options: tuple[str, ...], config: Path | None, store_dtype: str, no_store: bool,
         store_layers: tuple[str, ...], strict: bool, by: str | None, min_group_size: int, overwrite: bool, top: int, no_report: bool,
         interpolate: tuple[str, ...], no_figures: bool, rater_ratings: Path | None, rater_column: str,
-        reliability_splits: int, deterministic: bool, no_covariates: bool, check_fit: bool, as_json: bool) -> None:
+        reliability_splits: int, deterministic: bool, no_covariates: bool, check_fit: bool,
+        checkpoints_from: Path | None, shard_size: int | None, force: bool, fail_fast: bool, resume: Path | None,
+        executor: str, workers: int | None, scheduler: str | None, threads: int | None, retries: int,
+        slurm: tuple[str, ...], match_group: str | None, as_json: bool) -> None:
     """Compute per-image fluency metrics and relate them to ratings.
 
     With no --images and no --checkpoint, runs on the embedded default (generated, rated stimuli and a
     small shipped model). Example: fluency run --metric gini --metric sam
     """
+    how = dict(executor=executor, workers=workers, scheduler=scheduler, threads=threads, retries=retries,
+               slurm=slurm, force=force)
+    if resume is not None:
+        from fluency.jobs import run as run_job
+        from fluency.core.run.folder import read_manifest
+
+        recorded = read_manifest(resume).get("config")
+        if not isinstance(recorded, dict):
+            raise FluencyError(f"--resume {resume}: its manifest records no settings (a run of an earlier fluency)")
+        result = run_job(**{**recorded, **how, "out": resume, "overwrite": False}, console=err,
+                         interpolate=interpolate, figures=not no_figures, report=not no_report)
+        _print_result(result, top, as_json)
+        return
+    if not metrics:
+        raise click.MissingParameter(param_type="option", param_hint="'--metric'")
     _check_plugin_names(metric=_split(metrics), analysis=_split(analyses), architecture=_split(models))
     _check_options(options, ("metric", "analysis", "architecture"))
     from fluency.jobs import run as run_job
@@ -191,7 +230,8 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         console=err, by=_split((by,)) if by else (), min_group_size=min_group_size, interpolate=interpolate,
         figures=not no_figures, rater_ratings=rater_ratings, rater_column=rater_column,
         reliability_splits=reliability_splits, deterministic=deterministic, covariates=not no_covariates,
-        check_fit=check_fit, report=not no_report,
+        check_fit=check_fit, report=not no_report, checkpoints_from=checkpoints_from, shard_size=shard_size,
+        fail_fast=fail_fast, match_group=_split((match_group,)) if match_group else (), **how,
     )
     _print_result(result, top, as_json)
 

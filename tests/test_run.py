@@ -210,7 +210,7 @@ def test_forward_hooks_are_removed_even_when_a_metric_fails(tmp_path: Path, monk
     with pytest.raises(StoreError, match="incomplete"):
         ActivationStore(tmp_path / "boom" / "activations" / "default")
     assert not (tmp_path / "boom" / "metrics.parquet").exists()
-    (partial,) = (tmp_path / "boom" / "metrics").glob("gini-*.parquet.partial")  # the first batch's rows are kept
+    (partial,) = (tmp_path / "boom" / "units" / "default" / "all" / "metrics").glob("gini-*.parquet.partial")  # kept
     assert len(pq.read_table(partial)) == 32 * 6 and not list((tmp_path / "boom" / "metrics").glob("*.parquet"))
 
 

@@ -553,3 +553,20 @@ def iter_batches(source: ImageSource, batch_size: int, workers: int = _PREFETCH_
                 yield ids, torch.stack(images)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def subset(source: ImageSource, ids: Sequence[str]) -> ImageSource:
+    """The images ``ids`` of ``source``, in that order (a shard of a stimulus set); its fingerprint covers those
+    images only."""
+    if list(ids) == source.ids:
+        return source
+    index = {image_id: i for i, image_id in enumerate(source.ids)}
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise InputError(f"no image with id(s) {missing[:5]} in the stimuli")
+    if isinstance(source, FolderSource):
+        return FolderSource(source.root, {i: source.paths[index[i]] for i in ids}, source.preprocessing)
+    if isinstance(source, TensorSource):
+        rows = torch.tensor([index[i] for i in ids], dtype=torch.long)
+        return TensorSource(list(ids), source.images[rows], source.description)
+    raise InputError(f"cannot take a subset of a {type(source).__name__}")

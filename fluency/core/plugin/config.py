@@ -18,6 +18,9 @@ from fluency.core.plugin.options import OptionAssignment, parse_assignment
 from fluency.core.plugin.specs import KINDS, Kind, PluginSpec
 
 PluginKey = tuple[Kind, str]
+#: top-level tables of a ``--config`` file that configure fluency itself, never a plugin
+#: (``[slurm]``: the SLURM executor's settings, read by ``fluency.core.run.slurm``)
+RESERVED_TABLES = ("slurm",)
 
 
 def read_config(path: str | Path | None) -> dict[str, Any]:
@@ -61,7 +64,8 @@ def resolve_plugin_options(
 
     ``assignments`` are raw ``-o`` strings. A config table or ``-o`` that names a
     plugin of another command (a training optimizer in a ``run`` config, say) is
-    ignored; one that names no known plugin at all is an error.
+    ignored; one that names no known plugin at all is an error. The tables of
+    :data:`RESERVED_TABLES` are not plugin tables and are skipped.
     """
     layers: dict[PluginKey, list[dict[str, Any]]] = {
         key: [manager.option_defaults(*key)] for key in used
@@ -72,7 +76,7 @@ def resolve_plugin_options(
         return any(name in manager.names(k) for k in kinds)  # type: ignore[arg-type]
 
     for table, value in (config or {}).items():
-        if table in ignore_tables:
+        if table in ignore_tables or table in RESERVED_TABLES:
             continue
         if table in KINDS and isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
             entries = [(table, n, v) for n, v in value.items()]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fluency.core.errors import FluencyError
 from fluency.core.hashing import file_sha256
 from fluency.core.model.capture import layer_shapes
 from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, LoadedCheckpoint, build_model, load_checkpoint
@@ -23,11 +24,22 @@ class ModelRef:
     label: str
     path: Path | None = None
     built: LoadedCheckpoint | None = None
+    #: how another process builds a ``--model`` again: (architecture name, resolved options, seed)
+    recipe: tuple[str, dict[str, Any], int] | None = None
+
+    def portable(self) -> ModelRef:
+        """This reference as sent to another process: a built model by its recipe, not its weights."""
+        if self.recipe is not None:
+            return ModelRef(self.label, None, None, self.recipe)
+        return ModelRef(self.label, self.path.resolve() if self.path is not None else None)
 
     def load(self, manager: PluginManager) -> LoadedCheckpoint:
         """The model, with its identity (label, sha256) and description."""
         if self.built is not None:
             return self.built
+        if self.recipe is not None:
+            name, options, seed = self.recipe
+            return build_model(name, dict(options), manager, self.label, seed)
         assert self.path is not None
         return load_checkpoint(self.path, manager, self.label)
 
@@ -125,3 +137,53 @@ def inspect_model(name: str | None, checkpoint: Path | None, options: Sequence[s
             "input": f"{channels}×{height}×{width}" if height else f"{channels}×H×W (images at their own size)",
             "probe": f"{size[0]}×{size[1]}", "options": dict(model.options),
             "layers": [{"name": k, "shape": list(v), "default": k in defaults} for k, v in shapes.items()]}
+
+
+_GLOB = set("*?[")
+
+
+def expand_checkpoints(specs: Sequence[str], listing: str | Path | None = None) -> list[Path]:
+    """The checkpoint files named by ``specs`` (paths, globs such as ``runs/*/final.pt`` with ``**`` for any depth,
+    folders: every ``*.pt`` below them) and by the lines of ``listing`` (the same forms, relative to the file's
+    folder; blank lines and ``#`` comments skipped), in order; one line for a glob or folder that names none."""
+    entries = [(str(s), Path.cwd(), "--checkpoint") for s in specs]
+    if listing is not None:
+        entries += _listed(Path(listing))
+    found: list[Path] = []
+    for spec, base, where in entries:
+        path = Path(spec) if Path(spec).is_absolute() else base / spec
+        if _GLOB & set(spec):
+            matches = sorted(p for p in Path(path.anchor).glob(str(path.relative_to(path.anchor))) if p.is_file())
+            if not matches:
+                raise FluencyError(f"{where} {spec}: matches no file")
+            found += [_relative(p, base) if not Path(spec).is_absolute() else p for p in matches]
+        elif path.is_dir():
+            matches = sorted(p for p in path.rglob("*.pt") if p.is_file())
+            if not matches:
+                raise FluencyError(f"{where} {spec}: a folder without checkpoints (*.pt files)")
+            found += [_relative(p, base) if not Path(spec).is_absolute() else p for p in matches]
+        else:
+            found.append(Path(spec) if base == Path.cwd() else path)
+    return found
+
+
+def _listed(listing: Path) -> list[tuple[str, Path, str]]:
+    """The entries of a --checkpoints-from file, each with the folder it is relative to and how errors name it."""
+    try:
+        lines = listing.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FluencyError(f"--checkpoints-from {listing}: unreadable ({getattr(exc, 'strerror', None) or exc})") \
+            from None
+    entries = [(line.split("#", 1)[0].strip(), n) for n, line in enumerate(lines, 1)]
+    entries = [(text, n) for text, n in entries if text]
+    if not entries:
+        raise FluencyError(f"--checkpoints-from {listing}: lists no checkpoint")
+    return [(text, listing.resolve().parent, f"--checkpoints-from {listing} line {n}:") for text, n in entries]
+
+
+def _relative(path: Path, base: Path) -> Path:
+    """``path`` relative to the current folder when it lies below it (labels and messages stay short)."""
+    try:
+        return path.relative_to(Path.cwd()) if base == Path.cwd() else path
+    except ValueError:
+        return path

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fluency.core.errors import FluencyError
@@ -66,24 +67,51 @@ class CheckpointChecks:
             self.sums[i] += constraint.mean_activation(acts[layer]) * len(images)
         self.n += len(images)
 
+    def snapshot(self) -> dict[str, Any]:
+        """The accumulated numbers as JSON-ready data, so that the checks of the shards of a run (measured in
+        other processes) are merged before any rule is applied (:func:`merged_warnings`)."""
+        latent = self.latent
+        return {"active": self.active, "fit": self.fit, "fit_problem": self.fit_problem,
+                "loss": loss_name(loss_terms_from_config(self.info.get("loss") or {})) if self.active else "",
+                "training_fit": self.info.get("fit"),
+                "latent": None if latent.sums is None else {"sums": latent.sums.tolist(), "n": latent.n},
+                "errors": [float(v) for part in self.errors.values for v in part],
+                "constraints": [{"constraint": name, "layer": layer, "target": constraint.target, "sum": total}
+                                for (name, constraint, layer), total in zip(self.constraints, self.sums)],
+                "n": self.n}
+
     def warnings(self, figure: Path | None) -> list[dict[str, str]]:
         """The warnings about this checkpoint on these stimuli (``figure``: its reconstruction grid, if drawn)."""
-        if not self.active:
-            return []
-        shown = str(figure) if figure is not None and figure.exists() else None
-        found = [collapse_warning(self.label, self.latent.record(), shown)]
-        if self.fit_problem is not None:
-            found.append(warning(self.label, "fit-unchecked", f"checkpoint {self.label}: cannot check whether the "
-                                 f"stimuli fit the model: {self.fit_problem}"))
-        elif self.fit:
-            name = loss_name(loss_terms_from_config(self.info.get("loss") or {}))
-            found.append(fit_warning(self.label, self.errors.record(name), self.info.get("fit"), shown))
-        return [w for w in found if w is not None] + sparsity_warnings(self.label, self._sparsity(), "the stimuli")
+        return merged_warnings(self.label, [self.snapshot()], figure)
 
-    def _sparsity(self) -> list[dict[str, Any]]:
-        """Per constrained layer: the constraint, its target and the mean activation over the stimuli."""
-        return [{"constraint": name, "layer": layer, "target": constraint.target, "reached": total / self.n}
-                for (name, constraint, layer), total in zip(self.constraints, self.sums) if self.n]
+
+def merged_warnings(label: str, snapshots: Sequence[Mapping[str, Any]], figure: Path | None) -> list[dict[str, str]]:
+    """The warnings about checkpoint ``label`` from the :meth:`CheckpointChecks.snapshot` of every part of the
+    stimuli it measured (shards, in any order): sums and counts are added, per-image errors pooled."""
+    if not snapshots or not snapshots[0].get("active"):
+        return []
+    first = snapshots[0]
+    shown = str(figure) if figure is not None and figure.exists() else None
+    latent = LatentActivity()
+    for snap in snapshots:
+        if snap.get("latent"):
+            sums = torch.tensor(snap["latent"]["sums"], dtype=torch.float64)
+            latent.sums = sums if latent.sums is None else latent.sums + sums
+            latent.n += int(snap["latent"]["n"])
+    found = [collapse_warning(label, latent.record(), shown)]
+    problem = next((s["fit_problem"] for s in snapshots if s.get("fit_problem")), None)
+    if problem is not None:
+        found.append(warning(label, "fit-unchecked", f"checkpoint {label}: cannot check whether the stimuli fit the "
+                             f"model: {problem}"))
+    elif first.get("fit"):
+        errors = ErrorSummary()
+        errors.values = [np.asarray([v for s in snapshots for v in s.get("errors") or []], np.float64)]
+        found.append(fit_warning(label, errors.record(first["loss"]), first.get("training_fit"), shown))
+    n = sum(int(s.get("n") or 0) for s in snapshots)
+    entries = [{"constraint": c["constraint"], "layer": c["layer"], "target": c["target"],
+                "reached": sum(s["constraints"][i]["sum"] for s in snapshots) / n}
+               for i, c in enumerate(first.get("constraints") or [])] if n else []
+    return [w for w in found if w is not None] + sparsity_warnings(label, entries, "the stimuli")
 
 
 def _constraints(loaded: LoadedCheckpoint, manager: PluginManager) -> list[tuple[str, Any, str]]:

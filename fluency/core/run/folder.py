@@ -117,21 +117,24 @@ def new_run_dir() -> Path:
 
 @contextmanager
 def run_folder(out: str | Path | None, overwrite: bool, command: str,
-               console: Console | None = None) -> Iterator[Path]:
+               console: Console | None = None, resume: bool = False) -> Iterator[Path]:
     """The folder a new run writes (``out``, default a new one under ``runs/``), locked and marked, its ledger
     recording. An existing folder must be empty or, with ``overwrite``, a fluency run: the files its ledger
-    lists are removed here, under the lock, after the new run was validated; a user's files stay."""
+    lists are removed here, under the lock, after the new run was validated; a user's files stay. ``resume``:
+    the folder holds the run this one continues (its files and ledger stay)."""
     path = Path(out) if out is not None else new_run_dir()
     if path.exists() and not path.is_dir():
         raise FluencyError(f"--out {path}: a file, not a folder")
     refuse_if_busy(path)
-    _previous_run(path, overwrite)
+    if not resume:
+        _previous_run(path, overwrite)
     path.mkdir(parents=True, exist_ok=True)
     with FolderLock(path, command, console):
         ledger = Ledger(path)
-        if _previous_run(path, overwrite):  # checked again, now that no one else writes
-            ledger.remove_owned()
-        ledger.start()
+        if not resume:
+            if _previous_run(path, overwrite):  # checked again, now that no one else writes
+                ledger.remove_owned()
+            ledger.start()
         with ledger.recording():
             yield path
 

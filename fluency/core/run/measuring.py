@@ -72,13 +72,18 @@ class MetricParts:
         return {"plugin": plugin, "plugin_version": plugin_version(self.manager, "metric", plugin),
                 "options_hash": digest, "options": self.options[plugin], "file": part_name(plugin, digest)}
 
-    def write(self, plugin: str, checkpoint: str, image_ids: Sequence[str], values: MetricValues) -> None:
+    def writer(self, plugin: str) -> MetricTableWriter:
+        """The part of ``plugin``, opened on first use (a part with no rows is a valid, empty table)."""
         writer = self.writers.get(plugin)
         if writer is None:
             info = self.record(plugin)
             writer = self.writers[plugin] = MetricTableWriter(
                 self.out_dir / info["file"], self.run_id, plugin=plugin, plugin_version=info["plugin_version"],
                 options_hash=info["options_hash"])
+        return writer
+
+    def write(self, plugin: str, checkpoint: str, image_ids: Sequence[str], values: MetricValues) -> None:
+        writer = self.writer(plugin)
         owner = self.columns.setdefault(values.metric, plugin)
         if owner != plugin:
             raise column_clash(self.manager, values.metric, owner, plugin)

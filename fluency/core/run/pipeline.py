@@ -21,55 +21,48 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
 
-from fluency.core.atomic import claim
-from fluency.core.errors import FluencyError, InputError
-from fluency.core.inputs.images import FolderSource, ImageSource, Preprocessing, iter_batches
+from fluency.core.errors import FluencyError
+from fluency.core.inputs.images import FolderSource, ImageSource, Preprocessing
 from fluency.core.inputs.raters import RaterRatings
 from fluency.core.inputs.ratings import MatchReport
 from fluency.core.inputs.stimuli import Stimuli, embedded, from_folder
-from fluency.core.model.capture import capture_activations, check_layers
 from fluency.core.model.checkpoint import DEFAULT_CHECKPOINT, LoadedCheckpoint, build_model, check_checkpoint
 from fluency.core.model.devices import deterministic, resolve_device, torch_settings
-from fluency.core.model.losses import loss_from_config
 from fluency.core.plugin.config import read_config, resolve_plugin_options
-from fluency.core.plugin.manager import PluginManager, get_plugin_manager, plugin_version
-from fluency.core.plugin.metric import MetricBatch, ModelDescription, units_as_rows
+from fluency.core.plugin.manager import PluginManager, get_plugin_manager
 from fluency.core.plugin.specs import AnalysisSpec, MetricSpec
 from fluency.core.progress import progress_bar, step
 from fluency.core.run.analyse import analyse, default_analyses, effects_record
+from fluency.core.run.batch import (Outcome, claim_units, counts, execute, gather_parts, late_failures, latents,
+                                    plan_units, portable, raise_failure, seconds_per_label, store_record,
+                                    unit_records, warnings_of, whole_set_metrics)
 from fluency.core.run.ceiling import load_raters, noise_ceiling
-from fluency.core.run.checks import CheckpointChecks, decodes
-from fluency.core.run.checkpoints import ModelRef, unique_checkpoints, unique_models
+from fluency.core.run.checkpoints import ModelRef, expand_checkpoints, unique_checkpoints, unique_models
 from fluency.core.run.checkpoints import labels as model_labels
 from fluency.core.run.config import RunConfig
 from fluency.core.run.covariates import Covariates, with_covariates
-from fluency.core.run.folder import RunRecord, RunResult, now, outputs, run_folder, versions
-from fluency.core.run.ledger import results
-from fluency.core.run.measuring import CheckpointMetrics, MetricParts, check_requirements
-from fluency.core.run.store import ActivationStoreWriter
+from fluency.core.run.executors import ExecutorSettings, open_executor
+from fluency.core.run.slurm import slurm_options
+from fluency.core.run.groups import check_columns, checkpoint_group, group_image_ids, matched_label
+from fluency.core.run.folder import MANIFEST, RunRecord, RunResult, now, outputs, read_manifest, run_folder, versions
+from fluency.core.run.forward import ALL, Latents, Measuring, checked_model, stored_layers
+from fluency.core.run.ledger import marker_version, results
+from fluency.core.run.measuring import MetricParts, check_requirements
 from fluency.core.run.tables import MERGED, merge_tables, read_metric_table
-from fluency.core.version import __version__
 
-#: --store-layers value that stores every hookable layer
-ALL = "all"
-
-
-class Latents(NamedTuple):
-    """The latent means of a stimulus set under one checkpoint: ``ids``, N×k float32 ``mu``, one mean's ``shape``."""
-
-    ids: list[str]
-    mu: np.ndarray
-    shape: tuple[int, ...]
+__all__ = ["ALL", "Latents", "MeasuredCheckpoint", "CheckpointObserver", "ReportWriter", "RunPlan", "plan", "run",
+           "stored_layers"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +105,8 @@ class RunPlan:
     duplicates: list[dict[str, str]]
     device: torch.device
     raters: RaterRatings | None = None  # --rater-ratings, read before any work
+    groups: dict[str, dict[str, str]] | None = None  # --match-group: checkpoint label -> its subgroup
+    executor: ExecutorSettings | None = None  # where the units run (checked with the rest)
     #: None: no covariates (--no-covariates); else whether the user asked for them as a metric too
     covariates_requested: bool | None = None
 
@@ -147,11 +142,34 @@ def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan
                 resolved[("metric", name)]["layers"] = list(config.layers)
     labels = model_labels(paths, model_names)
     models = [ModelRef(label, path=path) for path, label in zip(paths, labels)]
-    models += [ModelRef(label, built=_built(name, label, resolved, metric_specs, stimuli, config, manager, console))
+    models += [ModelRef(label, built=_built(name, label, resolved, metric_specs, stimuli, config, manager, console),
+                        recipe=(name, dict(resolved[("architecture", name)]), config.seed))
                for name, label in zip(model_names, labels[len(paths):])]
     return RunPlan(config, stimuli, metric_specs, analysis_specs, resolved, models, duplicates,
                    resolve_device(config.device), raters=load_raters(config, stimuli),
-                   covariates_requested=requested if adjusting else None)
+                   covariates_requested=requested if adjusting else None, groups=_groups(config, stimuli, models),
+                   executor=executor_settings(config))
+
+
+def _groups(config: RunConfig, stimuli: Stimuli, models: list[ModelRef]) -> dict[str, dict[str, str]] | None:
+    """--match-group: the subgroup of every checkpoint trained on one (checked: distinct groups, images in each)."""
+    if not config.match_group:
+        return None
+    check_columns(stimuli.ratings, config.match_group)
+    groups = {ref.label: g for ref in models if ref.path is not None
+              and (g := checkpoint_group(ref.path)) is not None}
+    if not groups:
+        raise FluencyError(f"--match-group {','.join(config.match_group)}: none of the checkpoints was trained on a "
+                           "subgroup (fluency train --by writes checkpoints.json beside them)")
+    seen: dict[tuple[str, ...], str] = {}
+    for label, group in groups.items():
+        group_image_ids(stimuli.ratings, group, config.match_group, label)  # type: ignore[arg-type]
+        values = tuple(group[c] for c in config.match_group)
+        if values in seen:
+            raise FluencyError(f"--match-group: checkpoints {seen[values]} and {label} were trained on the same "
+                               f"subgroup {dict(zip(config.match_group, values))}; measure one of them")
+        seen[values] = label
+    return groups
 
 
 def _which_models(config: RunConfig, manager: PluginManager, console: Console
@@ -165,17 +183,29 @@ def _which_models(config: RunConfig, manager: PluginManager, console: Console
     if default and not DEFAULT_CHECKPOINT.exists():
         raise FluencyError(f"the embedded default checkpoint {DEFAULT_CHECKPOINT} is missing; reinstall fluency "
                            "or pass --checkpoint")
-    paths, duplicates = unique_checkpoints([Path(c) for c in config.checkpoints] or ([DEFAULT_CHECKPOINT] if default
-                                                                                     else []))
+    given = expand_checkpoints(config.checkpoints, config.checkpoints_from)
+    paths, duplicates = unique_checkpoints(given or ([DEFAULT_CHECKPOINT] if default and not config.checkpoints_from
+                                                     else []))
     for note in [*duplicates, *repeated]:
         console.print(f"[yellow]note:[/yellow] {escape(note['text'])}", highlight=False)
     if config.images is not None and default:
         console.print("[yellow]note:[/yellow] no --checkpoint: using the embedded default model, trained on "
                       "generated shapes at 64×64; train one on images like yours with `fluency train`, or "
                       "measure a pretrained network with --model (e.g. vgg16-imagenet).")
+    loadable = []
     for path in paths:  # fields, architecture, option bounds, model size: before the run folder is touched
-        check_checkpoint(path, manager)
-    return paths, model_names, [*duplicates, *repeated]
+        try:
+            check_checkpoint(path, manager)
+            loadable.append(path)
+        except FluencyError as exc:
+            if config.fail_fast or len(paths) + len(model_names) == 1:
+                raise
+            console.print(f"[yellow]warning:[/yellow] {escape(str(exc))}; skipped (--fail-fast stops instead)",
+                          highlight=False)
+            duplicates.append({"path": str(path), "why": "unloadable", "text": str(exc)})
+    if not loadable and not model_names:
+        raise FluencyError("no checkpoint could be loaded: see the warnings above")
+    return loadable, model_names, [*duplicates, *repeated]
 
 
 def _built(name: str, label: str, resolved: dict[tuple[str, str], dict[str, Any]], metric_specs: dict[str, MetricSpec],
@@ -208,7 +238,8 @@ def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | N
     Takes a :class:`RunConfig` or its fields as keyword arguments (``metrics=["gini"], images=...``).
     With neither ``images`` nor ``checkpoints`` it uses the embedded default. ``options`` are
     ``[KIND.]PLUGIN.KEY=VALUE`` strings as for ``-o``. ``report`` writes the report as the run's last step
-    (the run is ``complete`` only once it is written). Returns a :class:`RunResult`.
+    (the run is ``complete`` only once it is written). An ``out`` folder holding a run of the same stimuli,
+    models, seed and store continues it: only the missing parts are computed. Returns a :class:`RunResult`.
     """
     if run_config is not None and settings:
         raise FluencyError(f"pass a RunConfig or settings, not both ({sorted(settings)})")
@@ -218,9 +249,10 @@ def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | N
     console = console or Console(stderr=True, quiet=not progress)
     the_plan = plan(config, manager, console)
     figures = observer.start(the_plan.stimuli) if observer is not None else None  # its errors come before any work
+    resuming = continues(config)
     if config.overwrite and config.out is not None and results(Path(config.out)):
         preflight(the_plan, manager)  # the previous run is removed only once this one is known to start
-    with run_folder(config.out, config.overwrite, "fluency run", console) as out_dir, \
+    with run_folder(config.out, config.overwrite, "fluency run", console, resume=resuming) as out_dir, \
             deterministic(config.deterministic):
         used = [("metric", n) for n in the_plan.metric_specs] + [("analysis", n) for n in the_plan.analysis_specs]
         record = RunRecord(out_dir, {
@@ -233,6 +265,7 @@ def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | N
             "device": str(the_plan.device), "torch_settings": torch_settings(), "versions": versions(manager, used),
             "matching": the_plan.stimuli.report.as_dict() if the_plan.stimuli.report is not None else None,
             "unreadable_images": dict(the_plan.stimuli.unreadable), "warnings": [],
+            **({"resumed": True} if resuming else {}),
             **({"figures": {**figures, "checkpoints": {}}} if figures is not None else {}),
         })
         record.write()
@@ -243,76 +276,99 @@ def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | N
             raise
 
 
+def continues(config: RunConfig) -> bool:
+    """Whether ``config.out`` holds a run this one continues: a fluency run folder whose recorded config has the
+    same stimuli, models, seed and store (other settings may differ: parts are keyed by them). A different run
+    there is refused, naming the differences; ``--overwrite`` starts afresh instead."""
+    if config.out is None or config.overwrite or not results(Path(config.out)):
+        return False
+    out = Path(config.out)
+    if marker_version(out) is None or not (out / MANIFEST).exists():
+        return False  # not a run of this fluency: run_folder says why it cannot be used
+    recorded = read_manifest(out).get("config")
+    if not isinstance(recorded, dict):
+        return False
+    differences = config.differences(recorded)
+    if differences:
+        raise FluencyError(f"--out {out} holds another run ({'; '.join(differences)}): choose another --out, or "
+                           "pass --overwrite to replace it")
+    return True
+
+
+def _threads(config: RunConfig) -> int | None:
+    """torch threads per unit: --threads; one with --deterministic or on a Dask worker; else torch's default."""
+    if config.deterministic:
+        return 1
+    return config.threads if config.threads is not None else (None if config.executor == "local" else 1)
+
+
+def executor_settings(config: RunConfig) -> ExecutorSettings:
+    """The executor of a run's units, from its config (``slurm``: the config file's [slurm] table with
+    ``--slurm KEY=VALUE`` over it)."""
+    if config.slurm and config.executor != "slurm":
+        raise FluencyError(f"--slurm is for --executor slurm (this run's executor is {config.executor})")
+    slurm: dict[str, Any] = {}
+    if config.executor == "slurm":
+        slurm = slurm_options(read_config(config.config).get("slurm") if config.config else None, config.slurm)
+    settings = ExecutorSettings(config.executor, config.workers, config.scheduler, _threads(config) or 1,
+                                config.retries, slurm)
+    settings.check()
+    return settings
+
+
 def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: Console,
          observer: CheckpointObserver | None, report: ReportWriter | None, started: float) -> RunResult:
-    """The run proper: measure every checkpoint, merge the parts, analyse; each step recorded in ``record``."""
+    """The run proper: measure every checkpoint in units of work, gather their parts, analyse; each step recorded
+    in ``record``."""
     config, stimuli, out_dir = the_plan.config, the_plan.stimuli, record.run_dir
-    unreadable = dict(stimuli.unreadable)  # relative path -> reason; grows if a file fails while measuring
-    late: dict[str, str] = {}  # image id -> relative path, for files that failed while measuring
-
-    def skip_image(source: ImageSource, index: int, exc: InputError) -> None:
-        """A file that passed the up-front check but failed to load: leave it out (``strict``: stop)."""
-        if config.strict:
-            raise exc
-        cause, image_id = exc.__cause__, source.ids[index]
-        rel = source.relpath(index) if isinstance(source, FolderSource) else image_id
-        unreadable[rel] = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
-        late[image_id] = rel
-        record.set(unreadable_images=dict(unreadable))
-        console.print(f"[yellow]warning:[/yellow] {escape(str(exc))}; left out", highlight=False)
-
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
+    outcome = _measure_units(the_plan, record, manager, console)
+    measured = outcome.measured
+    late = late_failures(outcome)
+    if late and config.strict:
+        raise FluencyError(f"image {next(iter(late.values()))[0]} could not be read: {next(iter(late.values()))[1]}")
+    unreadable = {**stimuli.unreadable, **{rel: why for rel, why in late.values()}}
+    for rel, why in late.values():
+        console.print(f"[yellow]warning:[/yellow] cannot read image {escape(rel)} ({escape(why)}); left out",
+                      highlight=False)
+    if late:
+        record.set(unreadable_images=dict(unreadable))
+        stimuli = _without(stimuli, {i: v[0] for i, v in late.items()})
+    record.set(inputs={**record.data["inputs"], "checkpoints": [
+        next(r.identity for r in outcome.results[label] if r.identity) for label in measured]})
+    for label in measured:
+        entry = store_record(outcome.results[label], label, out_dir, console)
+        if entry is not None:
+            record.entry("stores", label, entry)
+    if observer is not None:
+        _observe(the_plan, record, manager, observer, outcome, stimuli, console)
+    for label in measured:
+        found = warnings_of(outcome.results[label], label, out_dir / "figures" / f"recon-{label}.png")
+        record.set(warnings=[*record.data.get("warnings", []), *found])
     parts = MetricParts(out_dir, out_dir.name, manager, the_plan.metric_specs, the_plan.resolved)
-    checkpoints: list[dict[str, Any]] = []
-    try:
-        with progress_bar(console) as bars:
-            for ref in the_plan.models:
-                t0 = time.perf_counter()  # the bar shows from the start, while the model loads
-                task = bars.add_task(step("metrics", ref.label), total=None, status="loading the model")
-                loaded, label = ref.load(manager), ref.label
-                checkpoints.append(_identity(loaded))
-                record.set(inputs={**record.data["inputs"], "checkpoints": list(checkpoints)})
-                checks = CheckpointChecks(loaded, manager, decodes(the_plan.metric_specs, config.check_fit))
-                latents, store = measure_checkpoint(loaded, stimuli, the_plan, parts, out_dir, manager, bars,
-                                                    skip_image, task, checks)
-                if store is not None:
-                    record.entry("stores", label, store)
-                if late:  # later steps and checkpoints do not try them again
-                    stimuli = _without(stimuli, late)
-                record.timing(f"metrics[{label}]", time.perf_counter() - t0)
-                if observer is not None:
-                    t0 = time.perf_counter()
-                    bars.update(task, status="drawing the figures")
-                    done = MeasuredCheckpoint(loaded, stimuli, latents, out_dir, the_plan.device, config.batch_size)
-                    figures = record.data["figures"]
-                    record.set(figures={**figures, "checkpoints": {**figures["checkpoints"],
-                                                                   label: observer.measured(done)}})
-                    record.timing(f"figures[{label}]", time.perf_counter() - t0)
-                    bars.update(task, status="")
-                found = checks.warnings(out_dir / "figures" / f"recon-{label}.png")
-                record.set(warnings=[*record.data.get("warnings", []), *found])
-    except BaseException:
-        parts.abort()
-        raise
-    parts.close()
-    record.set(metric_parts=[parts.record(name) for name in the_plan.metric_specs if name in parts.writers],
-               metric_columns=parts.metric_columns())
-    merge_tables(parts.files(), out_dir / MERGED, drop_ids=list(late))  # late failures: out of every checkpoint
+    files, columns = gather_parts(outcome, measured, parts, manager, out_dir)
+    record.set(metric_parts=[parts.record(name) for name in the_plan.metric_specs], metric_columns=columns)
+    rename = {label: matched_label(config.match_group) for label in the_plan.groups or {}}
+    if rename:
+        record.set(match_group={"columns": list(config.match_group), "label": matched_label(config.match_group),
+                                "checkpoints": dict(the_plan.groups or {})})
+    merge_tables(files, out_dir / MERGED, drop_ids=list(late), rename=rename)  # late failures: out of all
     if late and stimuli.report is not None:
-        stimuli = replace(stimuli, report=_report_late(stimuli.report, late, unreadable))
+        stimuli = replace(stimuli, report=_report_late(stimuli.report, {i: v[0] for i, v in late.items()},
+                                                       unreadable))
         record.set(matching=stimuli.report.as_dict())
     metric_table = read_metric_table(out_dir / MERGED)
     covariates = None if the_plan.covariates_requested is None else \
-        Covariates.of(parts.metric_columns(), the_plan.covariates_requested)
+        Covariates.of(columns, the_plan.covariates_requested)
     if covariates is not None:
         record.set(covariates=covariates.record())
     t0 = time.perf_counter()
-    outcome = analyse(metric_table, stimuli.ratings, stimuli.rating_column, the_plan.analysis_specs, the_plan.resolved,
-                      out_dir, manager, config.by, config.min_group_size, console, covariates)
-    if outcome.subgroups is not None:
-        record.set(subgroups=outcome.subgroups)
-    for name, seconds in outcome.timings.items():
+    outcome_a = analyse(metric_table, stimuli.ratings, stimuli.rating_column, the_plan.analysis_specs,
+                        the_plan.resolved, out_dir, manager, config.by, config.min_group_size, console, covariates)
+    if outcome_a.subgroups is not None:
+        record.set(subgroups=outcome_a.subgroups)
+    for name, seconds in outcome_a.timings.items():
         record.timing(name, seconds)
     record.timing("analyses", time.perf_counter() - t0)
     if the_plan.raters is not None:
@@ -324,7 +380,73 @@ def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: 
     record.timing("total", time.perf_counter() - started)
     record.set(status="complete", finished=now(), outputs=outputs(out_dir))
     record.write()
-    return RunResult(out_dir, metric_table, outcome.results, record.data, stimuli.report, dict(unreadable))
+    return RunResult(out_dir, metric_table, outcome_a.results, record.data, stimuli.report, dict(unreadable))
+
+
+def _measure_units(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: Console) -> Outcome:
+    """Plan the units of work, run them on the executor, record what each did; stop when nothing was measured."""
+    config, out_dir = the_plan.config, record.run_dir
+    ids = stimulus_ids(the_plan.stimuli)
+    groups = the_plan.groups or {}
+
+    def ids_of(ref: ModelRef) -> list[str]:
+        if ref.label not in groups:
+            return ids
+        return group_image_ids(the_plan.stimuli.ratings, groups[ref.label], config.match_group,  # type: ignore
+                               ref.label)
+
+    options = {name: dict(the_plan.resolved[("metric", name)]) for name in the_plan.metric_specs}
+    waves = plan_units(the_plan.models, ids_of, the_plan.stimuli.make_source, config, out_dir.resolve(), options,
+                       whole_set_metrics(the_plan.metric_specs), _threads(config))
+    claim_units([u for wave in waves for u in wave])
+    settings = the_plan.executor or executor_settings(config)
+    local = settings.kind == "local"
+    with open_executor(settings, console) as executor:
+        record.set(executor={"kind": settings.kind, "description": executor.description,
+                             "threads": _threads(config), "retries": config.retries})
+        if executor.dashboard:
+            console.print(f"Dask dashboard: {executor.dashboard}", highlight=False)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():  # a task carries its stimuli's recipe (the embedded set: its 11 MB)
+            warnings.filterwarnings("ignore", "Sending large graph", UserWarning)
+            outcome = execute(waves if local else [portable(w) for w in waves], executor, manager, console, local,
+                              record.timing)
+    record.timing("units", time.perf_counter() - t0)
+    for label, seconds in seconds_per_label(outcome).items():
+        record.timing(f"metrics[{label}]", seconds)
+    tally = counts(outcome)
+    record.set(units=unit_records(outcome), unit_counts=tally,
+               failed_tasks=[{k: v for k, v in f.items() if k != "exception"} for f in outcome.failed])
+    if tally["tasks"] > 1 or tally["reused"] or tally["from_store"]:
+        console.print(f"[dim]units: {tally['tasks']} tasks: {tally['computed']} computed, {tally['from_store']} "
+                      f"re-measured from their stores, {tally['reused']} reused, {tally['failed']} failed[/dim]",
+                      highlight=False)
+    raise_failure(outcome, config.fail_fast, console)
+    return outcome
+
+
+def stimulus_ids(stimuli: Stimuli) -> list[str]:
+    """The ids of the stimuli in measuring order (listing a folder source decodes nothing)."""
+    return list(stimuli.make_source(Preprocessing(None, 3)).ids)
+
+
+def _observe(the_plan: RunPlan, record: RunRecord, manager: PluginManager, observer: CheckpointObserver,
+             outcome: Outcome, stimuli: Stimuli, console: Console) -> None:
+    """Tell the observer about every measured checkpoint (its model loaded here, its latents from the units)."""
+    out_dir = record.run_dir
+    refs = {ref.label: ref for ref in the_plan.models}
+    with progress_bar(console) as bars:
+        for label in outcome.measured:
+            t0 = time.perf_counter()
+            task = bars.add_task(step("figures", label), total=1, status="drawing the figures")
+            loaded = refs[label].load(manager)
+            loaded.model.to(the_plan.device).eval()
+            done = MeasuredCheckpoint(loaded, stimuli, latents(outcome.results[label], out_dir), out_dir,
+                                      the_plan.device, the_plan.config.batch_size)
+            figures = record.data["figures"]
+            record.set(figures={**figures, "checkpoints": {**figures["checkpoints"], label: observer.measured(done)}})
+            record.timing(f"figures[{label}]", time.perf_counter() - t0)
+            bars.update(task, advance=1, status="")
 
 
 def _write_report(report: ReportWriter, record: RunRecord, console: Console) -> None:
@@ -345,137 +467,12 @@ def _write_report(report: ReportWriter, record: RunRecord, console: Console) -> 
     record.timing("report", time.perf_counter() - t0)
 
 
-def _identity(loaded: LoadedCheckpoint) -> dict[str, Any]:
-    """How the manifest names a measured model: label, file, sha256, architecture (and epoch or weights)."""
-    entry = {"label": loaded.label, "path": str(loaded.path.resolve()) if loaded.path is not None else None,
-             "sha256": loaded.sha256, "architecture": loaded.info["architecture"]}
-    if "weights" in loaded.info:  # built by --model: no checkpoint
-        entry.update(model=loaded.info["architecture"]["name"], weights=loaded.info["weights"])
-    else:
-        entry["epoch"] = loaded.info.get("epoch")
-    return entry
-
-
-def stored_layers(config: RunConfig, read: Sequence[str], description: ModelDescription,
-                  model: Any) -> list[str]:
-    """The layers the store keeps: --store-layers, else what the metrics read plus the model's defaults."""
-    if not config.store:
-        return []
-    if config.store_layers is None:
-        return list(dict.fromkeys([*read, *description.default_metric_layers]))
-    if list(config.store_layers) == [ALL]:
-        return list(model.hookable_layers())
-    check_layers(model, config.store_layers)
-    return list(dict.fromkeys(config.store_layers))
-
-
-def measure_checkpoint(loaded: LoadedCheckpoint, stimuli: Stimuli, the_plan: RunPlan, parts: MetricParts,
-                       out_dir: Path, manager: PluginManager, bars: Any,
-                       on_error: Callable[[ImageSource, int, InputError], None] | None = None,
-                       task: Any = None, checks: CheckpointChecks | None = None
-                       ) -> tuple[Latents, dict[str, Any] | None]:
-    """Stream the stimuli through one checkpoint, feeding the store and every metric batch by batch.
-
-    ``on_error(source, index, error)`` is called for an image that fails to load (default: raise); ``task``:
-    the progress task to advance (default: a new one); ``checks`` are fed every batch's output and activations
-    (:mod:`fluency.core.run.checks`), its constrained layers captured too.
-    Returns the latent means μ read off the same forward passes (the figures need them; a second pass
-    would decode every file again) and the manifest's description of the store written (or None).
-    """
-    config = the_plan.config
-    model, description, metrics, read, stored = _checked(loaded, the_plan, manager)
-    capture = list(dict.fromkeys([*read, *stored, *(checks.layers if checks is not None else [])]))
-    channels, size, _ = model.input_shape
-    source = stimuli.make_source(Preprocessing(size, channels))
-    loss = loss_from_config(model, loaded.info.get("loss", {}), loaded.label)
-    writer = _store_writer(out_dir, loaded, description, source, the_plan, manager) if stored else None
-    if task is None:
-        task = bars.add_task(step("metrics", loaded.label), total=len(source), status="")
-    bars.update(task, total=len(source), status="")
-    latent_ids: list[str] = []
-    latent_parts: list[np.ndarray] = []
-    mu_shape: tuple[int, ...] = ()
-    room_checked = False
-    try:
-        skip = None if on_error is None else (lambda index, exc: on_error(source, index, exc))
-        for ids, x in iter_batches(source, config.batch_size, on_error=skip):
-            x = x.to(the_plan.device)
-            with torch.no_grad(), capture_activations(model, capture) as acts:
-                output = model(x, sample=False)
-                mu = model.latent(output)
-            if mu is not None:
-                latent_ids += ids
-                latent_parts.append(mu.flatten(1).float().cpu().numpy())
-                mu_shape = tuple(mu.shape[1:])
-            acts = {k: v.float() for k, v in acts.items()}
-            _check_finite(acts, ids, loaded.label)
-            if checks is not None:
-                with torch.no_grad():
-                    checks.add(output, x, acts, loss)
-            for layer in stored:
-                writer.write(layer, ids, acts[layer])  # type: ignore[union-attr]
-            if stored and not room_checked:  # after the first batch: will the whole store fit?
-                writer.check_room(len(source))  # type: ignore[union-attr]
-                room_checked = True
-            batch = MetricBatch(ids, x, {k: acts[k] for k in read}, model, loss, config.seed, description)
-            metrics.compute(batch, loaded.label, parts, lambda name: bars.update(task, status=name))
-            bars.update(task, advance=len(ids), status="")
-        metrics.finish(loaded.label, parts, out_dir / "state" / loaded.label)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    store = None
-    if writer is not None:
-        writer.close()
-        store = {"path": str(writer.path.relative_to(out_dir)), "layers": stored, "dtype": config.store_dtype}
-        if writer.widened:  # float16 overflow: those layers went to float32 (store.py)
-            store["widened"] = writer.widened
-            for note in writer.notes:
-                bars.console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
-    mu_all = np.concatenate(latent_parts) if latent_parts else np.zeros((0, 0), np.float32)
-    return Latents(latent_ids, mu_all, mu_shape), store
-
-
-def _checked(loaded: LoadedCheckpoint, the_plan: RunPlan, manager: PluginManager
-             ) -> tuple[Any, ModelDescription, CheckpointMetrics, list[str], list[str]]:
-    """One checkpoint's model (on the device, in eval mode), description and metric instances, with the layers
-    the metrics read and the store keeps, every layer checked against the model."""
-    model = loaded.model.to(the_plan.device).eval()
-    check_requirements(the_plan.metric_specs, model, loaded.architecture, loaded.label)
-    description = ModelDescription.of(model, loaded.architecture, loaded.label, loaded.sha256)
-    metrics = CheckpointMetrics(manager, the_plan.metric_specs, the_plan.resolved)
-    read = metrics.layers(description)
-    check_layers(model, read)
-    return model, description, metrics, read, stored_layers(the_plan.config, read, description, model)
-
-
 def preflight(the_plan: RunPlan, manager: PluginManager) -> None:
     """Build every checkpoint's model and check the metrics' needs and layers against it, writing nothing: what
     ``--overwrite`` does before it removes a previous run, so that a typo (a layer name) keeps that run."""
+    measuring = Measuring(the_plan.config, the_plan.metric_specs, the_plan.resolved, the_plan.device)
     for ref in the_plan.models:
-        _checked(ref.load(manager), the_plan, manager)
-
-
-def _store_writer(out_dir: Path, loaded: LoadedCheckpoint, description: ModelDescription, source: ImageSource,
-                  the_plan: RunPlan, manager: PluginManager) -> ActivationStoreWriter:
-    folder = out_dir / "activations" / loaded.label
-    claim(folder, whole_folder=True)  # the store is the run's as a whole: its writer names the files inside
-    provenance = {"source": "run", "fluency_version": __version__, "checkpoint": loaded.label,
-                  "checkpoint_sha256": loaded.sha256, "stimulus_fingerprint": source.fingerprint(),
-                  "preprocessing": source.describe(), "seed": the_plan.config.seed,
-                  "plugin_versions": {name: plugin_version(manager, "metric", name) for name in the_plan.metric_specs}}
-    return ActivationStoreWriter(folder, dtype=the_plan.config.store_dtype,
-                                 provenance=provenance, model=description, overwrite=True)
-
-
-def _check_finite(acts: dict[str, torch.Tensor], ids: Sequence[str], label: str) -> None:
-    for layer, tensor in acts.items():
-        finite = torch.isfinite(units_as_rows(tensor)).all(dim=1)
-        if not bool(finite.all()):
-            bad = [i for i, ok in zip(ids, finite.tolist()) if not ok]
-            raise FluencyError(f"checkpoint {label}: NaN/Inf activations in layer {layer!r} for images {bad[:10]}"
-                               f"{' and more' if len(bad) > 10 else ''}")
+        checked_model(ref.load(manager), measuring, manager)
 
 
 def _without(stimuli: Stimuli, late: dict[str, str]) -> Stimuli:

@@ -333,6 +333,11 @@ class ActivationStore:
         if not marker.exists():
             raise StoreError(_not_a_store(self.path))
         self.meta = _read_marker(marker)
+        names = self.meta.get("shards") or []
+        if not isinstance(names, list) or not all(isinstance(n, str) and _SAFE_LABEL.fullmatch(n) for n in names):
+            raise StoreError(f"activation store {self.path}: {MARKER} lists its shards wrongly: {names!r:.200}")
+        #: the stores of a sharded store (one per unit of work of a run), read one after the other
+        self.shards = [ActivationStore(self.path / name) for name in names]
 
     @property
     def layers(self) -> list[str]:
@@ -370,6 +375,8 @@ class ActivationStore:
     @cached_property
     def image_ids(self) -> list[str]:
         """The image ids of the store, in row order (read once from the first layer's id column)."""
+        if self.shards:
+            return [i for shard in self.shards for i in shard.image_ids]
         if not self.layers:
             return []
         file = self._file(self.layers[0])
@@ -403,7 +410,13 @@ class ActivationStore:
         return int(self._layer(layer)["rows"])
 
     def iter_batches(self, layer: str, batch_size: int = 256) -> Iterator[tuple[list[str], np.ndarray]]:
-        """``(ids, B×shape array)`` per batch; the array is a view on Arrow's buffer (no copy)."""
+        """``(ids, B×shape array)`` per batch; the array is a view on Arrow's buffer (no copy). A sharded store
+        gives its shards' batches in order (a batch never spans two shards)."""
+        if self.shards:
+            self._layer(layer)
+            for shard in self.shards:
+                yield from shard.iter_batches(layer, batch_size)
+            return
         shape, dtype = self.shape(layer), self.dtype(layer)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         file = self._file(layer)
@@ -468,3 +481,24 @@ class ActivationStore:
             ids.extend(batch_ids)
             parts.append(values)
         return ids, (np.concatenate(parts) if parts else np.empty((0, *self.shape(layer)), self.dtype(layer)))
+
+
+def write_sharded_marker(folder: Path, names: Sequence[str]) -> dict[str, Any]:
+    """Mark ``folder`` as one store made of the complete stores ``folder/<name>`` (the shards of a run, in order):
+    layers, shapes and the model are the shards' own (they must agree); rows add up, and a layer any shard
+    widened to float32 is float32. Returns the marker written."""
+    shards = [ActivationStore(folder / name) for name in names]
+    first = shards[0]
+    layers: dict[str, Any] = {}
+    for layer in first.layers:
+        infos = [shard._layer(layer) if layer in shard.layers else None for shard in shards]
+        if any(info is None or info["shape"] != infos[0]["shape"] for info in infos):  # type: ignore[index]
+            raise StoreError(f"activation store {folder}: its shards do not all hold layer {layer!r} at one shape")
+        dtypes = {info["dtype"] for info in infos}  # type: ignore[index]
+        layers[layer] = {**infos[0], "rows": sum(info["rows"] for info in infos),  # type: ignore[index]
+                         "dtype": "float32" if "float32" in dtypes else "float16"}
+    provenance = {**first.provenance, "stimulus_fingerprint": [shard.provenance.get("stimulus_fingerprint")
+                                                               for shard in shards]}
+    marker = {**first.meta, "layers": layers, "provenance": provenance, "shards": list(names)}
+    atomic_write_json(folder / MARKER, marker)
+    return marker

@@ -170,11 +170,13 @@ def read_metric_table(path: str | Path) -> pd.DataFrame:
 
 
 def merge_tables(sources: Iterable[Path], out: Path, drop_ids: Sequence[str] = (),
-                 replaced: Mapping[Path, Sequence[str]] | None = None) -> int:
+                 replaced: Mapping[Path, Sequence[str]] | None = None,
+                 rename: Mapping[str, str] | None = None) -> int:
     """Write the rows of ``sources`` (metric tables, in order) to ``out`` atomically, without the rows of the
     images ``drop_ids``, nor those of the metric columns ``replaced[source]`` from that source, streaming one
     row group at a time; returns the number of rows written. ``out`` may be one of the sources (it is replaced
-    only when all are read)."""
+    only when all are read). ``rename`` files rows of some checkpoints under another label (group-matched
+    models, :mod:`fluency.core.run.groups`)."""
     drop = pa.array(sorted(set(map(str, drop_ids))), pa.string())
     rows = 0
     with atomic_path(out) as tmp:
@@ -189,6 +191,10 @@ def merge_tables(sources: Iterable[Path], out: Path, drop_ids: Sequence[str] = (
                             part = part.filter(pc.invert(pc.is_in(part["image_id"], value_set=drop)))
                         if len(drop_columns):
                             part = part.filter(pc.invert(pc.is_in(part["metric"], value_set=drop_columns)))
+                        if rename:
+                            labels = [rename.get(c, c) if c is not None else None
+                                      for c in part["checkpoint"].to_pylist()]
+                            part = part.set_column(1, "checkpoint", pa.array(labels, pa.string()))
                         writer.write_table(part)
                         rows += len(part)
     return rows
