@@ -239,14 +239,16 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
 def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = None) -> None:
     """The summary of a run or measure (``seconds``: how long it took, default the run's total): relations
     table (or JSON), notes, and where the results are."""
-    from fluency.core.outputs.summary import (print_matching, print_reliability, print_summary, print_unreadable,
-                                              print_warnings, summary_rows)
+    from fluency.core.outputs.summary import (print_matching, print_reliability, print_replicates, print_summary,
+                                              print_unreadable, print_warnings, summary_rows)
     from fluency.core.run.ceiling import with_ceiling
+    from fluency.core.run.replicates import strongest as strongest_replicates
 
     order = [c.get("label") for c in result.manifest.get("inputs", {}).get("checkpoints") or []]
     strongest, sections = summary_rows(result.strongest(None), top, order), result.sections()
     strongest = with_ceiling(strongest, result.effects(), result.manifest)  # --rater-ratings: r² ÷ ceiling
     sections = {kind: with_ceiling(rows, result.effects(), result.manifest) for kind, rows in sections.items()}
+    replicates = result.replicates()  # per configuration of replicate models
     if result.report is None:  # with ratings, the matching report lists them
         print_unreadable(err, result.unreadable)
     print_matching(err, result.report)  # on stderr, so that --json keeps stdout pure JSON
@@ -261,7 +263,8 @@ def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = 
                     "other_effects": {kind: _jsonable(rows) for kind, rows in sections.items()},
                     "matching": result.manifest.get("matching"), "unreadable_images": result.unreadable,
                     "timings": result.manifest["timings"], "reliability": result.manifest.get("reliability"),
-                    "warnings": result.manifest.get("warnings") or []})
+                    "warnings": result.manifest.get("warnings") or [],
+                    "replicates": _jsonable(replicates) if len(replicates) else []})
         return
     out_console = Console()
     n_images = result.metrics["image_id"].nunique()
@@ -270,12 +273,13 @@ def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = 
     out_console.print(f"[bold]{len(result.metrics)}[/bold] metric values for [bold]{n_images}[/bold] images{took}.")
     print_reliability(out_console, result.manifest.get("reliability"))
     print_summary(out_console, strongest, sections, result.manifest["metric_columns"], result.effects())
+    print_replicates(out_console, strongest_replicates(replicates), result.effects())
     if not result.analyses:
         out_console.print("No analyses ran (pass --ratings to relate the metrics to ratings).")
     elif not len(strongest) and not sections:
         out_console.print("The analyses declare no effect size to summarise; their tables are in analyses/.")
-    written = [name for name in ("report.html", "metrics.parquet", "analyses/", "activations/", "latents/",
-                                 "figures/", "manifest.json")
+    written = [name for name in ("report.html", "metrics.parquet", "analyses/", "analyses-replicates.parquet",
+                                 "activations/", "latents/", "figures/", "manifest.json")
                if (result.path / name.rstrip("/")).exists()]
     out_console.print(f"Results in [bold]{result.path}[/bold]: {', '.join(written)}")
 
@@ -404,6 +408,10 @@ def store_info(path: Path, as_json: bool) -> None:
 @click.option("--checkpoint-every", type=click.IntRange(min=0), help="Also keep epoch-NNN.pt every N epochs.")
 @click.option("--device", type=click.Choice(DEVICES))
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1))
+@click.option("--seeds", metavar="RANGES", help="Train one replicate model per seed into OUT/seed-<k>/ (e.g. 1-10, "
+              "1,3,5 or 1-3,8); finished seeds are skipped when the command is repeated.")
+@click.option("--replicate-of", "replicate_label", metavar="NAME",
+              help="Label the model(s) as replicates of the configuration NAME (default: a hash of the settings).")
 @click.option("--no-figures", is_flag=True, default=None, help="Skip the training curves and reconstruction grids.")
 @click.option("-o", "--option", "options", multiple=True, metavar="[KIND.]PLUGIN.KEY=VALUE",
               help="Set a plugin or loss option, e.g. -o adam.beta1=0.5 -o lpips.net=vgg (repeatable).")
@@ -419,11 +427,14 @@ def store_info(path: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def train(options: tuple[str, ...], config: Path | None, resume: bool, overwrite: bool, ratings: Path | None,
           id_column: str, by: str | None, min_group_size: int, as_json: bool, losses: tuple[str, ...],
-          constraints: tuple[str, ...], no_figures: bool | None, **flags: Any) -> None:
-    """Train a VAE on a folder of images; the final checkpoint is OUT/final.pt."""
+          constraints: tuple[str, ...], no_figures: bool | None, seeds: str | None, replicate_label: str | None,
+          **flags: Any) -> None:
+    """Train a VAE on a folder of images; the final checkpoint is OUT/final.pt (OUT/seed-<k>/final.pt with
+    --seeds)."""
     _check_plugin_names(architecture=[flags["architecture"]] if flags.get("architecture") else [],
                         optimizer=[flags["optimizer"]] if flags.get("optimizer") else [], constraint=list(constraints))
     _check_options(options, ("architecture", "optimizer", "constraint"), plugins_only=False)
+    replicas = _replicate_flags(seeds, replicate_label, flags.get("seed"), by)
     from fluency.core.outputs.training_figures import TrainingFigures
     from fluency.core.plugin.config import read_config
     from fluency.core.train.training import TrainConfig, train as train_model, train_by_group
@@ -441,6 +452,9 @@ def train(options: tuple[str, ...], config: Path | None, resume: bool, overwrite
     cfg = TrainConfig.from_mapping(settings, f"--config {config}" if config else "train")
     plugin_tables = {k: v for k, v in file.items() if k != "train"}
     observer = TrainingFigures() if cfg.figures else None
+    if replicas is not None:
+        _train_replicates(cfg, replicas, replicate_label, resume, overwrite, plugin_tables, observer, as_json)
+        return
     if by:
         if ratings is None:
             raise FluencyError("--by needs --ratings (the table with the grouping columns)")
@@ -455,7 +469,7 @@ def train(options: tuple[str, ...], config: Path | None, resume: bool, overwrite
                 Console().print(f"{row['label']}: {row['n_images']} images → {note}")
         return
     result = train_model(cfg, console=err, resume=resume, overwrite=overwrite, plugin_config=plugin_tables,
-                         observer=observer)
+                         observer=observer, replicate_label=replicate_label)
     if as_json:
         _emit_json({"checkpoint": str(result.checkpoint), "history": result.history, "seconds": result.seconds,
                     "warnings": result.warnings})
@@ -464,6 +478,42 @@ def train(options: tuple[str, ...], config: Path | None, resume: bool, overwrite
         terms = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("epoch", "beta", "lr", "seconds"))
         Console().print(f"Trained to epoch {last.get('epoch')} in {result.seconds:.1f} s ({terms}); "
                         f"checkpoint: {result.checkpoint}")
+
+
+def _replicate_flags(seeds: str | None, label: str | None, seed: int | None, by: str | None) -> Any:
+    """The parsed ``--seeds`` (None without), its conflicts refused and ``--replicate-of`` checked, before torch
+    loads."""
+    from fluency.core.model.replicates import check_label
+    from fluency.core.train.seeds import RangeSpec
+
+    if label is not None:
+        check_label(label)
+    if seeds is None:
+        return None
+    if seed is not None:
+        raise FluencyError("--seeds and --seed: give one (--seeds trains a model per seed, --seed one model)")
+    if by:
+        raise FluencyError("--seeds and --by: train the replicates of one configuration at a time (one --out per "
+                           "subgroup's images), or train the subgroups with --by and one --seed")
+    return RangeSpec.parse(seeds)
+
+
+def _train_replicates(cfg: Any, seeds: Any, label: str | None, resume: bool, overwrite: bool,
+                      plugin_tables: dict[str, Any], observer: Any, as_json: bool) -> None:
+    """``fluency train --seeds``: one model per seed, then a line per model (or the JSON summary)."""
+    from fluency.core.train.replicates import train_seeds
+
+    summary = train_seeds(cfg, list(seeds), console=err, resume=resume, overwrite=overwrite,
+                          plugin_config=plugin_tables, observer=observer, replicate_label=label)
+    if as_json:
+        _emit_json(summary)
+        return
+    out = Console()
+    for model in summary["models"]:
+        done = "skipped, already trained" if model["skipped"] else f"trained in {model['seconds']:.1f} s"
+        out.print(f"seed {model['seed']}: {done} → {model['checkpoint']}", highlight=False)
+    out.print(f"{len(summary['models'])} replicates of configuration {summary['configuration']} in {cfg.out}",
+              highlight=False)
 
 
 @cli.group()

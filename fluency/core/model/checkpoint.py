@@ -42,6 +42,7 @@ from fluency.core.plugin.architecture import FluencyModel
 from fluency.core.plugin.manager import PluginManager, guarded
 from fluency.core.plugin.options import brief_repr
 from fluency.core.plugin.specs import PluginSpec
+from fluency.core.model.replicates import replicate_of
 
 FORMAT = "fluency-checkpoint"
 FORMAT_VERSION = 1
@@ -331,5 +332,5 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "loss": payload.get("loss"), "optimizer": payload.get("optimizer"),
         "constraints": payload.get("constraints", []), "data": payload.get("data", {}),
         "epoch": payload.get("epoch"), "final_losses": {k: v for k, v in last.items() if k not in ("epoch",)},
-        "provenance": payload.get("provenance", {}),
+        "provenance": payload.get("provenance", {}), "replicate": replicate_of(payload),
     }

@@ -304,6 +304,33 @@ def r2_bars(table: Any, path: Path, ylabel: str = "cross-validated R²") -> None
     _save(fig, path)
 
 
+def replicate_dots(table: Any, path: Path, xlabel: str) -> None:
+    """Dot and whisker per test (metric @ layer) and configuration of replicate models: the mean estimate over
+    the configuration's models ± 1 SD (ddof = 1), one colour per configuration, its model count in the legend."""
+    import numpy as np
+
+    plt = _pyplot()
+    tests = list(dict.fromkeys(zip(table["metric"], table["layer"])))
+    names = list(dict.fromkeys(table["configuration"]))
+    fig, ax = plt.subplots(figsize=(5.5, 1.2 + 0.32 * len(tests) * max(1, len(names)) ** 0.5))
+    step = 0.7 / max(1, len(names))
+    for k, name in enumerate(names):
+        rows = table[table["configuration"] == name]
+        y = [tests.index(t) + (k - (len(names) - 1) / 2) * step for t in zip(rows["metric"], rows["layer"])]
+        sd = np.nan_to_num(rows["sd"].to_numpy(float))
+        ax.errorbar(rows["mean"].to_numpy(float), y, xerr=sd, fmt="o", markersize=4, capsize=3, color=f"C{k % 10}",
+                    label=f"{name} ({int(rows['n_models'].max())} models)")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(tests)), [f"{m}" if layer is None or layer != layer else f"{m} @ {layer}"
+                                      for m, layer in tests], fontsize=8)
+    ax.set_ylim(len(tests) - 0.5, -0.5)  # the first test on top
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_xlabel(f"{xlabel}: mean ± 1 SD over the models", fontsize=8)
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1), frameon=False, title="configuration",
+              title_fontsize=7)
+    _save(fig, path)
+
+
 def activation_histograms(store: Any, path: Path, max_images: int = 256) -> None:
     """Per layer: activations per unit (mean across the first ``max_images`` images; y: units) and per image
     (mean across units; y: images), as in the study."""

@@ -30,6 +30,7 @@ from fluency.core.plugin.analysis import EffectSize
 from fluency.core.run.analyse import read_effects
 from fluency.core.run.ceiling import with_ceiling
 from fluency.core.run.folder import MANIFEST, outputs, read_manifest, run_status, write_manifest, writing
+from fluency.core.run.replicates import COLUMNS as REPLICATE_COLUMNS, aggregate, configurations
 from fluency.core.run.tables import read_metric_table
 
 
@@ -220,6 +221,33 @@ def _subgroup_views(analyses: dict[str, pd.DataFrame], effects: dict[tuple[str, 
     return ["<h2>Subgroups</h2>", grid(images)] if images else []
 
 
+def _replicate_views(analyses: dict[str, pd.DataFrame], effects: dict[tuple[str, str], EffectSize],
+                     fig_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """With replicate models (two or more checkpoints of one configuration): per correlation and R², the mean ±
+    SD over each configuration's models, dot and whisker, and the table of every test aggregated."""
+    table = aggregate(analyses, manifest, effects)
+    if not len(table):
+        return []
+    images = []
+    for (name, statistic), effect in effects.items():
+        rows = table[(table["analysis"] == name) & (table["statistic"] == statistic) & (table["group"] == "all")
+                     & table["mean"].notna()]
+        if effect.kind not in ("correlation", "r2") or not len(rows):
+            continue
+        stem = f"replicates-{name}-{statistic}"
+        figures.replicate_dots(rows, fig_dir / f"{stem}.png", f"{name}: {effect.title}")
+        images.append(_img(fig_dir / f"{stem}.png", f"{effect.title} of every image with the rating: per test, the "
+                                                    "mean over each configuration's models ± 1 SD (ddof = 1)."))
+    models = "; ".join(f"<b>{html.escape(c)}</b>: {', '.join(html.escape(m) for m in labels)}"
+                       for c, labels in configurations(manifest).items())
+    return ["<h2>Replicate models</h2>",
+            f"<p>Checkpoints trained from different seeds of one configuration ({models}) are analysed one by one, "
+            "then each test is summarised over a configuration's models: mean, SD (ddof = 1), min and max of the "
+            "estimate; mean r² (of r for correlations, the mean R² for cross-validated R²); the number of models "
+            "whose test has p_fdr &lt; 0.05 of those tested. The table is analyses-replicates.parquet.</p>",
+            grid(images), _table(table, list(REPLICATE_COLUMNS), "table-replicates")]
+
+
 def metric_correlations(metrics: pd.DataFrame, checkpoint: str) -> dict[str, pd.DataFrame]:
     """Spearman correlation over images between the metric columns of one checkpoint, per layer (whole-image
     metrics as the layer ``(whole)``); layers with fewer than two metrics are left out."""
@@ -317,6 +345,7 @@ def _reliability_view(manifest: dict[str, Any]) -> list[str]:
 _MANIFEST_FIELDS: list[tuple[tuple[str, ...], type]] = [
     (("run_id",), str), (("status",), str), (("metrics", "[]"), str), (("analyses", "[]"), str),
     (("inputs", "stimuli", "rating_column"), str), (("inputs", "checkpoints", "[]", "label"), str),
+    (("inputs", "checkpoints", "[]", "replicate"), dict),
     (("figures", "checkpoints", "{}", "{}"), str), (("subgroups", "by", "[]"), str),
     (("analysis_effects", "{}", "[]"), dict), (("warnings", "[]"), dict)]
 #: the columns the report reads from each kind of table
@@ -432,6 +461,7 @@ def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scat
     if metrics is not None:
         parts += _metric_correlation_views(metrics, fig_dir)
     parts += _subgroup_views(analyses, effects, fig_dir, manifest)
+    parts += _replicate_views(analyses, effects, fig_dir, manifest)
     for store in sorted((run / "activations").glob("*/_COMPLETE.json")):
         from fluency.core.run.store import ActivationStore
 

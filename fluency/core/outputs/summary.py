@@ -451,3 +451,51 @@ def store_table(info: Mapping[str, Any]) -> Table:
             size *= int(s)
         table.add_row(name, "×".join(map(str, layer["shape"])), layer["dtype"], f"{size:,}", f"{layer['rows']:,}")
     return table
+
+
+#: what the replicate section's numbers are
+REPLICATES_NOTE = ("mean ± SD (ddof = 1) and min…max of a test's estimate over the configuration's models; "
+                   "p_fdr<.05: models whose test is significant (Benjamini–Hochberg across the run) of those "
+                   "tested; mean r²: of r for correlations, of R² for cross-validated R². Every test: "
+                   "analyses-replicates.parquet.")
+
+
+def seed_ranges(seeds: str) -> str:
+    """Comma-separated seeds with their runs joined: ``1,2,3,5`` → ``1-3,5`` (``?``: a seed not recorded)."""
+    items = [s for s in seeds.split(",") if s]
+    numbers = sorted(int(s) for s in items if s.isdigit())
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][-1] + 1:
+            spans[-1].append(n)
+        else:
+            spans.append([n])
+    parts = [f"{s[0]}-{s[-1]}" if len(s) > 2 else ",".join(map(str, s)) for s in spans]
+    return ",".join(parts + ["?"] * (len(items) - len(numbers)))
+
+
+def print_replicates(console: Console, rows: pd.DataFrame, effects: Mapping[tuple[str, str], Any]) -> None:
+    """The replicate models' section: per configuration a heading (models, seeds) and a compact table of its
+    strongest tests (:func:`fluency.core.run.replicates.strongest`), mean ± SD over the models."""
+    if not len(rows):
+        return
+    titles = {key: getattr(effect, "title", key[1]) for key, effect in effects.items()}
+    symbols = _symbols(set(titles.values()))
+    console.print("[bold]Replicate models[/bold]: each test over the models of one configuration")
+    for configuration, group in rows.groupby("configuration", sort=False):
+        models = int(group["n_models"].max())
+        console.print(f"configuration {escape(str(configuration))}: {models} models, seeds "
+                      f"{escape(seed_ranges(str(group['seeds'].iloc[0])))}", highlight=False)
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1))
+        for column in ("test", "metric", "layer", "mean ± SD", "min…max", "p_fdr<.05", "mean r²"):
+            table.add_column(column, justify="left" if column in ("test", "metric", "layer") else "right",
+                             overflow="fold")
+        for row in group.itertuples(index=False):
+            title = titles.get((row.analysis, row.statistic), f"{row.analysis} {row.statistic}")
+            table.add_row(symbols.get(title, title), str(row.metric),
+                          "(whole)" if row.layer is None or pd.isna(row.layer) else str(row.layer),
+                          f"{row.mean:+.3f} ± {row.sd:.3f}" if math.isfinite(row.sd) else f"{row.mean:+.3f}",
+                          f"{row.min:+.2f}…{row.max:+.2f}", f"{row.n_significant}/{row.n_tested}",
+                          f"{row.mean_r2:.3f}" if math.isfinite(row.mean_r2) else "–")
+        console.print(table)
+    console.print(REPLICATES_NOTE, highlight=False)

@@ -34,6 +34,7 @@ from fluency.core.plugin.manager import PluginManager, plugin_version
 from fluency.core.run.analyse import read_effects
 from fluency.core.run.ledger import MARKER, Ledger, bookkeeping, marker_version, results
 from fluency.core.run.lock import FolderLock, read_holder, refuse_if_busy
+from fluency.core.run.replicates import aggregate
 from fluency.core.version import FOLDER_FORMAT_VERSION, MANIFEST_FORMAT_VERSION, __version__
 
 MANIFEST = "manifest.json"
@@ -56,6 +57,13 @@ class RunResult:
     def effects(self) -> dict[tuple[str, str], EffectSize]:
         """``{(analysis, statistic): EffectSize}``: how each analysis declared its statistics are shown."""
         return read_effects(self.manifest, list(self.analyses))
+
+    def replicates(self) -> pd.DataFrame:
+        """Every test aggregated over the replicate models of each configuration (mean, SD, min, max).
+
+        Replicates are two or more checkpoints trained from different seeds of one configuration; see
+        :func:`fluency.core.run.replicates.aggregate`."""
+        return aggregate(self.analyses, self.manifest, self.effects())
 
     def results(self) -> pd.DataFrame:
         """Every analysis row with ``kind``, the declared kind of its statistic (None: undeclared), strongest

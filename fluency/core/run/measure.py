@@ -8,6 +8,7 @@ memory bounded by one batch of the layers read. Given a run folder, new metrics 
     RUN/metrics.parquet                           the existing rows unchanged, the new rows appended
     RUN/manifest.json                             metrics, options, parts and a ``measured`` entry added
     RUN/analyses/                                 recomputed over the whole table (p_fdr stays run-wide)
+    RUN/analyses-replicates.parquet               recomputed with them (replicate models; see run.replicates)
 
 A metric already in the run with the same options is skipped with a note; with other options it is
 an error unless ``replace``. Model metrics (``needs="model"``) need the checkpoint and are refused;
@@ -45,6 +46,7 @@ from fluency.core.run.folder import (MANIFEST, RunResult, new_run_dir, now, outp
 from fluency.core.run.ledger import remove_if_unused, results
 from fluency.core.run.lock import refuse_if_busy
 from fluency.core.run.measuring import CheckpointMetrics, MetricParts, column_clash
+from fluency.core.run.replicates import write_replicates
 from fluency.core.run.store import MARKER, ActivationStore
 from fluency.core.run.tables import MERGED, merge_tables, part_name, read_metric_table
 
@@ -352,6 +354,7 @@ def _measure(plan: MeasurePlan, manager: PluginManager, batch_size: int, images:
     if plan.ratings is not None:  # the covariates the analyses were controlled for, as they ran now
         manifest = {k: v for k, v in manifest.items() if k != "covariates"}
         manifest.update({"covariates": covariates.record()} if covariates is not None else {})
+        write_replicates(plan.out_dir, outcome.results, manifest)  # their aggregate over replicate models
     write_manifest(plan.out_dir, {**manifest, "outputs": outputs(plan.out_dir)})
     return RunResult(plan.out_dir, metric_table, outcome.results, read_manifest(plan.out_dir))
 

@@ -56,7 +56,7 @@ from rich.markup import escape
 from fluency.core.version import __version__
 from fluency.core.atomic import atomic_path, atomic_write_text
 from fluency.core.model.capture import capture_activations
-from fluency.core.model.checkpoint import check_training_state, read_checkpoint, save_checkpoint
+from fluency.core.model.checkpoint import check_training_state, plain, read_checkpoint, save_checkpoint
 from fluency.core.model.diagnostics import (ErrorSummary, LatentActivity, collapse_warning, loss_name,
                                             sparsity_warnings)
 from fluency.core.plugin.config import resolve_plugin_options
@@ -64,6 +64,7 @@ from fluency.core.model.devices import resolve_device
 from fluency.core.errors import CheckpointError, FluencyError, OptionError, TrainingError, error_text
 from fluency.core.inputs.images import RESIZE, FolderSource, Preprocessing, find_images, scan_images
 from fluency.core.model.losses import LOSSES, ReconstructionLoss, parse_loss_terms
+from fluency.core.model.replicates import check_label, configuration_id
 from fluency.core.plugin.architecture import ObjectiveSettings, VAEOutput
 from fluency.core.plugin.options import check_seed
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager
@@ -134,6 +135,8 @@ class TrainResult:
     seconds: float
     #: the warnings about the final model (:mod:`fluency.core.model.diagnostics`), each printed once
     warnings: list[dict[str, str]] = field(default_factory=list)
+    #: the replicate configuration recorded in the checkpoints (:mod:`fluency.core.model.replicates`)
+    configuration: str | None = None
 
 
 def toml_dumps(data: Mapping[str, Any]) -> str:
@@ -270,17 +273,21 @@ def check_out(out: Path, images: Path, overwrite: bool) -> None:
 def train(config: TrainConfig | None = None, *, manager: PluginManager | None = None,
           console: Console | None = None, resume: bool = False, overwrite: bool = False,
           plugin_config: Mapping[str, Any] | None = None, files: Sequence[Path] | None = None,
-          observer: TrainingObserver | None = None, **settings: Any) -> TrainResult:
+          observer: TrainingObserver | None = None, replicate_label: str | None = None,
+          **settings: Any) -> TrainResult:
     """Train from a :class:`TrainConfig` (or its fields as keyword arguments) and write ``out/final.pt``.
 
     ``plugin_config`` holds the plugin and loss tables of a ``--config`` file (its ``[train]``
     table is the :class:`TrainConfig` itself). ``files`` restricts training to some images of
     ``images`` (used for per-subgroup models). ``observer`` is told about each finished epoch;
     this function draws no figures itself (the CLI passes the figure observer when ``figures`` is on).
-    Files already in ``out`` are replaced only with ``overwrite`` (or ``resume``).
+    Files already in ``out`` are replaced only with ``overwrite`` (or ``resume``). Every checkpoint records
+    its replicate configuration: ``replicate_label`` (``--replicate-of``), else the id of its configuration.
     """
     cfg = config or TrainConfig(**settings)
     cfg.check()
+    if replicate_label is not None:
+        check_label(replicate_label)
     start = time.perf_counter()
     manager = manager or get_plugin_manager()
     console = console or Console(stderr=True)
@@ -292,16 +299,52 @@ def train(config: TrainConfig | None = None, *, manager: PluginManager | None = 
     run.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.out / "config.toml", toml_dumps({"train": asdict(with_absolute_paths(cfg))}))
     info = _checkpoint_info(run, options)
+    label = replicate_label if replicate_label is not None or state is None else _resumed_label(state)
+    info["replicate"] = replicate_record(run, info, label)
+    configuration = info["replicate"]["configuration"]
     if run.optimizer is None:  # fitted in one pass
         history = _fit_once(run, console)
         _save(run, info, run.out / "final.pt", 1, history)
-        return TrainResult(run.out / "final.pt", history, time.perf_counter() - start)
+        return TrainResult(run.out / "final.pt", history, time.perf_counter() - start, configuration=configuration)
     history = _fit(run, info, history, first_epoch, console, observer)
     _save(run, info, run.out / "final.pt", cfg.epochs, history)
     warnings = training_warnings(run.out / "final.pt", info, run.out / "figures" / f"recon-epoch-{cfg.epochs:03d}.png")
     for item in warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(item['message'])}", highlight=False)
-    return TrainResult(run.out / "final.pt", history, time.perf_counter() - start, warnings)
+    return TrainResult(run.out / "final.pt", history, time.perf_counter() - start, warnings, configuration)
+
+
+def _described(run: _Run, info: Mapping[str, Any]) -> dict[str, Any]:
+    """``info`` as a loaded checkpoint of ``run`` shows it: plain types, with its architecture and training
+    settings (what :func:`~fluency.core.model.replicates.replicate_of` reads from a saved checkpoint)."""
+    return plain({**info, "architecture": {"name": run.cfg.architecture, "options": dict(run.model.options)},
+                  "training": {"config": asdict(run.cfg)}})
+
+
+def replicate_record(run: _Run, info: Mapping[str, Any], label: str | None) -> dict[str, str]:
+    """``{"configuration": ...}`` for the checkpoints of ``run``: ``label``, else the id of its configuration,
+    computed from the records as they are saved (so it equals the one computed from the checkpoint later)."""
+    return {"configuration": label if label is not None else str(configuration_id(_described(run, info)))}
+
+
+def _resumed_label(state: Mapping[str, Any]) -> str | None:
+    """The configuration an interrupted run recorded (``--resume`` keeps it, a ``--replicate-of`` label too)."""
+    saved = state.get("replicate")
+    label = saved.get("configuration") if isinstance(saved, Mapping) else None
+    return label if isinstance(label, str) and label else None
+
+
+def planned_info(cfg: TrainConfig, *, manager: PluginManager | None = None,
+                 plugin_config: Mapping[str, Any] | None = None, files: Sequence[Path] | None = None,
+                 replicate_label: str | None = None) -> dict[str, Any]:
+    """The description (no weights) a checkpoint of ``cfg`` would carry, its ``replicate`` record included,
+    without training: builds the model and reads the images' fingerprint. How ``--seeds`` checks that a model
+    it skips is of the configuration it trains."""
+    manager = manager or get_plugin_manager()
+    options = _resolve_options(cfg, manager, plugin_config)
+    run = _build(cfg, manager, options, files, Console(quiet=True))
+    info = _checkpoint_info(run, options)
+    return {**_described(run, info), "replicate": replicate_record(run, info, replicate_label)}
 
 
 def training_warnings(checkpoint: Path, info: Mapping[str, Any], figure: Path) -> list[dict[str, str]]:
