@@ -52,6 +52,22 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """48 small noise images with ratings: cheaper than the embedded 240 where the set's content does not matter."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("stimuli")
+    rng = np.random.default_rng(1)
+    (root / "img").mkdir()
+    rows = []
+    for i in range(48):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "img" / f"s{i:02d}.png")
+        rows.append({"image_id": f"s{i:02d}", "rating": float(rng.normal())})
+    pd.DataFrame(rows).to_csv(root / "ratings.csv", index=False)
+    return {"images": root / "img", "ratings": root / "ratings.csv"}
+
+
 def table(path: Path) -> pd.DataFrame:
     frame = pd.read_parquet(path / "metrics.parquet")[KEYS + ["value"]]
     return frame.sort_values(KEYS, na_position="first").reset_index(drop=True)
@@ -61,33 +77,36 @@ def receipts(run: Path) -> list[Path]:
     return sorted(run.glob("units/*/*/unit.json"))
 
 
-def test_shards_and_the_whole_set_reduce_give_the_unsharded_values(tmp_path: Path) -> None:
+def test_shards_and_the_whole_set_reduce_give_the_unsharded_values(tmp_path: Path, folder: dict[str, Path]) -> None:
     """Typicality needs every image (its finish()): with shards it runs in a whole-set unit after them. At
     float32 the store serves it; at float16 the model runs again. Either way: the unsharded values, exactly."""
-    whole = fluency.run(metrics=["gini", "typicality"], out=tmp_path / "one", **FAST)
+    whole = fluency.run(metrics=["gini", "typicality"], out=tmp_path / "one", **folder, **FAST)
     for dtype, from_store in (("float32", 1), ("float16", 0)):
-        run = fluency.run(metrics=["gini", "typicality"], out=tmp_path / dtype, shard_size=100, store_dtype=dtype,
-                          **FAST)
+        run = fluency.run(metrics=["gini", "typicality"], out=tmp_path / dtype, shard_size=20, store_dtype=dtype,
+                          **folder, **FAST)
         tasks = [u["task"] for u in run.manifest["units"]]
         assert tasks == ["default/shard-0000", "default/shard-0001", "default/shard-0002", "default/whole"]
         assert run.manifest["unit_counts"]["from_store"] == from_store
         pd.testing.assert_frame_equal(table(run.path), table(whole.path), check_exact=True)
     store = fluency.open_store(tmp_path / "float32" / "activations" / "default")  # one store of three shards
-    assert store.image_ids == sorted(store.image_ids, key=store.image_ids.index) and len(store.image_ids) == 240
+    assert store.image_ids == [f"s{i:02d}" for i in range(48)] and len(store.shards) == 3
     ids, values = store.read_layer("enc1")
-    assert len(ids) == 240 and values.dtype == np.float32
+    assert ids == store.image_ids and values.dtype == np.float32
+    np.testing.assert_array_equal(values[20:40], fluency.open_store(store.path / "shard-0001").read_layer("enc1")[1])
 
 
-def test_a_rerun_reuses_every_part_and_an_option_change_remeasures_only_its_metric(tmp_path: Path) -> None:
+def test_a_rerun_reuses_every_part_and_an_option_change_remeasures_only_its_metric(tmp_path: Path,
+                                                                                  folder: dict[str, Path]) -> None:
     out = tmp_path / "run"
-    first = fluency.run(metrics=["gini", "sam"], out=out, shard_size=120, **FAST)
+    common = dict(out=out, shard_size=24, **folder, **FAST)
+    first = fluency.run(metrics=["gini", "sam"], **common)
     assert first.manifest["unit_counts"] == {"tasks": 2, "computed": 2, "from_store": 0, "reused": 0, "failed": 0}
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("units/*/*/metrics/*.parquet")}
-    again = fluency.run(metrics=["gini", "sam"], out=out, shard_size=120, **FAST)
+    again = fluency.run(metrics=["gini", "sam"], **common)
     assert again.manifest["unit_counts"]["reused"] == 2 and again.manifest["resumed"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing rewritten
     pd.testing.assert_frame_equal(table(out), table(out), check_exact=True)
-    changed = fluency.run(metrics=["gini", "sam"], out=out, shard_size=120, options=["gini.layers=[enc2]"], **FAST)
+    changed = fluency.run(metrics=["gini", "sam"], options=["gini.layers=[enc2]"], **common)
     units = changed.manifest["units"]
     assert [u["status"] for u in units] == ["from-store", "from-store"]  # no model pass
     assert all(u["from_store"] == ["gini"] and u["reused"] == ["sam"] for u in units)
@@ -97,42 +116,46 @@ def test_a_rerun_reuses_every_part_and_an_option_change_remeasures_only_its_metr
     rho = changed.metrics[changed.metrics.metric.str.startswith("sam")]
     pd.testing.assert_frame_equal(rho.reset_index(drop=True),
                                   first.metrics[first.metrics.metric.str.startswith("sam")].reset_index(drop=True))
-    model_option = fluency.run(metrics=["gini", "sam"], out=out, shard_size=120, options=["gini.layers=[enc2]",
-                               "sam.rho=0.1"], **FAST)
+    model_option = fluency.run(metrics=["gini", "sam"], options=["gini.layers=[enc2]", "sam.rho=0.1"], **common)
     assert [u["computed"] for u in model_option.manifest["units"]] == [["sam"], ["sam"]]  # only sam runs the model
-    forced = fluency.run(metrics=["gini"], out=out, shard_size=120, force=True, **FAST)
+    forced = fluency.run(metrics=["gini"], force=True, **common)
     assert forced.manifest["unit_counts"]["computed"] == 2
 
 
-def test_another_run_into_the_same_folder_is_refused_naming_the_differences(tmp_path: Path) -> None:
+def test_another_run_into_the_same_folder_is_refused_naming_the_differences(tmp_path: Path,
+                                                                           folder: dict[str, Path]) -> None:
     out = tmp_path / "run"
-    fluency.run(metrics=["gini"], out=out, **FAST)
+    fluency.run(metrics=["gini"], out=out, **folder, **FAST)
     with pytest.raises(FluencyError, match=r"holds another run \(seed: 0 then, 3 now\)"):
-        fluency.run(metrics=["gini"], out=out, seed=3, **FAST)
+        fluency.run(metrics=["gini"], out=out, seed=3, **folder, **FAST)
     with pytest.raises(FluencyError, match="shard_size: None then, 10 now"):
-        fluency.run(metrics=["gini"], out=out, shard_size=10, **FAST)
+        fluency.run(metrics=["gini"], out=out, shard_size=10, **folder, **FAST)
 
 
-def test_resume_continues_a_run_from_its_folder_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_resume_continues_a_run_from_its_folder_alone(tmp_path: Path, folder: dict[str, Path],
+                                                      monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    code = fluency_cli(monkeypatch, capsys, "run", "--metric", "gini", "--out", str(out), "--shard-size", "80",
+    code = fluency_cli(monkeypatch, capsys, "run", "--metric", "gini", "--out", str(out), "--shard-size", "16",
+                       "--images", str(folder["images"]), "--ratings", str(folder["ratings"]),
                        "--no-report", "--no-figures", "--seed", "4")[0]
     assert code == 0
     (out / "units" / "default" / "shard-0001" / "unit.json").unlink()  # as if killed before that unit ended
     code, _, err = fluency_cli(monkeypatch, capsys, "run", "--resume", str(out), "--no-report", "--no-figures")
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["config"]["seed"] == 4 and manifest["config"]["shard_size"] == 80
+    assert manifest["config"]["seed"] == 4 and manifest["config"]["shard_size"] == 16
     assert [u["status"] for u in manifest["units"]] == ["reused", "computed", "reused"]
     assert "1 computed" in " ".join(err.split())
 
 
-def test_a_killed_run_computes_only_the_missing_units_when_run_again(tmp_path: Path, models: Path) -> None:
+def test_a_killed_run_computes_only_the_missing_units_when_run_again(tmp_path: Path, models: Path,
+                                                                     folder: dict[str, Path]) -> None:
     """SIGKILL mid-run (no handler can run): the rerun of the same command computes exactly the units without a
     receipt and gives the results of an uninterrupted run."""
     command = [sys.executable, "-m", "fluency.cli", "run", "--metric", "gini", "--checkpoint", str(models),
-               "--shard-size", "60", "--no-report", "--no-figures", "--no-covariates", "--out"]
+               "--images", str(folder["images"]), "--ratings", str(folder["ratings"]), "--batch-size", "4",
+               "--shard-size", "12", "--no-report", "--no-figures", "--no-covariates", "--out"]
     out = tmp_path / "killed"
     proc = subprocess.Popen([*command, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -152,23 +175,25 @@ def test_a_killed_run_computes_only_the_missing_units_when_run_again(tmp_path: P
 
 
 def test_checkpoints_from_globs_folders_and_lists_and_an_unloadable_one_is_skipped(
-        tmp_path: Path, models: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, models: Path, folder: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    stimuli = ["--images", str(folder["images"]), "--ratings", str(folder["ratings"])]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "final.pt").write_bytes(b"not a checkpoint")
     listing = tmp_path / "list.txt"
     listing.write_text(f"# the models\n{models}/a/final.pt\n\n{models}/*/final.pt  # all of them\nbroken/final.pt\n")
-    run = fluency.run(metrics=["gini"], checkpoints_from=listing, out=tmp_path / "r1", **FAST)
+    run = fluency.run(metrics=["gini"], checkpoints_from=listing, out=tmp_path / "r1", **folder, **FAST)
     found = run.manifest["inputs"]["checkpoints"]
     assert [c["label"] for c in found] == ["a", "b", "c"]  # a listed twice: measured once; broken: skipped
     assert all(len(c["sha256"]) == 64 for c in found) and len({c["sha256"] for c in found}) == 3
     assert any(d.get("why") == "unloadable" for d in run.manifest["inputs"]["duplicate_checkpoints"])
     code, _, err = fluency_cli(monkeypatch, capsys, "run", "--metric", "gini", "--checkpoint", str(models),
-                               "--checkpoint", "broken", "--out", "r2", "--no-report", "--no-figures")
+                               "--checkpoint", "broken", "--out", "r2", "--no-report", "--no-figures", *stimuli)
     assert code == 0 and "broken/final.pt" in err and "skipped" in err
     assert set(pd.read_parquet("r2/metrics.parquet").checkpoint) == {"a", "b", "c"}
     code, _, err = fluency_cli(monkeypatch, capsys, "run", "--metric", "gini", "--checkpoint", f"{models}/*/final.pt",
-                               "--checkpoint", "broken", "--fail-fast", "--out", "r3", "--no-report")
+                               "--checkpoint", "broken", "--fail-fast", "--out", "r3", "--no-report", *stimuli)
     assert code == 2 and "not a fluency checkpoint" in err
     code, _, err = fluency_cli(monkeypatch, capsys, "run", "--metric", "gini", "--checkpoint", "nowhere/*.pt",
                                "--out", "r4")
@@ -237,8 +262,8 @@ def test_the_guides_batch_commands_run_as_written(tmp_path: Path, models: Path, 
 
 # -- Dask ------------------------------------------------------------------------------------------------------
 
-def test_a_two_worker_dask_cluster_gives_the_local_tables_even_when_a_worker_is_killed(tmp_path: Path,
-                                                                                        models: Path) -> None:
+def test_a_two_worker_dask_cluster_gives_the_local_tables_even_when_a_worker_is_killed(
+        tmp_path: Path, models: Path, folder: dict[str, Path]) -> None:
     """Three checkpoints, gini and sam, on a 2-process LocalCluster (1 thread each) against the local executor with
     torch's default threads; during the Dask run one worker process is SIGKILLed while it holds a task: that
     task is rescheduled and the run completes. Activation metrics must be identical, SAM within 1e-3 relative."""
@@ -247,7 +272,7 @@ def test_a_two_worker_dask_cluster_gives_the_local_tables_even_when_a_worker_is_
     import psutil
 
     paths = sorted(models.glob("*/final.pt"))
-    common = dict(metrics=["gini", "sam"], checkpoints=paths, shard_size=120, **FAST)
+    common = dict(metrics=["gini", "sam"], checkpoints=paths, shard_size=16, **folder, **FAST)
     local = fluency.run(out=tmp_path / "local", **common)
     out = tmp_path / "dask"
     killed: list[int] = []
@@ -269,7 +294,7 @@ def test_a_two_worker_dask_cluster_gives_the_local_tables_even_when_a_worker_is_
     watcher.join()
     assert killed, "no worker was killed: the test did not test"
     assert dask.manifest["unit_counts"]["failed"] == 0 and dask.manifest["executor"]["threads"] == 1
-    assert dask.manifest["unit_counts"]["tasks"] == 6
+    assert dask.manifest["unit_counts"]["tasks"] == 9
     a, b = table(local.path), table(out)
     sam = a.metric.str.startswith("sam")
     pd.testing.assert_frame_equal(a[~sam], b[~sam], check_exact=True)

@@ -336,7 +336,7 @@ def test_replicate_figure_text_is_at_least_10_pixels(monkeypatch: pytest.MonkeyP
 
 def test_measure_and_report_on_a_run_of_replicates_keep_the_aggregate_current(
         seeded: tuple[Path, dict[str, Any]], images: Path, tmp_path: Path) -> None:
-    """A real run of the two seeds' models, marked as replicates in its manifest as the pipeline marks them;
+    """A real run of the two seeds' models: the run marks them as replicates and aggregates them;
     ``fluency measure`` then adds a metric in place: the aggregate is recomputed with it, and the report
     builds."""
     import fluency
@@ -347,10 +347,10 @@ def test_measure_and_report_on_a_run_of_replicates_keep_the_aggregate_current(
     run = fluency.run(metrics=["gini"], images=images, ratings=images.parent / "ratings.csv", analyses=["pearson"],
                       checkpoints=[out / "seed-1" / "final.pt", out / "seed-2" / "final.pt"], out=tmp_path / "run",
                       covariates=False, figures=False, report=False, progress=False)
-    manifest = read_manifest(run.path)
-    for entry in manifest["inputs"]["checkpoints"]:
-        entry["replicate"] = replicate_of(read_checkpoint(entry["path"]))
-    write_manifest(run.path, manifest)
+    manifest = read_manifest(run.path)  # the run marks each checkpoint's configuration and aggregates them
+    assert [e["replicate"] for e in manifest["inputs"]["checkpoints"]] == [
+        replicate_of(read_checkpoint(e["path"])) for e in manifest["inputs"]["checkpoints"]]
+    assert set(pd.read_parquet(run.path / REPLICATES)["metric"]) == {"gini"}
     measured = fluency.measure(run.path, ["hoyer"], progress=False)
     table = pd.read_parquet(run.path / REPLICATES)
     assert set(table["metric"]) == {"gini", "hoyer"} and set(table["n_models"]) == {2}

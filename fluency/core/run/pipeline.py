@@ -53,6 +53,7 @@ from fluency.core.run.checkpoints import labels as model_labels
 from fluency.core.run.config import RunConfig
 from fluency.core.run.covariates import Covariates, with_covariates
 from fluency.core.run.executors import ExecutorSettings, open_executor
+from fluency.core.run.replicates import write_replicates
 from fluency.core.run.slurm import slurm_options
 from fluency.core.run.groups import check_columns, checkpoint_group, group_image_ids, matched_label
 from fluency.core.run.folder import MANIFEST, RunRecord, RunResult, now, outputs, read_manifest, run_folder, versions
@@ -371,6 +372,7 @@ def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: 
     for name, seconds in outcome_a.timings.items():
         record.timing(name, seconds)
     record.timing("analyses", time.perf_counter() - t0)
+    write_replicates(out_dir, outcome_a.results, record.data)  # models of one configuration, several seeds
     if the_plan.raters is not None:
         t0 = time.perf_counter()
         record.set(reliability=noise_ceiling(the_plan.raters, stimuli, config, out_dir))

@@ -39,6 +39,7 @@ from fluency.core.hashing import file_sha256, options_hash
 from fluency.core.inputs.images import FolderSource, ImageSource, Preprocessing, subset
 from fluency.core.model.checkpoint import LoadedCheckpoint
 from fluency.core.model.devices import resolve_device
+from fluency.core.model.replicates import replicate_of
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager, plugin_version
 from fluency.core.plugin.metric import FluencyMetric
 from fluency.core.run.checkpoints import ModelRef
@@ -406,6 +407,9 @@ def identity(loaded: LoadedCheckpoint) -> dict[str, Any]:
         entry.update(model=loaded.info["architecture"]["name"], weights=loaded.info["weights"])
     else:
         entry["epoch"] = loaded.info.get("epoch")
+    replicate = replicate_of(loaded.info)
+    if replicate is not None:
+        entry["replicate"] = replicate
     return entry
 
 
