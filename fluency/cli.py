@@ -752,6 +752,68 @@ def demo_export(folder: Path, n: int | None, seed: int | None, overwrite: bool) 
     Console().print(f"Wrote {folder}/images/ and {folder}/ratings.csv")
 
 
+@cli.command("runs")
+@click.argument("directory", default="runs", type=click.Path(path_type=Path), metavar="[DIR]")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as a JSON list of objects on stdout.")
+def runs_command(directory: Path, as_json: bool) -> None:
+    """List the fluency runs below DIR (default: runs), newest first: started, folder, checkpoints, stimuli,
+    metrics, status (a run killed while running reads "incomplete").
+
+    Example: fluency runs runs/ --json
+    """
+    from fluency.core.run.history import find_runs
+
+    found = find_runs(directory)
+    _print_notes(found.notes)
+    if as_json:
+        _emit_json([info.as_dict() for info in found.runs])
+        return
+    if not found.runs:
+        click.echo(f"No fluency runs below {directory}.")
+        return
+    from fluency.core.outputs.listing import runs_table
+
+    console = Console()
+    console.print(runs_table(found.runs, console.width))
+
+
+@cli.command("query")
+@click.argument("sql")
+@click.argument("directory", default="runs", type=click.Path(path_type=Path), metavar="[DIR]")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="How the rows are printed on stdout.")
+@click.option("--max-rows", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Rows the table shows (0: all); csv and json print every row.")
+def query_command(sql: str, directory: Path, fmt: str, max_rows: int) -> None:
+    """Run DuckDB SQL over every run below DIR (default: runs). Views: metrics (every metrics.parquet, with
+    run_dir), analyses (every analyses/*.parquet, with analysis and run_dir), runs (one row per run).
+
+    Needs DuckDB: pip install "fluency[query]". See docs/querying.md. Example:
+    fluency query "select checkpoint, avg(value) from metrics where metric = 'gini' group by checkpoint"
+    """
+    from fluency.core.run.sql import query
+
+    result = query(sql, directory)
+    _print_notes(result.notes)
+    from fluency.core.outputs.listing import csv_text, json_records, result_table
+
+    if fmt == "json":
+        _emit_json(json_records(result))
+    elif fmt == "csv":
+        click.echo(csv_text(result), nl=False)
+    else:
+        console = Console()
+        console.print(result_table(result, console.width, max_rows))
+
+
+def _print_notes(notes: Sequence[str]) -> None:
+    """One ``note:`` line on stderr each (a folder or file left out)."""
+    from rich.markup import escape
+
+    for note in notes:
+        err.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
+
+
 #: the exit status of a command interrupted by each signal (128 + its number, as shells report it)
 INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
 

@@ -7,12 +7,14 @@ import sys
 import pytest
 
 
-def fluency_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """``fluency ARGS`` through :func:`fluency.cli.main`: (exit status, stdout, stderr)."""
+def fluency_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str,
+                columns: int = 200) -> tuple[int, str, str]:
+    """``fluency ARGS`` through :func:`fluency.cli.main` in a terminal ``columns`` wide: (exit status, stdout,
+    stderr)."""
     from fluency.cli import main
 
     monkeypatch.setattr(sys, "argv", ["fluency", *args])
-    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("COLUMNS", str(columns))
     try:
         main()
         code = 0

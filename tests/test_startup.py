@@ -71,9 +71,20 @@ def probe(args: list[str], script: str = PROBE) -> dict[str, object]:
     (["run", "--metric", "gini", "-o", "gni.layers=[enc1]"], 2),      # no plugin of that name
     (["train", "--images", "x", "--out", "y", "-o", "adam.beta=0.5"], 2),
     (["compare", "a", "b", "--metric", "ssm"], 2),                    # unknown distance
+    (["runs", "--help"], 0),
+    (["query", "--help"], 0),
+    (["runs", "no-such-folder"], 2),
+    (["query", "select 1", "no-such-folder"], 2),
 ])
 def test_command_answers_without_importing_torch(args: list[str], code: int) -> None:
     assert probe(args) == {"code": code, "torch": False}
+
+
+@pytest.mark.parametrize("args", [["runs"], ["runs", "--json"], ["query", "select 1"],
+                                  ["query", "select * from metrics, analyses, runs", "--format", "json"]])
+def test_listing_and_querying_runs_answer_without_importing_torch(args: list[str], tmp_path: Path) -> None:
+    """``fluency runs`` and ``fluency query`` over an empty folder (tests/test_query.py probes real runs)."""
+    assert probe([*args, str(tmp_path)]) == {"code": 0, "torch": False}
 
 
 def test_the_probe_sees_torch_when_it_is_imported() -> None:

@@ -5,16 +5,15 @@ there (:mod:`fluency.core.run.ledger`); whoever writes it holds its lock (:mod:`
 Its ``manifest.json`` says ``format: fluency-run``; ``format_version`` 2 added ``config`` (the
 :class:`RunConfig`), ``metric_parts`` and ``stores``; readers accept every earlier version and refuse
 a newer one. A version-1 manifest has no format field and is recognised by its keys
-(:data:`V1_KEYS`). Runs written before the marker existed are read (report, measure) but never
+(:data:`V1_KEYS`); reading it needs no torch (:mod:`fluency.core.run.manifest`). Runs written before the marker existed are read (report, measure) but never
 overwritten: without a ledger their files cannot be told from a user's.
 """
 
 from __future__ import annotations
 
-import json
 import platform
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,14 +32,13 @@ from fluency.core.plugin.analysis import EffectSize
 from fluency.core.plugin.manager import PluginManager, plugin_version
 from fluency.core.run.analyse import read_effects
 from fluency.core.run.ledger import MARKER, Ledger, bookkeeping, marker_version, results
-from fluency.core.run.lock import FolderLock, read_holder, refuse_if_busy
+from fluency.core.run.lock import FolderLock, refuse_if_busy
+# reading a manifest needs no torch: it lives in .manifest (fluency runs, fluency query), re-exported here
+from fluency.core.run.manifest import FORMAT as FORMAT, MANIFEST as MANIFEST, V1_KEYS as V1_KEYS
+from fluency.core.run.manifest import read_manifest as read_manifest, run_status as run_status
 from fluency.core.run.replicates import aggregate
 from fluency.core.version import FOLDER_FORMAT_VERSION, MANIFEST_FORMAT_VERSION, __version__
 
-MANIFEST = "manifest.json"
-FORMAT = "fluency-run"
-#: the keys every version-1 manifest has (it has no format field)
-V1_KEYS = frozenset({"run_id", "status", "started", "inputs", "metrics", "versions"})
 
 
 @dataclass
@@ -178,41 +176,6 @@ def writing(folder: Path, command: str, console: Console | None = None, *, new: 
             ledger.start()
         with ledger.recording() if new or marker_version(folder) is not None else nullcontext():
             yield
-
-
-def run_status(run_dir: Path, manifest: Mapping[str, Any]) -> tuple[str, str]:
-    """``(status, note)``: the manifest's status, except that a run still marked ``running`` whose process is gone
-    (killed: no live lock) reads ``incomplete``, the note saying why."""
-    status = str(manifest.get("status", "unknown"))
-    if status != "running":
-        return status, ""
-    holder = read_holder(run_dir)
-    why = "it holds no lock" if holder is None else holder.gone()
-    if holder is not None and why is None:
-        return status, f"by {holder.describe()}"
-    return "incomplete", f"the process that wrote it is gone ({why})"
-
-
-def read_manifest(run_dir: Path) -> dict[str, Any]:
-    """A run folder's manifest; one line if it is missing, unreadable or of a newer format."""
-    path = run_dir / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FluencyError(f"{run_dir}: not a fluency run folder (no {MANIFEST})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FluencyError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise FluencyError(f"{path}: not a fluency manifest")
-    version = manifest.get("format_version", 1)
-    v1 = "format" not in manifest and V1_KEYS <= manifest.keys()
-    if not (v1 or manifest.get("format") == FORMAT) or not isinstance(version, int) or version < 1:
-        raise FluencyError(f"{path}: not a fluency run manifest (format {manifest.get('format')!r}), so "
-                           f"{run_dir} is not a fluency run folder")
-    if version > MANIFEST_FORMAT_VERSION:
-        raise FluencyError(f"{path} has format version {version}, newer than this fluency reads "
-                           f"(1 to {MANIFEST_FORMAT_VERSION}): upgrade fluency")
-    return manifest
 
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
