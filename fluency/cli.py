@@ -17,7 +17,7 @@ from rich.table import Table
 
 from fluency.core.version import __version__
 from fluency.core.model.devices import DEVICES
-from fluency.core.errors import FluencyError, PluginFailure, Terminated
+from fluency.core.errors import FluencyError, PluginFailure, TaskFailure, Terminated
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager
 from fluency.core.plugin.specs import KINDS
 
@@ -867,7 +867,7 @@ def _main() -> None:
         err.print(f"[red]{'plugin error' if plugin else 'error'}:[/red] {escape(str(exc))}"
                   + ("" if _DEBUG["on"] or not plugin else " (--debug shows the traceback)"),
                   highlight=False, soft_wrap=True)
-        sys.exit(3 if plugin else 2)
+        sys.exit(3 if plugin else 1 if isinstance(exc, TaskFailure) else 2)
     except KeyboardInterrupt as exc:
         _interrupted(exc)
 

@@ -206,7 +206,7 @@ def wait_until_measuring(proc: subprocess.Popen[str], out: Path) -> None:
     """Until gini's part exists, then half a second more: several one-image batches are finished by then (the
     part file appears just before its first rows, so a signal at that instant would leave it empty)."""
     deadline = time.monotonic() + 120
-    while not list((out / "metrics").glob("gini-*.parquet.partial")):
+    while not list(out.glob("units/default/all/metrics/gini-*.parquet.partial")):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"the run was not measuring when it was to be signalled: {proc.communicate()}")
@@ -226,7 +226,7 @@ def test_sigterm_marks_the_run_interrupted_and_keeps_what_it_finished(tmp_path: 
     (line,) = [line.strip() for line in stderr.splitlines() if line.startswith("interrupted")]
     assert line.startswith("interrupted (SIGTERM): finished results are kept") and "Traceback" not in stderr
     assert line in (ROOT / "docs" / "user-guide.md").read_text()  # the message is the one the guide shows
-    (partial,) = (out / "metrics").glob("gini-*.parquet.partial")
+    (partial,) = out.glob("units/default/all/metrics/gini-*.parquet.partial")
     assert pq.read_table(partial).num_rows > 0 and not (out / LOCK).exists()
 
 
@@ -245,7 +245,7 @@ def test_a_killed_run_reads_as_incomplete_and_its_files_alone_are_overwritten(st
     (out / "analyses" / "notes.md").write_text("the killed run")
     small_run(stimuli, out, overwrite=True, store=False)
     assert (out / "analyses" / "notes.md").read_text() == "the killed run"
-    assert not list((out / "metrics").glob("*.partial")) and not (out / "activations").exists()
+    assert not list(out.rglob("*.partial")) and not (out / "activations").exists()
 
 
 # -- train --out, demo export, --out inside --images ----------------------------------------------------------
@@ -315,7 +315,7 @@ def test_exit_codes(stimuli: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert main(monkeypatch, "run", "--metric", "ginni", "--out", str(tmp_path / "typo"), *common) == 2
     assert "error:" in capsys.readouterr().err and not (tmp_path / "typo").exists()
 
-    from fluency.core.run import pipeline
+    from fluency.core.run import units
     from fluency.plugins.default_hoyer import Hoyer
 
     monkeypatch.setattr(Hoyer, "compute", lambda self, batch: 1 / 0)
@@ -325,7 +325,7 @@ def test_exit_codes(stimuli: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "measure_checkpoint", ctrl_c)
+    monkeypatch.setattr(units, "measure_checkpoint", ctrl_c)
     assert main(monkeypatch, "run", "--metric", "gini", "--out", str(tmp_path / "int"), *common) == 130
     assert "interrupted (SIGINT): finished results are kept" in " ".join(capsys.readouterr().err.split())
     assert json.loads((tmp_path / "int" / "manifest.json").read_text())["status"] == "interrupted"
@@ -334,7 +334,7 @@ def test_exit_codes(stimuli: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def bug(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(pipeline, "measure_checkpoint", bug)
-    with pytest.raises(RuntimeError, match="a bug"):  # uncaught: Python prints the traceback and exits with 1
-        main(monkeypatch, "run", "--metric", "gini", "--out", str(tmp_path / "bug"), *common)
+    monkeypatch.setattr(units, "measure_checkpoint", bug)  # an unexpected error: retried, then reported
+    assert main(monkeypatch, "run", "--metric", "gini", "--out", str(tmp_path / "bug"), *common) == 1
+    assert "RuntimeError: a bug (3 tries)" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the entry point restores the handler

@@ -24,6 +24,11 @@ class PluginFailure(FluencyError):
     user's (the command line exits with status 3 instead of 2)."""
 
 
+class TaskFailure(FluencyError):
+    """A unit of work that failed on every try for a reason that is not one of fluency's one-line errors (a bug,
+    a lost node): reported in one line, and the command line exits with status 1, as for a bug."""
+
+
 class InputError(FluencyError):
     """Bad user input: an unreadable image, a malformed ratings table, a missing file."""
 

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fluency.core.atomic import claim
-from fluency.core.errors import FluencyError
+from fluency.core.errors import FluencyError, TaskFailure
 from fluency.core.hashing import options_hash
 from fluency.core.plugin.manager import PluginManager
 from fluency.core.progress import progress_bar, step
@@ -199,8 +199,9 @@ def store_record(results: Sequence[UnitResult], label: str, run_dir: Path, conso
     return entry
 
 
-def latents(results: Sequence[UnitResult], run_dir: Path) -> Latents:
-    """The latent means of a checkpoint, the shards' in order."""
+def latents(results: Sequence[UnitResult], run_dir: Path, drop: Sequence[str] = ()) -> Latents:
+    """The latent means of a checkpoint, the shards' in order, without the images ``drop`` (those that failed to
+    load for some checkpoint: left out of every one)."""
     ids: list[str] = []
     parts: list[np.ndarray] = []
     shape: tuple[int, ...] = ()
@@ -210,7 +211,11 @@ def latents(results: Sequence[UnitResult], run_dir: Path) -> Latents:
                 ids += [str(i) for i in data["ids"]]
                 parts.append(np.asarray(data["mu"], np.float32))
                 shape = tuple(int(s) for s in data["shape"])
-    return Latents(ids, np.concatenate(parts) if parts else np.zeros((0, 0), np.float32), shape)
+    mu = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    if drop and len(ids):
+        keep = [i for i, image_id in enumerate(ids) if image_id not in set(drop)]
+        ids, mu = [ids[i] for i in keep], mu[keep]
+    return Latents(ids, mu, shape)
 
 
 def warnings_of(results: Sequence[UnitResult], label: str, figure: Path | None) -> list[dict[str, str]]:
@@ -262,7 +267,7 @@ def raise_failure(outcome: Outcome, fail_fast: bool, console: Console) -> None:
         more = f" (and {len(outcome.failed) - 1} more failed task(s): see the manifest)" if len(outcome.failed) > 1 \
             else ""
         raise type(exc)(f"{first['error']}{more}") if isinstance(exc, FluencyError) else \
-            FluencyError(f"{first['error']}{more}")
+            TaskFailure(f"{first['error']}{more}")
     for failure in outcome.failed:
         console.print(f"[yellow]warning:[/yellow] {escape(failure['error'])}; checkpoint {escape(failure['label'])} "
                       "left out of the results (rerun the same command to try its tasks again)", highlight=False)

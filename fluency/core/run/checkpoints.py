@@ -152,7 +152,7 @@ def expand_checkpoints(specs: Sequence[str], listing: str | Path | None = None) 
     found: list[Path] = []
     for spec, base, where in entries:
         path = Path(spec) if Path(spec).is_absolute() else base / spec
-        if _GLOB & set(spec):
+        if _GLOB & set(spec) and not path.exists():  # a name with brackets is a file, not a pattern
             matches = sorted(p for p in Path(path.anchor).glob(str(path.relative_to(path.anchor))) if p.is_file())
             if not matches:
                 raise FluencyError(f"{where} {spec}: matches no file")

@@ -343,7 +343,7 @@ def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: 
         if entry is not None:
             record.entry("stores", label, entry)
     if observer is not None:
-        _observe(the_plan, record, manager, observer, outcome, stimuli, console)
+        _observe(the_plan, record, manager, observer, outcome, stimuli, console, list(late))
     for label in measured:
         found = warnings_of(outcome.results[label], label, out_dir / "figures" / f"recon-{label}.png")
         record.set(warnings=[*record.data.get("warnings", []), *found])
@@ -433,7 +433,7 @@ def stimulus_ids(stimuli: Stimuli) -> list[str]:
 
 
 def _observe(the_plan: RunPlan, record: RunRecord, manager: PluginManager, observer: CheckpointObserver,
-             outcome: Outcome, stimuli: Stimuli, console: Console) -> None:
+             outcome: Outcome, stimuli: Stimuli, console: Console, late: list[str]) -> None:
     """Tell the observer about every measured checkpoint (its model loaded here, its latents from the units)."""
     out_dir = record.run_dir
     refs = {ref.label: ref for ref in the_plan.models}
@@ -443,7 +443,7 @@ def _observe(the_plan: RunPlan, record: RunRecord, manager: PluginManager, obser
             task = bars.add_task(step("figures", label), total=1, status="drawing the figures")
             loaded = refs[label].load(manager)
             loaded.model.to(the_plan.device).eval()
-            done = MeasuredCheckpoint(loaded, stimuli, latents(outcome.results[label], out_dir), out_dir,
+            done = MeasuredCheckpoint(loaded, stimuli, latents(outcome.results[label], out_dir, late), out_dir,
                                       the_plan.device, the_plan.config.batch_size)
             figures = record.data["figures"]
             record.set(figures={**figures, "checkpoints": {**figures["checkpoints"], label: observer.measured(done)}})
