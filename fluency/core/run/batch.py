@@ -111,8 +111,10 @@ def execute(waves: Sequence[Sequence[Unit]], executor: Any, manager: PluginManag
                 if done.error is not None:
                     outcome.failed.append({"label": unit.label, "unit": unit.name, "error": done.error,
                                            "detail": done.detail, "exception": done.exception})
+                    if bar[unit.label] in bars.task_ids:  # its failure is reported in one line instead
+                        bars.remove_task(bar[unit.label])
                 record_timing(f"task[{unit.key}]", done.seconds)
-                if not local and not unit.whole:
+                if not local and not unit.whole and bar[unit.label] in bars.task_ids:
                     bars.update(bar[unit.label], advance=len(unit.shard.ids))
                 if overall is not None:
                     bars.update(overall, advance=1)
@@ -122,10 +124,13 @@ def execute(waves: Sequence[Sequence[Unit]], executor: Any, manager: PluginManag
 def _local_fn(manager: PluginManager, bars: Any, bar: Mapping[str, Any]) -> Callable[[Unit], UnitResult]:
     """The unit function in this process: the caller's plugin manager, progress per batch."""
     def fn(unit: Unit) -> UnitResult:
-        def progress(n: int, status: str) -> None:
-            bars.update(bar[unit.label], advance=0 if unit.whole else n, status=status)
+        shown = bar[unit.label] in bars.task_ids  # gone once another of the checkpoint's units failed
 
-        bars.update(bar[unit.label], status="loading the model")
+        def progress(n: int, status: str) -> None:
+            if shown:
+                bars.update(bar[unit.label], advance=0 if unit.whole else n, status=status)
+
+        progress(0, "loading the model")
         return run_unit(unit, manager, progress)
     return fn
 

@@ -38,7 +38,7 @@ from fluency.core.errors import FluencyError, InputError
 from fluency.core.hashing import file_sha256, options_hash
 from fluency.core.inputs.images import FolderSource, ImageSource, Preprocessing, subset
 from fluency.core.model.checkpoint import LoadedCheckpoint
-from fluency.core.model.devices import resolve_device
+from fluency.core.model.devices import deterministic, resolve_device
 from fluency.core.model.replicates import replicate_of
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager, plugin_version
 from fluency.core.plugin.metric import FluencyMetric
@@ -161,14 +161,18 @@ def run_unit(unit: Unit, manager: PluginManager | None = None, progress: Progres
     """Run one unit, in this process: what a Dask worker calls. A fluency error (bad input, a metric the model
     cannot serve) comes back as ``error``, not raised: retrying it cannot help. Anything else is raised (the
     executor retries it). ``loaded``: the model, when the caller has it already."""
-    started = time.perf_counter()
+    started, threads = time.perf_counter(), torch.get_num_threads()
     if unit.threads:
         torch.set_num_threads(unit.threads)
-    result = UnitResult(unit.key, unit.label, unit.name, threads=torch.get_num_threads())
     try:
-        _run(unit, manager or get_plugin_manager(), progress, loaded, result)
-    except FluencyError as exc:
-        result.error, result.exception = f"{unit.describe()}: {exc}", exc
+        with deterministic(unit.config.deterministic):  # in a worker process too
+            result = UnitResult(unit.key, unit.label, unit.name, threads=torch.get_num_threads())
+            try:
+                _run(unit, manager or get_plugin_manager(), progress, loaded, result)
+            except FluencyError as exc:
+                result.error, result.exception = f"{unit.describe()}: {exc}", exc
+    finally:
+        torch.set_num_threads(threads)  # in-process, the caller's count is restored
     result.seconds = round(time.perf_counter() - started, 3)
     return result
 
