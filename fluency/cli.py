@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -209,9 +210,14 @@ def run(images: Path | None, ratings: Path | None, id_column: str, rating_column
         from fluency.jobs import run as run_job
         from fluency.core.run.folder import read_manifest
 
-        recorded = read_manifest(resume).get("config")
+        manifest = read_manifest(resume)
+        recorded = manifest.get("config")
         if not isinstance(recorded, dict):
             raise FluencyError(f"--resume {resume}: its manifest records no settings (a run of an earlier fluency)")
+        resume = resume.resolve()
+        started_in = Path(str(manifest.get("cwd") or "."))
+        if started_in.is_dir():
+            os.chdir(started_in)  # the recorded paths (images, checkpoints) are relative to where the run began
         result = run_job(**{**recorded, **how, "out": resume, "overwrite": False}, console=err,
                          interpolate=interpolate, figures=not no_figures, report=not no_report)
         _print_result(result, top, as_json)
@@ -264,6 +270,8 @@ def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = 
                     "matching": result.manifest.get("matching"), "unreadable_images": result.unreadable,
                     "timings": result.manifest["timings"], "reliability": result.manifest.get("reliability"),
                     "warnings": result.manifest.get("warnings") or [],
+                    "units": result.manifest.get("unit_counts"),
+                    "failed_tasks": result.manifest.get("failed_tasks") or [],
                     "replicates": _jsonable(replicates) if len(replicates) else []})
         return
     out_console = Console()

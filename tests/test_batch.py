@@ -135,13 +135,19 @@ def test_another_run_into_the_same_folder_is_refused_naming_the_differences(tmp_
 def test_resume_continues_a_run_from_its_folder_alone(tmp_path: Path, folder: dict[str, Path],
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "run"
-    code = fluency_cli(monkeypatch, capsys, "run", "--metric", "gini", "--out", str(out), "--shard-size", "16",
-                       "--images", str(folder["images"]), "--ratings", str(folder["ratings"]),
-                       "--no-report", "--no-figures", "--seed", "4")[0]
+    """The run began with relative paths; --resume from another folder finds them (it returns to where the run
+    began) and computes only the unit whose receipt is missing."""
+    (tmp_path / "img").symlink_to(folder["images"])
+    (tmp_path / "r.csv").symlink_to(folder["ratings"])
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)  # restored after the test, also after --resume's change of folder
+    code = fluency_cli(monkeypatch, capsys, "run", "--metric", "gini", "--out", "run", "--shard-size", "16",
+                       "--images", "img", "--ratings", "r.csv", "--no-report", "--no-figures", "--seed", "4")[0]
     assert code == 0
+    out = tmp_path / "run"
     (out / "units" / "default" / "shard-0001" / "unit.json").unlink()  # as if killed before that unit ended
-    code, _, err = fluency_cli(monkeypatch, capsys, "run", "--resume", str(out), "--no-report", "--no-figures")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, _, err = fluency_cli(monkeypatch, capsys, "run", "--resume", "../run", "--no-report", "--no-figures")
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["seed"] == 4 and manifest["config"]["shard_size"] == 16
@@ -310,3 +316,36 @@ def test_a_two_worker_dask_cluster_gives_the_local_tables_even_when_a_worker_is_
     pd.testing.assert_frame_equal(a[~sam].reset_index(drop=True), b[~sam].reset_index(drop=True),
                                   check_exact=False, rtol=1e-6, atol=0)  # other thread counts: float32 rounding
     np.testing.assert_allclose(b[sam].value, a[sam].value, rtol=1e-3)
+
+
+def test_a_failing_checkpoint_is_reported_and_the_others_complete(tmp_path: Path, models: Path,
+                                                                  folder: dict[str, Path],
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint whose task fails (NaN weights: NaN activations) costs only that checkpoint: one warning line
+    naming it, its shard and the error, the others measured and analysed, the failure in the manifest and in
+    --json; a rerun tries only the failed task again."""
+    from fluency.core.model.checkpoint import load_checkpoint, save_checkpoint
+    from fluency.core.plugin.manager import PluginManager
+
+    loaded = load_checkpoint(models / "a" / "final.pt", PluginManager(autoload=False))
+    with torch.no_grad():
+        next(loaded.model.parameters()).fill_(float("nan"))
+    info = {k: v for k, v in loaded.info.items() if k not in ("format", "format_version", "architecture")}
+    save_checkpoint(tmp_path / "nan" / "final.pt", loaded.model, "vae-small", **info)
+    args = ["run", "--metric", "gini", "--checkpoint", str(models / "b" / "final.pt"), "--checkpoint",
+            str(tmp_path / "nan" / "final.pt"), "--images", str(folder["images"]), "--ratings",
+            str(folder["ratings"]), "--out", str(tmp_path / "run"), "--no-report", "--no-figures", "--json"]
+    code, out, err = fluency_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    said = " ".join(err.split())
+    assert "warning: checkpoint nan, all images: checkpoint nan: NaN/Inf activations" in said
+    assert "checkpoint nan left out of the results" in said
+    summary = json.loads(out)
+    assert summary["units"]["failed"] == 1 and summary["failed_tasks"][0]["label"] == "nan"
+    assert set(pd.read_parquet(tmp_path / "run" / "metrics.parquet").checkpoint) == {"b"}
+    assert set(pd.read_parquet(tmp_path / "run" / "analyses" / "pearson.parquet").checkpoint) == {"b"}
+    code, out, err = fluency_cli(monkeypatch, capsys, *args)
+    assert json.loads(out)["units"] == {"tasks": 2, "computed": 0, "from_store": 0, "reused": 1, "failed": 1}
+    code, _, err = fluency_cli(monkeypatch, capsys, *args, "--fail-fast")
+    assert code == 2 and "NaN/Inf activations" in err

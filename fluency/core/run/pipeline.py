@@ -258,7 +258,8 @@ def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | N
         used = [("metric", n) for n in the_plan.metric_specs] + [("analysis", n) for n in the_plan.analysis_specs]
         record = RunRecord(out_dir, {
             "run_id": out_dir.name, "status": "running", "started": now(),
-            "command": sys.argv if Path(sys.argv[0]).name == "fluency" else None, "config": config.as_dict(),
+            "command": sys.argv if Path(sys.argv[0]).name == "fluency" else None, "cwd": str(Path.cwd()),
+            "config": config.as_dict(),
             "inputs": {"stimuli": the_plan.stimuli.description, "duplicate_checkpoints": the_plan.duplicates},
             "metrics": list(the_plan.metric_specs), "analyses": list(the_plan.analysis_specs),
             "analysis_effects": effects_record(the_plan.analysis_specs),

@@ -310,20 +310,28 @@ def _from_store(unit: Unit, missing: Mapping[str, Any], manager: PluginManager, 
     if any(layer not in store.layers for layer in read) or store.image_ids != list(unit.shard.ids):
         return False
     parts = _parts(unit, measuring, manager)
-    try:
-        for batch in store.metric_batches(read, unit.config.batch_size):
-            batch.seed = unit.config.seed
-            metrics.compute(batch, unit.label, parts)
-        metrics.finish(unit.label, parts, unit.run_dir / "state" / unit.label)
-    except BaseException:
-        parts.abort()
-        raise
+    _feed_stores(unit, [store], metrics, read, parts)
     _publish(unit, parts, receipt["key"], manager, result)
     _from_receipt(receipt, result)
     result.from_store = list(missing)
     result.reused = [n for n in unit.metrics if n not in missing]
     result.parts = {n: _part_record(unit, n, o) for n, o in unit.metrics.items()}
     return True
+
+
+def _feed_stores(unit: Unit, stores: Sequence[ActivationStore], metrics: CheckpointMetrics, read: Sequence[str],
+                 parts: MetricParts) -> None:
+    """The metrics on the layers ``read`` of ``stores``, in order, then their whole-set values and state (an error
+    leaves the parts unpublished)."""
+    try:
+        for store in stores:
+            for batch in store.metric_batches(read, unit.config.batch_size):
+                batch.seed = unit.config.seed
+                metrics.compute(batch, unit.label, parts)
+        metrics.finish(unit.label, parts, unit.run_dir / "state" / unit.label)
+    except BaseException:
+        parts.abort()
+        raise
 
 
 def preprocessing_of(loaded: LoadedCheckpoint) -> Preprocessing:
@@ -388,15 +396,7 @@ def _whole_from_stores(unit: Unit, measuring: Measuring, manager: PluginManager,
     if any(layer not in store.layers or store.dtype(layer) != np.float32 for store in stores for layer in read):
         return False  # a float16 store would round what the live pass gives a whole-set metric at float32
     parts = _parts(unit, measuring, manager)
-    try:
-        for store in stores:
-            for batch in store.metric_batches(read, unit.config.batch_size):
-                batch.seed = unit.config.seed
-                metrics.compute(batch, unit.label, parts)
-        metrics.finish(unit.label, parts, unit.run_dir / "state" / unit.label)
-    except BaseException:
-        parts.abort()
-        raise
+    _feed_stores(unit, stores, metrics, read, parts)
     _publish(unit, parts, base, manager, result)
     result.from_store = list(measuring.metric_specs)
     result.images = sum(len(store.image_ids) for store in stores)
