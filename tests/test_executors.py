@@ -215,6 +215,11 @@ def environment(x: float) -> tuple[int, str, str, bool]:
             multiprocessing.current_process().daemon)
 
 
+def malloc_trim(_: int) -> str | None:
+    """The worker's MALLOC_TRIM_THRESHOLD_: Dask's nanny sets 65536, which slows torch's allocations 1.6x."""
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
 def test_dask_gives_the_same_results_as_local(dask_executor: Any) -> None:
     assert dask_executor.description == "dask LocalCluster, 2 workers × 2 thread(s), GPUs 3,5"
     tasks = list(range(12))
@@ -226,6 +231,7 @@ def test_each_dask_worker_has_its_own_gpu(dask_executor: Any) -> None:
     gpu_of = {pid: gpu for pid, gpu, _, _ in seen}
     assert len(gpu_of) == 2 and sorted(gpu_of.values()) == ["3", "5"]
     assert {(threads, daemonic) for _, _, threads, daemonic in seen} == {("2", False)}
+    assert set(run_all(dask_executor, malloc_trim, [0, 1, 2, 3]).values()) == {None}
 
 
 def fail_counted(job: tuple[str, int]) -> int:
@@ -314,7 +320,8 @@ def test_a_slurm_job_runs_one_worker_per_gpu(tmp_path: Path, monkeypatch: pytest
     with open_executor(settings, QUIET) as executor:
         assert executor.description.startswith("SLURM via dask-jobqueue, up to 1 job(s) × 2 worker(s)")
         seen = run_all(executor, environment, [0.3] * 6).values()
-    assert sorted({gpu for _, gpu, _, _ in seen}) == ["7", "9"]
+        trims = set(run_all(executor, malloc_trim, [0, 1, 2, 3]).values())
+    assert sorted({gpu for _, gpu, _, _ in seen}) == ["7", "9"] and trims == {None}
     assert {daemonic for *_, daemonic in seen} == {False}
 
 

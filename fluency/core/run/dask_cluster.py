@@ -32,7 +32,9 @@ def local_gpus() -> tuple[str, ...]:
 def dask_config(settings: ExecutorSettings, quiet_workers: bool) -> dict[str, Any]:
     """Dask configuration while the executor is open: workers are non-daemonic (a DataLoader with workers
     can start processes inside a task), deaths count against ``retries``, no memory pausing or spilling."""
-    spawn_env = {"MALLOC_TRIM_THRESHOLD_": 65536, **slurm.worker_environment(settings.threads)}
+    # Dask's default MALLOC_TRIM_THRESHOLD_=65536 makes glibc return freed memory at once: torch then maps and
+    # faults in every batch's activations anew (a unit ran 1.6x slower on 2 cores, docs/benchmarks.md); unset
+    spawn_env: dict[str, Any] = {"MALLOC_TRIM_THRESHOLD_": None, **slurm.worker_environment(settings.threads)}
     if quiet_workers:  # read when the worker process imports distributed, before any nanny env applies
         spawn_env["DASK_LOGGING__DISTRIBUTED"] = "critical"
     return {

@@ -39,6 +39,8 @@ SLURM_OPTIONS: dict[str, Option] = {
 LIST_KEYS = tuple(key for key, option in SLURM_OPTIONS.items() if option.type == "list[str]")
 #: the preload that pins one GPU per worker process of a multi-GPU job
 GPU_PRELOAD = "fluency.core.run.worker_gpu"
+#: the nanny preload that starts workers without Dask's MALLOC_TRIM_THRESHOLD_ (fluency.core.run.nanny_env)
+NANNY_PRELOAD = "fluency.core.run.nanny_env"
 #: set in every job before the user's prologue: non-daemonic workers (a DataLoader with workers can
 #: start processes), no Dask memory pausing or spilling (results are small; torch owns the memory)
 JOB_ENVIRONMENT = {
@@ -148,7 +150,8 @@ def job_arguments(options: Mapping[str, Any], threads: int) -> dict[str, Any]:
     processes = processes_per_job(values, threads)
     life, stagger = lifetime(values)
     environment = {**JOB_ENVIRONMENT, **worker_environment(threads)}
-    extra_args = ["--lifetime", _duration(life), "--lifetime-stagger", _duration(stagger)]
+    extra_args = ["--lifetime", _duration(life), "--lifetime-stagger", _duration(stagger),
+                  "--preload-nanny", NANNY_PRELOAD]
     if values["gpus"] > 1:
         extra_args += ["--preload", GPU_PRELOAD]
     arguments = {
