@@ -180,6 +180,8 @@ def run_unit(unit: Unit, manager: PluginManager | None = None, progress: Progres
 def _run(unit: Unit, manager: PluginManager, progress: Progress | None, loaded: LoadedCheckpoint | None,
          result: UnitResult) -> None:
     receipt = _read_json(unit.folder / RECEIPT)
+    if loaded is None and receipt is not None and unit.model.recipe is not None:
+        loaded = unit.model.load(manager)  # a --model sent by its recipe: its weights' sha256 needs it built
     sha = loaded.sha256 if loaded is not None else _quick_sha(unit.model)
     try:
         base = _base_key(unit, sha, None, receipt) if receipt is not None and sha is not None else None
