@@ -19,6 +19,9 @@ from fluency.core.run import slurm
 if TYPE_CHECKING:
     from fluency.core.run.executors import ExecutorSettings
 
+#: the worker preload that imports torch and fluency while the worker starts (fluency.core.run.worker_warm)
+WARM = "fluency.core.run.worker_warm"
+
 
 def local_gpus() -> tuple[str, ...]:
     """The GPU ids torch sees here (``CUDA_VISIBLE_DEVICES``' entries when set); torch imported only now."""
@@ -43,6 +46,7 @@ def dask_config(settings: ExecutorSettings, quiet_workers: bool) -> dict[str, An
         "distributed.worker.memory.target": False,
         "distributed.worker.memory.spill": False,
         "distributed.worker.memory.pause": False,
+        "distributed.worker.profile.enabled": False,  # its 10-ms stack sampling slowed a task ~5 % on 2 cores
         "distributed.nanny.pre-spawn-environ": spawn_env,
     }
 
@@ -57,13 +61,25 @@ def dashboard_of(client: Any) -> str | None:
     return client.dashboard_link if has_dashboard() else None
 
 
-def local_cluster(settings: ExecutorSettings, devices: tuple[str, ...]) -> tuple[Any, str]:
-    """A cluster of ``workers`` worker processes on this machine, each with its own environment (its
-    GPU in ``CUDA_VISIBLE_DEVICES``), and its description."""
+def local_workers(settings: ExecutorSettings, devices: tuple[str, ...]) -> int:
+    """How many worker processes a local cluster gets: ``--workers``, else one per GPU, else one per
+    ``--threads`` cores."""
+    return settings.workers or len(devices) or max(1, (os.cpu_count() or 1) // settings.threads)
+
+
+def describe_local(settings: ExecutorSettings, devices: tuple[str, ...]) -> str:
+    """The description of a local cluster, as recorded in the manifest."""
+    gpus = f", GPUs {','.join(devices)}" if devices else ""
+    return f"dask LocalCluster, {local_workers(settings, devices)} workers × {settings.threads} thread(s){gpus}"
+
+
+def local_cluster(settings: ExecutorSettings, devices: tuple[str, ...]) -> Any:
+    """A started cluster of worker processes on this machine, each with its own environment (its GPU in
+    ``CUDA_VISIBLE_DEVICES``), importing torch and fluency as it starts (:data:`WARM`)."""
     from distributed import Nanny, Scheduler, SpecCluster
     from distributed.worker_memory import parse_memory_limit
 
-    workers = settings.workers or len(devices) or max(1, (os.cpu_count() or 1) // settings.threads)
+    workers = local_workers(settings, devices)
     dashboard = has_dashboard()
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": dashboard,
                                                 "dashboard_address": ":0" if dashboard else None}}
@@ -73,13 +89,11 @@ def local_cluster(settings: ExecutorSettings, devices: tuple[str, ...]) -> tuple
         env = slurm.worker_environment(settings.threads)
         if devices:
             env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
-        return {"cls": Nanny, "options": {"host": "127.0.0.1", "nthreads": 1, "env": env,
+        return {"cls": Nanny, "options": {"host": "127.0.0.1", "nthreads": 1, "env": env, "preload": [WARM],
                                           "memory_limit": memory, "dashboard": False}}
 
-    cluster = SpecCluster(scheduler=scheduler, workers={i: worker(i) for i in range(workers)},
-                          name="fluency", silence_logs=False)
-    gpus = f", GPUs {','.join(devices)}" if devices else ""
-    return cluster, f"dask LocalCluster, {workers} workers × {settings.threads} thread(s){gpus}"
+    return SpecCluster(scheduler=scheduler, workers={i: worker(i) for i in range(workers)}, name="fluency",
+                       silence_logs=False)
 
 
 def slurm_cluster(settings: ExecutorSettings) -> tuple[Any, str]:

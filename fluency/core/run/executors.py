@@ -14,6 +14,7 @@ import difflib
 import importlib.util
 import logging
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -127,11 +128,22 @@ class DaskExecutor:
     """Tasks submitted to a Dask client: Dask retries errors (``retries``) and reschedules the task of a
     worker that died (the scheduler's ``allowed-failures``)."""
 
-    def __init__(self, client: Any, description: str, retries: int, dashboard: str | None) -> None:
-        self.client = client
+    def __init__(self, client: Any | Future[Any], description: str, retries: int) -> None:
+        self._client = client
         self.description = description
-        self.dashboard = dashboard
         self.retries = retries
+
+    @property
+    def client(self) -> Any:
+        """The Dask client, once its cluster has started (a local cluster starts in the background)."""
+        if isinstance(self._client, Future):
+            self._client = self._client.result()
+        return self._client
+
+    @property
+    def dashboard(self) -> str | None:
+        """The dashboard's address, or None where it is not served."""
+        return dask_cluster.dashboard_of(self.client)
 
     def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str]
             ) -> Iterator[tuple[int, Any]]:
@@ -166,7 +178,8 @@ class DaskExecutor:
 
     def close(self) -> None:
         """Close the client (the cluster is closed by :func:`open_executor`)."""
-        self.client.close()
+        if not isinstance(self._client, Future) or self._client.exception() is None:
+            self.client.close()
 
 
 def _need(module: str, kind: str) -> None:
@@ -208,23 +221,41 @@ def open_executor(settings: ExecutorSettings, console: Console) -> Iterator[Exec
 
 def _connect(settings: ExecutorSettings, console: Console, local: bool, stack: ExitStack,
              client_cls: Any) -> DaskExecutor:
-    """Start (or reach) the cluster, registering its shutdown on ``stack``, and wrap a client of it."""
+    """Start (or reach) the cluster, registering its shutdown on ``stack``, and wrap a client of it. A local
+    cluster starts in a background thread: its workers start and import torch while the caller plans."""
     if settings.scheduler is not None:
         try:
             client = client_cls(settings.scheduler, timeout="10s")
         except (OSError, TimeoutError) as exc:
             raise FluencyError(f"--scheduler {settings.scheduler}: cannot connect ({error_text(exc)})") from None
         dask_cluster.warn_about_workers(client, console, settings.scheduler)
-        return DaskExecutor(client, f"dask scheduler {settings.scheduler}", settings.retries,
-                            dask_cluster.dashboard_of(client))
-    if local:
-        devices = settings.devices if settings.devices is not None else dask_cluster.local_gpus()
-        cluster, description = dask_cluster.local_cluster(settings, devices)
-    else:
+        return DaskExecutor(client, f"dask scheduler {settings.scheduler}", settings.retries)
+    if not local:
         cluster, description = dask_cluster.slurm_cluster(settings)
-    stack.callback(cluster.close)
-    client = client_cls(cluster)
-    return DaskExecutor(client, description, settings.retries, dask_cluster.dashboard_of(client))
+        stack.callback(cluster.close)
+        return DaskExecutor(client_cls(cluster), description, settings.retries)
+    devices = settings.devices if settings.devices is not None else dask_cluster.local_gpus()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fluency-cluster")
+    started = pool.submit(_start_local, settings, devices, client_cls)
+    pool.shutdown(wait=False)  # the thread ends with the start
+    stack.callback(_close_started, started)
+    return DaskExecutor(started, dask_cluster.describe_local(settings, devices), settings.retries)
+
+
+def _start_local(settings: ExecutorSettings, devices: tuple[str, ...], client_cls: Any) -> Any:
+    """A client of a newly started local cluster (the cluster closed again when no client comes of it)."""
+    cluster = dask_cluster.local_cluster(settings, devices)
+    try:
+        return client_cls(cluster)
+    except BaseException:
+        cluster.close()
+        raise
+
+
+def _close_started(started: Future[Any]) -> None:
+    """Close the cluster behind a started client, waiting for the start to end (an interrupt may come first)."""
+    if started.exception() is None:  # a failed start leaves no cluster (SpecCluster closes what it began)
+        started.result().cluster.close()
 
 
 def slurm_job_script(settings: ExecutorSettings) -> str:

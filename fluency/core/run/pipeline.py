@@ -23,6 +23,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,7 +53,7 @@ from fluency.core.run.checkpoints import ModelRef, expand_checkpoints, unique_ch
 from fluency.core.run.checkpoints import labels as model_labels
 from fluency.core.run.config import RunConfig
 from fluency.core.run.covariates import Covariates, with_covariates
-from fluency.core.run.executors import ExecutorSettings, open_executor
+from fluency.core.run.executors import Executor, ExecutorSettings, open_executor
 from fluency.core.run.replicates import write_replicates
 from fluency.core.run.slurm import slurm_options
 from fluency.core.run.groups import check_columns, checkpoint_group, group_image_ids, matched_label
@@ -107,7 +108,6 @@ class RunPlan:
     device: torch.device
     raters: RaterRatings | None = None  # --rater-ratings, read before any work
     groups: dict[str, dict[str, str]] | None = None  # --match-group: checkpoint label -> its subgroup
-    executor: ExecutorSettings | None = None  # where the units run (checked with the rest)
     #: None: no covariates (--no-covariates); else whether the user asked for them as a metric too
     covariates_requested: bool | None = None
 
@@ -148,8 +148,7 @@ def plan(config: RunConfig, manager: PluginManager, console: Console) -> RunPlan
                for name, label in zip(model_names, labels[len(paths):])]
     return RunPlan(config, stimuli, metric_specs, analysis_specs, resolved, models, duplicates,
                    resolve_device(config.device), raters=load_raters(config, stimuli),
-                   covariates_requested=requested if adjusting else None, groups=_groups(config, stimuli, models),
-                   executor=executor_settings(config))
+                   covariates_requested=requested if adjusting else None, groups=_groups(config, stimuli, models))
 
 
 def _groups(config: RunConfig, stimuli: Stimuli, models: list[ModelRef]) -> dict[str, dict[str, str]] | None:
@@ -248,6 +247,22 @@ def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | N
     started = time.perf_counter()
     manager = manager or get_plugin_manager()
     console = console or Console(stderr=True, quiet=not progress)
+    with ExitStack() as units_executor:  # a local Dask cluster starts while the run is planned; closed after units
+        executor = units_executor.enter_context(open_executor(executor_settings(config), console))
+        return _planned(config, manager, console, observer, report, started, Executing(executor, units_executor))
+
+
+@dataclass
+class Executing:
+    """The executor of a run's units, and how to shut it down once they are done."""
+
+    executor: Executor
+    stack: ExitStack
+
+
+def _planned(config: RunConfig, manager: PluginManager, console: Console, observer: CheckpointObserver | None,
+             report: ReportWriter | None, started: float, executing: Executing) -> RunResult:
+    """Plan the run (every check before anything is written), then run it in its folder."""
     the_plan = plan(config, manager, console)
     figures = observer.start(the_plan.stimuli) if observer is not None else None  # its errors come before any work
     resuming = continues(config)
@@ -272,7 +287,7 @@ def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | N
         })
         record.write()
         try:
-            return _run(the_plan, record, manager, console, observer, report, started)
+            return _run(the_plan, record, manager, console, observer, report, started, executing)
         except BaseException as exc:
             record.failed(exc, time.perf_counter() - started)
             raise
@@ -319,13 +334,14 @@ def executor_settings(config: RunConfig) -> ExecutorSettings:
 
 
 def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: Console,
-         observer: CheckpointObserver | None, report: ReportWriter | None, started: float) -> RunResult:
+         observer: CheckpointObserver | None, report: ReportWriter | None, started: float,
+         executing: Executing) -> RunResult:
     """The run proper: measure every checkpoint in units of work, gather their parts, analyse; each step recorded
     in ``record``."""
     config, stimuli, out_dir = the_plan.config, the_plan.stimuli, record.run_dir
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    outcome = _measure_units(the_plan, record, manager, console)
+    outcome = _measure_units(the_plan, record, manager, console, executing)
     measured = outcome.measured
     late = late_failures(outcome)
     if late and config.strict:
@@ -386,7 +402,8 @@ def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: 
     return RunResult(out_dir, metric_table, outcome_a.results, record.data, stimuli.report, dict(unreadable))
 
 
-def _measure_units(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: Console) -> Outcome:
+def _measure_units(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: Console,
+                   executing: Executing) -> Outcome:
     """Plan the units of work, run them on the executor, record what each did; stop when nothing was measured."""
     config, out_dir = the_plan.config, record.run_dir
     ids = stimulus_ids(the_plan.stimuli)
@@ -402,10 +419,9 @@ def _measure_units(the_plan: RunPlan, record: RunRecord, manager: PluginManager,
     waves = plan_units(the_plan.models, ids_of, the_plan.stimuli.make_source, config, out_dir.resolve(), options,
                        whole_set_metrics(the_plan.metric_specs), _threads(config))
     claim_units([u for wave in waves for u in wave])
-    settings = the_plan.executor or executor_settings(config)
-    local = settings.kind == "local"
-    with open_executor(settings, console) as executor:
-        record.set(executor={"kind": settings.kind, "description": executor.description,
+    local, executor = config.executor == "local", executing.executor
+    with executing.stack:
+        record.set(executor={"kind": config.executor, "description": executor.description,
                              "threads": _threads(config), "retries": config.retries})
         if executor.dashboard:
             console.print(f"Dask dashboard: {executor.dashboard}", highlight=False)
