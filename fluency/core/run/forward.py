@@ -21,6 +21,7 @@ from fluency.core.inputs.images import ImageSource, iter_batches
 from fluency.core.model.capture import capture_activations, check_layers
 from fluency.core.model.checkpoint import LoadedCheckpoint
 from fluency.core.model.losses import loss_from_config
+from fluency.core.plugin.architecture import FluencyVAE, VAEOutput
 from fluency.core.plugin.manager import PluginManager, plugin_version
 from fluency.core.plugin.metric import MetricBatch, ModelDescription, units_as_rows
 from fluency.core.plugin.specs import MetricSpec
@@ -93,18 +94,17 @@ def measure_checkpoint(loaded: LoadedCheckpoint, source: ImageSource, measuring:
     mu_shape: tuple[int, ...] = ()
     room_checked = False
     step = (lambda name: progress(0, name)) if progress is not None else None
+    encoder_only = encodes_alone(model) and not (checks is not None and checks.fit)
     try:
         skip = None if on_error is None else (lambda index, exc: on_error(source, index, exc))
         for ids, x in iter_batches(source, config.batch_size, on_error=skip):
             x = x.to(measuring.device)
-            with torch.no_grad(), capture_activations(model, capture) as acts:
-                output = model(x, sample=False)
-                mu = model.latent(output)
+            output, acts, encoder_only = _forward(model, x, capture, encoder_only)
+            mu = model.latent(output)
             if mu is not None:
                 latent_ids += ids
                 latent_parts.append(mu.flatten(1).float().cpu().numpy())
                 mu_shape = tuple(mu.shape[1:])
-            acts = {k: v.float() for k, v in acts.items()}
             _check_finite(acts, ids, loaded.label)
             if checks is not None:
                 with torch.no_grad():
@@ -125,6 +125,29 @@ def measure_checkpoint(loaded: LoadedCheckpoint, source: ImageSource, measuring:
         raise
     mu_all = np.concatenate(latent_parts) if latent_parts else np.zeros((0, 0), np.float32)
     return Latents(latent_ids, mu_all, mu_shape), _closed(writer, stored, config)
+
+
+def encodes_alone(model: Any) -> bool:
+    """Whether a measuring pass may stop after the encoder: a VAE whose forward pass is the base class's
+    (encode, then decode), so the encoder alone yields the same μ, log σ² and encoder activations."""
+    return isinstance(model, FluencyVAE) and type(model).forward is FluencyVAE.forward
+
+
+def _forward(model: Any, x: torch.Tensor, capture: Sequence[str], encoder_only: bool
+             ) -> tuple[Any, dict[str, torch.Tensor], bool]:
+    """One batch's pass with ``capture`` recorded: the encoder alone when ``encoder_only`` (nothing read from
+    the decoder: its output has no reconstruction), else the whole model. A captured layer that the encoder
+    did not reach (a decoder layer) turns ``encoder_only`` off for this batch and the rest. Returns the
+    output, the activations as float32 and whether the pass stopped after the encoder."""
+    with torch.no_grad(), capture_activations(model, capture) as acts:
+        if encoder_only:
+            mu, logvar = model.encode(x)
+            output = VAEOutput(None, mu, logvar, mu)  # type: ignore[arg-type] - not decoded: no reconstruction
+        if not encoder_only or len(acts) < len(capture):
+            encoder_only = False
+            acts.clear()
+            output = model(x, sample=False)
+    return output, {k: v.float() for k, v in acts.items()}, encoder_only
 
 
 def _closed(writer: ActivationStoreWriter | None, stored: list[str], config: RunConfig) -> dict[str, Any] | None:
@@ -164,7 +187,11 @@ def _store_writer(folder: Path, loaded: LoadedCheckpoint, description: ModelDesc
 
 
 def _check_finite(acts: dict[str, torch.Tensor], ids: Sequence[str], label: str) -> None:
+    """One line naming the layer and images with a NaN or ±Inf activation. A layer whose sum is finite has
+    none (NaN and Inf propagate through a sum), so the per-image test runs only on a non-finite sum."""
     for layer, tensor in acts.items():
+        if bool(torch.isfinite(tensor.sum())):
+            continue
         finite = torch.isfinite(units_as_rows(tensor)).all(dim=1)
         if not bool(finite.all()):
             bad = [i for i, ok in zip(ids, finite.tolist()) if not ok]
