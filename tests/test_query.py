@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import shutil
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -44,6 +45,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     fluency.run(metrics=["gini"], out=runs / "a", **quiet)
     fluency.run(metrics=["gini", "hoyer"], models=["vae-small"], covariates=False, out=runs / "sweep" / "b",
                 **quiet)
+    # the two real runs can start within the same second (manifests record seconds): date b a minute after a
+    a_started = datetime.fromisoformat(json.loads((runs / "a" / "manifest.json").read_text())["started"])
+    edit_manifest(runs / "sweep" / "b", started=(a_started + timedelta(minutes=1)).isoformat(timespec="seconds"))
     for name, status, started in (("killed", "running", "2099-01-01T00:00:00+00:00"),
                                   ("failed", "failed", "2001-01-01T00:00:00+00:00")):
         (runs / name).mkdir()

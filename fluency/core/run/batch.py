@@ -131,6 +131,8 @@ def _local_fn(manager: PluginManager, bars: Any, bar: Mapping[str, Any]) -> Call
                 bars.update(bar[unit.label], advance=0 if unit.whole else n, status=status)
 
         progress(0, "loading the model")
+        if shown:
+            bars.refresh()  # drawn now, not at the next tick: a small model may load before it
         return run_unit(unit, manager, progress)
     return fn
 
