@@ -179,6 +179,36 @@ def test_same_seed_same_numbers(tmp_path: Path) -> None:
     assert np.array_equal(a["value"].to_numpy(), b["value"].to_numpy())
 
 
+def test_activation_metrics_stop_after_the_encoder(tmp_path: Path, monkeypatch) -> None:
+    """gini and lepsilon read encoder layers only: the decoder never runs, and the metric table and the store
+    equal those of a pass through the whole model (issue 16, point 2)."""
+    from fluency.core.run import checkpoints as loader
+    from fluency.core.run import forward
+
+    decoded: list[int] = []
+    original = loader.load_checkpoint
+
+    def counting(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        decode = loaded.model.decode
+        loaded.model.decode = lambda *a, **k: (decoded.append(len(a[0])), decode(*a, **k))[1]
+        return loaded
+
+    monkeypatch.setattr(loader, "load_checkpoint", counting)
+    quiet = {"progress": False, "figures": False, "report": False, "covariates": False}
+    short = fluency.run(metrics=["gini", "lepsilon"], out=tmp_path / "short", **quiet)
+    assert decoded == []
+    monkeypatch.setattr(forward, "encodes_alone", lambda model: False)
+    whole = fluency.run(metrics=["gini", "lepsilon"], out=tmp_path / "whole", **quiet)
+    assert sum(decoded) == 240  # the whole model ran on every image
+    pd.testing.assert_frame_equal(short.metrics.drop(columns="run_id"), whole.metrics.drop(columns="run_id"))
+    a, b = (ActivationStore(tmp_path / run / "activations" / "default") for run in ("short", "whole"))
+    assert a.layers == b.layers
+    for layer in a.layers:
+        (ids_a, values_a), (ids_b, values_b) = a.read_layer(layer), b.read_layer(layer)
+        assert ids_a == ids_b and np.array_equal(values_a, values_b)
+
+
 def test_forward_hooks_are_removed_even_when_a_metric_fails(tmp_path: Path, monkeypatch) -> None:
     from fluency.core.run import checkpoints as loader  # where the run loads each checkpoint
     from fluency.plugins.default_gini import Gini
