@@ -125,3 +125,36 @@ def test_ridge_fits_estimate_and_null_inside_the_folds() -> None:
     null_oracle = [r2_score(s, cross_val_predict(model, x, s, cv=KFold(5, shuffle=True, random_state=0)))
                    for s in shuffles]
     assert np.allclose(null, null_oracle, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("n, layers", [(90, 4), (30, 40)])  # more features than training rows in the second
+def test_delta_r2_null_equals_one_scikit_learn_pipeline_per_shuffle(n: int, layers: int) -> None:
+    """The batched ridge of the ΔR² null gives what scikit-learn's StandardScaler + RidgeCV gives fitted on every
+    shuffle's features fold by fold (a constant covariate included: scikit-learn leaves it unscaled)."""
+    from sklearn.base import clone
+    from sklearn.metrics import r2_score
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from fluency.plugins.default_ridge import delta_r2_null
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(n, layers))
+    y = x[:, 0] + rng.normal(size=n)
+    z = np.column_stack([0.5 * y + rng.normal(size=n), rng.normal(size=n), np.full(n, 3.0)])
+    alphas = np.logspace(-3, 4, 30)
+    null = delta_r2_null(z, x, y, 12, 5, 4, alphas, chunk=5)
+    splits = list(KFold(5, shuffle=True, random_state=4).split(z))
+
+    def pooled(features: np.ndarray) -> float:
+        pred = np.empty_like(y)
+        for train, test in splits:
+            pred[test] = make_pipeline(StandardScaler(), RidgeCV(alphas=alphas)).fit(features[train], y[train]).predict(features[test])
+        return r2_score(y, pred)
+
+    order = np.random.default_rng(5)
+    oracle = [pooled(np.column_stack([z, x[order.permutation(n)]])) - pooled(z) for _ in range(12)]
+    assert null.shape == (12,) and np.allclose(null, oracle, rtol=0, atol=1e-9)
+    assert len(set(np.round(null, 9))) == 12

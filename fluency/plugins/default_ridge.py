@@ -96,26 +96,61 @@ def in_sample_r2(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def delta_r2_null(z: np.ndarray, x: np.ndarray, y: np.ndarray, permutations: int, folds: int, seed: int,
-                  alphas: np.ndarray) -> np.ndarray:
+                  alphas: np.ndarray, chunk: int = 50) -> np.ndarray:
     """ΔR² = pooled R²(z + x) − pooled R²(z) of ``permutations`` seeded shuffles of the rows of ``x`` alone (the
     covariates ``z`` stay with the rating ``y``), each through the same pipeline on the K-fold split of the first
-    repeat (penalty chosen inside each training fold)."""
-    from sklearn.base import clone
-    from sklearn.metrics import r2_score
+    repeat (penalty chosen inside each training fold).
+
+    Every shuffle has its own features, so none can share a fit; :func:`ridge_predict` fits ``chunk`` of them
+    at once per fold (one batched SVD each), ~10× faster than one scikit-learn pipeline per shuffle and
+    equal to it (tested against scikit-learn)."""
     from sklearn.model_selection import KFold
 
     splits = list(KFold(folds, shuffle=True, random_state=seed).split(z))
-    model = _pipeline(alphas)
 
-    def pooled(features: np.ndarray) -> float:
-        pred = np.empty_like(y)
+    def pooled(features: np.ndarray) -> np.ndarray:
+        """Pooled out-of-fold R² of each feature set of ``features`` (P, n, d)."""
+        pred = np.empty(features.shape[:2])
         for train, test in splits:
-            pred[test] = clone(model).fit(features[train], y[train]).predict(features[test])
-        return float(r2_score(y, pred))
+            pred[:, test] = ridge_predict(features[:, train], y[train], features[:, test], alphas)
+        return 1 - ((y - pred) ** 2).sum(axis=1) / ((y - y.mean()) ** 2).sum()
 
-    base = pooled(z)
+    base = pooled(z[None])[0]
     rng = np.random.default_rng(seed + 1)
-    return np.array([pooled(np.column_stack([z, x[rng.permutation(len(y))]])) - base for _ in range(permutations)])
+    orders = [rng.permutation(len(y)) for _ in range(permutations)]
+    null = [pooled(np.concatenate([np.broadcast_to(z, (len(part), *z.shape)), x[np.array(part)]], axis=2))
+            for part in (orders[i:i + chunk] for i in range(0, permutations, chunk))]
+    return np.concatenate(null) - base if null else np.array([])
+
+
+def ridge_predict(train: np.ndarray, y: np.ndarray, test: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+    """Predictions (P, t) of the pipeline of :func:`_pipeline` fitted on each of P feature sets at once:
+    ``train`` (P, m, d) with ratings ``y`` (m,), ``test`` (P, t, d).
+
+    As scikit-learn does it: each column standardised with the training rows' mean and (population) SD, a
+    constant column left unscaled; the penalty chosen among ``alphas`` by the smallest mean squared
+    leave-one-out error of a ridge with an unpenalised intercept (the first on a tie), then the ridge refitted
+    with that penalty. With the eigenvectors V and eigenvalues λ of XᵀX (X the centred features, Q = XV), the
+    leave-one-out residual is e_i / (1 − h_ii), h_ii = 1/m + Σ_j Q_ij² / (λ_j + α), and the coefficients are
+    V (Qᵀy / (λ + α)). A batched eigendecomposition of the d×d Gram matrices, not an SVD of the m×d
+    features: numpy's batched SVD was ~100× slower here.
+    """
+    m = train.shape[1]
+    mean = train.mean(axis=1, keepdims=True)
+    scale = train.std(axis=1, keepdims=True)
+    scale[scale <= 10 * np.finfo(float).eps * np.maximum(1.0, np.abs(mean))] = 1.0
+    features = (train - mean) / scale
+    eigenvalues, v = np.linalg.eigh(features.transpose(0, 2, 1) @ features)
+    eigenvalues = np.clip(eigenvalues, 0.0, None)[..., None]  # (P, d, 1); rounding can make a zero negative
+    q = features @ v
+    centred = y - y.mean()
+    qty = (centred @ q)[..., None]  # (P, d, 1)
+    inverse = 1 / (eigenvalues + alphas)  # (P, d, alphas)
+    residual = centred[:, None] - q @ (inverse * qty)
+    leverage = 1 / m + q ** 2 @ inverse
+    best = ((residual / (1 - leverage)) ** 2).mean(axis=1).argmin(axis=1)  # the first of equal errors
+    coef = (v @ (inverse[np.arange(len(best)), :, best][..., None] * qty))[..., 0]
+    return y.mean() + (((test - mean) / scale) @ coef[..., None])[..., 0]
 
 
 class Ridge(Analysis):
