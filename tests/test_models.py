@@ -131,7 +131,6 @@ def test_ridge_fits_estimate_and_null_inside_the_folds() -> None:
 def test_delta_r2_null_equals_one_scikit_learn_pipeline_per_shuffle(n: int, layers: int) -> None:
     """The batched ridge of the ΔR² null gives what scikit-learn's StandardScaler + RidgeCV gives fitted on every
     shuffle's features fold by fold (a constant covariate included: scikit-learn leaves it unscaled)."""
-    from sklearn.base import clone
     from sklearn.metrics import r2_score
     from sklearn.linear_model import RidgeCV
     from sklearn.model_selection import KFold
