@@ -83,7 +83,8 @@ def readers(npy: Path, store: Path) -> dict[str, Callable[[], float]]:
         return chunked_sum(ActivationStore(store).read_layer("layer")[1])
 
     def metric_batches() -> float:
-        return sum(float(b.activations["layer"].sum()) for b in ActivationStore(store).metric_batches(None, READ_BATCH))
+        batches = ActivationStore(store).metric_batches(None, READ_BATCH)
+        return sum(float(b.activations["layer"].numpy().sum(dtype=np.float32)) for b in batches)  # numpy's sum
 
     return {"np.load": np_load, "iter_batches": iter_batches, "read_layer": read_layer,
             "metric_batches": metric_batches}
