@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 import warnings
 
 import numpy as np
@@ -11,9 +13,20 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fluency.core.atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from fluency.core.atomic import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 from fluency.core.errors import StoreError
-from fluency.core.run.store import FORMAT_VERSION, MARKER, ActivationStore, ActivationStoreWriter
+from fluency.core.run import store as store_module
+from fluency.core.run.store import (
+    FORMAT_VERSION,
+    MARKER,
+    ActivationStore,
+    ActivationStoreWriter,
+)
 from fluency.core.run.tables import MetricTableWriter, read_metric_table
 
 PROVENANCE = {"fluency_version": "0.1", "plugin_versions": {"gini": "fluency 0.1"}, "checkpoint_sha256": "ab" * 32,
@@ -102,6 +115,52 @@ def test_batches_are_zero_copy_views(tmp_path):
     for t, values in zip(tensors, seen):
         assert t.dtype == torch.float16 and tuple(t.shape) == values.shape
         assert t.data_ptr() == values.ctypes.data
+
+
+@pytest.mark.parametrize("read_bytes", [1, 700, 2**24])
+def test_reads_of_any_size_give_the_same_batches(tmp_path, monkeypatch, read_bytes):
+    """Batches are cut from reads of several batches (READ_BYTES), never across a read: the same batches, ids,
+    values and zero-copy views whatever the read size and the row groups; read_layer is one writable array."""
+    ids, data = _write(tmp_path / "s", "float32", n=23, rows_per_group=4)
+    _write(tmp_path / "old", "float32", n=23, rows_per_group=128)  # the writer's layout before reads grew
+    monkeypatch.setattr(store_module, "READ_BYTES", read_bytes)
+    for path in (tmp_path / "s", tmp_path / "old"):
+        store = ActivationStore(path)
+        batches = list(store.iter_batches("enc1", batch_size=5))
+        assert [len(b) for b, _ in batches] == [5, 5, 5, 5, 3]
+        assert [i for b, _ in batches for i in b] == ids
+        np.testing.assert_array_equal(np.concatenate([v for _, v in batches]), data["enc1"])
+        assert all(not v.flags.owndata for _, v in batches)
+        got_ids, values = store.read_layer("enc1")
+        assert got_ids == ids and values.flags.writeable
+        np.testing.assert_array_equal(values, data["enc1"])
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no readahead thread without posix_fadvise")
+def test_readahead_stops_with_the_reader(tmp_path, monkeypatch):
+    """A reader left after its first batch ends its readahead thread and closes the file when it is closed."""
+    _write(tmp_path / "s", "float16", n=23, rows_per_group=4)
+    monkeypatch.setattr(store_module, "READ_BYTES", 1)  # reads of one batch, advised 64 bytes at a time
+    monkeypatch.setattr(store_module._Readahead, "BLOCK", 64)
+    batches = ActivationStore(tmp_path / "s").iter_batches("enc1", batch_size=5)
+    next(batches)
+    assert any(t.name == "readahead enc1.parquet" for t in threading.enumerate())
+    batches.close()
+    assert not any(t.name.startswith("readahead") for t in threading.enumerate())
+
+
+def test_float16_input_is_checked_on_its_bits(tmp_path):
+    """float16 activations (a half-precision model) are checked without numpy's slow float16 reductions: the
+    largest float16 stays float16, NaN or ±inf names its image."""
+    values = np.array([[1.5, -65504.0], [0.0, 2.0**-24]], np.float16)
+    with ActivationStoreWriter(tmp_path / "s", provenance=PROVENANCE) as w:
+        w.write("a", ["x", "y"], values)
+        for bad in (np.inf, -np.inf, np.nan):
+            with pytest.raises(StoreError, match="NaN or infinite activations for image 'q'"):
+                w.write("a", ["p", "q"], np.array([[1, 2], [3, bad]], np.float16))
+    store = ActivationStore(tmp_path / "s")
+    assert store.dtype("a") == np.float16 and "widened" not in store.meta["layers"]["a"]
+    np.testing.assert_array_equal(store.read_layer("a")[1], values)
 
 
 def test_exception_inside_with_leaves_incomplete_store(tmp_path):
