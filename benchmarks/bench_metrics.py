@@ -117,7 +117,7 @@ def bench_sam(n: int = 32) -> dict[str, float]:
     ck = load_checkpoint(DEFAULT_CHECKPOINT, PluginManager(autoload=False))
     model = ck.model.eval()
     x = demo.as_tensor(demo.generate(n)[0])
-    batch = MetricBatch([str(i) for i in range(n)], x, model=model, loss=loss_from_config(ck.info["loss"]))
+    batch = MetricBatch([str(i) for i in range(n)], x, model=model, loss=loss_from_config(model, ck.info["loss"], ck.label))
     t_loop = best(lambda: SAMSharpness(rho=0.05, method="loop").compute(batch), 2)
     t_vmap = best(lambda: SAMSharpness(rho=0.05, method="vmap", chunk_size=16).compute(batch), 2)
     return {"images": n, "loop_images_per_s": round(n / t_loop, 1), "vmap_images_per_s": round(n / t_vmap, 1),

@@ -120,6 +120,26 @@ def measure_case(folder: Path, shape: tuple[int, ...], images: int, dtype: str, 
             for kind, times in results.items() for label, seconds in times.items()}
 
 
+def figures(quick: bool = False, smoke: bool = False) -> list[dict[str, object]]:
+    """The rows of ``python -m benchmarks``: each write and read against its numpy baseline. Full: both cases,
+    5 repeats; ``quick``: ``enc2``, 3 repeats; ``smoke``: 64 images of 8×8×8, once."""
+    cases = {"tiny": ((8, 8, 8), 64)} if smoke else {"enc2": CASES["enc2"]} if quick else CASES
+    repeats = 1 if smoke else 3 if quick else 5
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case, (shape, images) in cases.items():
+            for dtype in ("float16", "float32"):
+                result = measure_case(Path(tmp), shape, images, dtype, repeats, None)
+                for kind in ("write", "read warm", "read cold"):
+                    steps = {k.split(": ", 1)[1]: v for k, v in result.items() if k.startswith(f"{kind}: ")}
+                    (base, base_row), *stored = steps.items()
+                    rows += [{"name": f"{kind}, {label} ({case} {dtype}, {images} images)", "value": row["GB/s"],
+                              "unit": "GB/s", "baseline": base, "baseline_value": base_row["GB/s"],
+                              "ratio": row["ratio"], "target": "≥ 0.5×" if kind == "write" else "≥ 1×"}
+                             for label, row in stored]
+    return rows
+
+
 def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     lines = [f"{'case':<30}{'step':<36}{'GB/s':>8}{'× numpy':>9}"]
     for case, rows in results.items():

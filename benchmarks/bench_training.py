@@ -33,7 +33,7 @@ def images_per_second(pm: PluginManager, arch: str, size: int, optimizer: str, b
     kwargs = {"model": model} if optimizer == "sam" else {}
     opt = factory(model.parameters(), **spec_opts, **kwargs)
     x = torch.rand(batch, 3, size, size)
-    vae_loss = loss_from_config({})  # fluency train's default: l2 summed over pixels + 1·KL, per image
+    vae_loss = loss_from_config(model, {})  # fluency train's default: l2 summed over pixels + 1·KL, per image
 
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)

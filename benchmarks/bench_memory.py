@@ -1,0 +1,80 @@
+"""Peak memory of ``fluency run`` at two stimulus-set sizes (issue 16, point 1).
+
+    python benchmarks/bench_memory.py [--sizes 10000 100000] [--image-size 64] [--json]
+
+For each size, N generated, rated 64×64 images are written as PNG files and ``fluency run --metric gini
+--metric lepsilon`` runs on them as a user runs it (store, analyses, figures, report) in a fresh
+process; its peak resident set size (``ru_maxrss``) is read by that process at exit. The ratio of the
+larger size's peak to the smaller's is the figure (target: below 1.10 from 10,000 to 100,000 images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+#: runs the CLI in this process and prints its peak RSS in KiB (Linux) on the last line
+PROBE = """
+import resource, sys
+from fluency.cli import main
+sys.argv = ["fluency", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exit:
+    code = exit.code
+else:
+    code = 0
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(code)
+"""
+
+
+def peak_rss(folder: Path, images: int, image_size: int) -> dict[str, float]:
+    """Peak RSS (MiB), seconds and the manifest's step timings of one ``fluency run`` on ``images`` images."""
+    from fluency.core.inputs import demo
+
+    stimuli = demo.export(folder / f"stimuli-{images}", n=images, size=image_size, seed=0)
+    argv = ["run", "--metric", "gini", "--metric", "lepsilon", "--images", str(stimuli / "images"),
+            "--ratings", str(stimuli / "ratings.csv"), "--out", str(folder / f"run-{images}")]
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"fluency run on {images} images failed:\n{done.stderr[-2000:]}")
+    timings = json.loads((folder / f"run-{images}" / "manifest.json").read_text())["timings"]
+    return {"images": images, "peak_rss_mib": int(done.stdout.strip().splitlines()[-1]) / 1024, "seconds": seconds,
+            "timings": timings}
+
+
+def measure(sizes: tuple[int, int] = (10000, 100000), image_size: int = 64) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [peak_rss(Path(tmp), n, image_size) for n in sizes]
+    return {"runs": runs, "growth": runs[1]["peak_rss_mib"] / runs[0]["peak_rss_mib"]}
+
+
+def table(m: dict[str, Any]) -> str:
+    lines = [f"{'images':>8}{'peak RSS MiB':>14}{'seconds':>10}{'analyses s':>12}{'report s':>10}"]
+    lines += [f"{r['images']:>8}{r['peak_rss_mib']:>14.0f}{r['seconds']:>10.1f}{r['timings'].get('analyses', 0):>12.1f}"
+              f"{r['timings'].get('report', 0):>10.1f}" for r in m["runs"]]
+    lines.append(f"growth {m['growth']:.3f}× (target < 1.10)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs=2, default=(10000, 100000))
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    m = measure(tuple(args.sizes), args.image_size)
+    print(json.dumps(m, indent=1) if args.json else table(m))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""``python -m benchmarks`` runs every suite and writes its results table (issue 16, point 4).
+
+At ``--size smoke`` the sizes are tiny: this checks that the command and every suite still run and
+that each figure comes with its same-run baseline and ratio, not the figures themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_command_writes_every_suite_with_its_baselines(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--size", "smoke", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads((out / "results.json").read_text())["figures"]
+    suites = {f["suite"] for f in figures}
+    assert suites == {"run", "metrics", "store", "analysis", "memory"}
+    for f in figures:
+        assert math.isfinite(f["value"]) and f["value"] > 0, f
+        if f["baseline"]:
+            assert math.isclose(f["ratio"], f["value"] / f["baseline_value"], rel_tol=1e-9) or \
+                math.isclose(f["ratio"], f["baseline_value"] / f["value"], rel_tol=1e-9), f
+    table = (out / "results.md").read_text()
+    # the header, its rule, one row per figure
+    assert table.count("\n| ") == len(figures) + 2 and "python -m benchmarks --size smoke" in table
