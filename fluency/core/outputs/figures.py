@@ -334,21 +334,13 @@ def replicate_dots(table: Any, path: Path, xlabel: str) -> None:
 def activation_histograms(store: Any, path: Path, max_images: int = 256) -> None:
     """Per layer: activations per unit (mean across the first ``max_images`` images; y: units) and per image
     (mean across units; y: images), as in the study."""
-    import numpy as np
-
     plt = _pyplot()
     layers = store.layers
     fig, axes = plt.subplots(2, len(layers), figsize=(2.2 * len(layers), 4.8), squeeze=False)
     for j, layer in enumerate(layers):
-        parts, seen = [], 0
-        for _, values in store.iter_batches(layer, 64):
-            parts.append(values.reshape(len(values), -1).astype(np.float32))
-            seen += len(values)
-            if seen >= max_images:
-                break
-        a = np.concatenate(parts)[:max_images]
-        for ax, values, what, counted, colour in ((axes[0][j], a.mean(0, dtype=np.float64), "per unit", "units", "C0"),
-                                                  (axes[1][j], a.mean(1, dtype=np.float64), "per image", "images", "C1")):
+        per_unit, per_image = _layer_means(store, layer, max_images)
+        for ax, values, what, counted, colour in ((axes[0][j], per_unit, "per unit", "units", "C0"),
+                                                  (axes[1][j], per_image, "per image", "images", "C1")):
             ax.hist(values, bins=40, color=colour)
             ax.set_title(f"{layer}: {what}", fontsize=8)
             ax.set_xlabel("mean activation over " + ("images" if counted == "units" else "units"), fontsize=8)
@@ -356,3 +348,20 @@ def activation_histograms(store: Any, path: Path, max_images: int = 256) -> None
             ax.tick_params(labelsize=7)
     fig.tight_layout()
     _save(fig, path)
+
+
+def _layer_means(store: Any, layer: str, max_images: int) -> tuple[Any, Any]:
+    """(mean of each unit over the first ``max_images`` images, mean of each of those images over the units),
+    read batch by batch: no float32 copy of all those images' activations at once."""
+    import numpy as np
+
+    total, per_image, seen = None, [], 0
+    for _, values in store.iter_batches(layer, 64):
+        part = values[:max_images - seen]
+        rows = part.reshape(len(part), -1).astype(np.float32)
+        total = rows.sum(0, dtype=np.float64) + (0.0 if total is None else total)
+        per_image.append(rows.mean(1, dtype=np.float64))
+        seen += len(rows)
+        if seen >= max_images:
+            break
+    return total / seen, np.concatenate(per_image)

@@ -90,7 +90,7 @@ def measure_checkpoint(loaded: LoadedCheckpoint, source: ImageSource, measuring:
     loss = loss_from_config(model, loaded.info.get("loss", {}), loaded.label)
     writer = _store_writer(store_dir, loaded, description, source, measuring, manager) if stored else None
     latent_ids: list[str] = []
-    latent_parts: list[np.ndarray] = []
+    latent_mu: np.ndarray | None = None  # allocated once (N×k): per-batch parts kept alive fragment the heap
     mu_shape: tuple[int, ...] = ()
     room_checked = False
     step = (lambda name: progress(0, name)) if progress is not None else None
@@ -102,8 +102,11 @@ def measure_checkpoint(loaded: LoadedCheckpoint, source: ImageSource, measuring:
             output, acts, encoder_only = _forward(model, x, capture, encoder_only)
             mu = model.latent(output)
             if mu is not None:
+                flat = mu.flatten(1).float().cpu().numpy()
+                if latent_mu is None:
+                    latent_mu = np.empty((len(source), flat.shape[1]), np.float32)
+                latent_mu[len(latent_ids):len(latent_ids) + len(ids)] = flat
                 latent_ids += ids
-                latent_parts.append(mu.flatten(1).float().cpu().numpy())
                 mu_shape = tuple(mu.shape[1:])
             _check_finite(acts, ids, loaded.label)
             if checks is not None:
@@ -123,7 +126,7 @@ def measure_checkpoint(loaded: LoadedCheckpoint, source: ImageSource, measuring:
         if writer is not None:
             writer.abort()
         raise
-    mu_all = np.concatenate(latent_parts) if latent_parts else np.zeros((0, 0), np.float32)
+    mu_all = latent_mu[:len(latent_ids)] if latent_mu is not None else np.zeros((0, 0), np.float32)
     return Latents(latent_ids, mu_all, mu_shape), _closed(writer, stored, config)
 
 

@@ -64,9 +64,16 @@ class MetricTableWriter:
         claim(self.partial)
         self.constants = {"run_id": run_id, "plugin": plugin, "plugin_version": plugin_version,
                           "options_hash": options_hash}
+        if rows_per_group < 1:
+            raise StoreError(f"metric table rows_per_group must be at least 1, not {rows_per_group}")
         self.rows_per_group = rows_per_group
         self.writer = pq.ParquetWriter(self.partial, METRIC_SCHEMA)
-        self.buffer: list[pa.Table] = []
+        # One row group's ids and values in arrays allocated once: buffering each batch as a small Arrow table
+        # kept thousands of small allocations alive among the batches' freed tensors, and glibc's heap grew
+        # with every batch (~60 KB per image with the covariates on; issue 16)
+        self._ids = np.empty(rows_per_group, dtype=object)
+        self._values = np.empty(rows_per_group, dtype=np.float64)
+        self._runs: list[tuple[str, str, str | None, int]] = []  # (checkpoint, metric, layer, rows) in row order
         self.buffered = 0
         self.rows = 0
         self.closed = False
@@ -79,23 +86,34 @@ class MetricTableWriter:
         values = np.asarray(values, dtype=np.float64).reshape(-1)
         if len(values) != len(image_ids):
             raise StoreError(f"metric {metric!r} layer {layer!r}: {len(values)} values for {len(image_ids)} images")
-        n = len(values)
-        columns = {"image_id": pa.array([str(i) for i in image_ids], pa.string()),
-                   "checkpoint": pa.array([checkpoint] * n, pa.string()), "metric": pa.array([metric] * n, pa.string()),
-                   "layer": pa.array([layer] * n, pa.string()), "value": pa.array(values, pa.float64())}
-        columns.update({k: pa.array([v] * n, pa.string()) for k, v in self.constants.items()})
-        self.buffer.append(pa.table(columns, schema=METRIC_SCHEMA))
-        self.buffered += n
-        self.rows += n
-        if self.buffered >= self.rows_per_group:
-            self.flush()
+        ids = [str(i) for i in image_ids]
+        start = 0
+        while start < len(ids):
+            take = min(len(ids) - start, self.rows_per_group - self.buffered)
+            self._ids[self.buffered:self.buffered + take] = ids[start:start + take]
+            self._values[self.buffered:self.buffered + take] = values[start:start + take]
+            self._runs.append((checkpoint, metric, layer, take))
+            self.buffered += take
+            self.rows += take
+            start += take
+            if self.buffered == self.rows_per_group:
+                self.flush()
 
     def flush(self) -> None:
         """Write the buffered rows as one row group."""
-        if self.buffer:
-            with storage_guard(self.path):
-                self.writer.write_table(pa.concat_tables(self.buffer))
-            self.buffer, self.buffered = [], 0
+        n = self.buffered
+        if n == 0:
+            return
+        counts = [run[3] for run in self._runs]
+        columns = {"image_id": pa.array(self._ids[:n], pa.string()),
+                   **{name: pa.array(np.repeat(np.array([run[k] for run in self._runs], dtype=object), counts),
+                                     pa.string()) for k, name in enumerate(("checkpoint", "metric", "layer"))},
+                   "value": pa.array(self._values[:n], pa.float64())}
+        columns.update({k: pa.array([v] * n, pa.string()) for k, v in self.constants.items()})
+        with storage_guard(self.path):
+            self.writer.write_table(pa.table(columns, schema=METRIC_SCHEMA))
+        self._ids[:n] = None
+        self._runs, self.buffered = [], 0
 
     def close(self) -> None:
         """Flush, fsync and rename ``PATH.partial`` onto ``PATH``."""
