@@ -4,7 +4,7 @@
 
 For each size, N generated, rated 64×64 images are written as PNG files and ``fluency run --metric gini
 --metric lepsilon`` runs on them as a user runs it (store, analyses, figures, report) in a fresh
-process; its peak resident set size (``ru_maxrss``) is read by that process at exit. The ratio of the
+process; its peak resident set size (``VmHWM``) is read by that process at exit. The ratio of the
 larger size's peak to the smaller's is the figure (target: below 1.10 from 10,000 to 100,000 images).
 """
 
@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: runs the CLI in this process and prints its peak RSS in KiB (Linux) on the last line
+#: runs the CLI in this process and prints its peak RSS in KiB on the last line: VmHWM of /proc/self/status
+#: (this process's own memory map), where there is one; ``ru_maxrss`` keeps the peak of the process that
+#: started this one (a fork copies it, exec does not reset it), so it is only the fallback
 PROBE = """
 import resource, sys
 from fluency.cli import main
@@ -30,7 +32,12 @@ except SystemExit as exit:
     code = exit.code
 else:
     code = 0
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+try:
+    with open("/proc/self/status") as status:
+        peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(peak)
 sys.exit(code)
 """
 
