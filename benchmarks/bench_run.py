@@ -62,7 +62,7 @@ def run_seconds(folder: Path, stimuli: Path, settings: dict[str, Any], name: str
 def measure(images: int = 2000, model_name: str | None = None, size: int = 64, repeats: int = 3) -> dict[str, Any]:
     """Best seconds of each configuration and the images per second."""
     model = model_for(model_name, size)
-    models = {"models": [model_name], "options": {model_name: {"image_size": size}}} if model_name else {}
+    models = {"models": [model_name], "options": [f"{model_name}.image_size={size}"]} if model_name else {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         stimuli = demo.export(folder / "stimuli", n=images, size=size, seed=0)
