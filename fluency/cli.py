@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fluency.core.version import __version__
-from fluency.core.model.devices import DEVICES
+from fluency.core.model.devices import AMP_MODES, DEVICES
 from fluency.core.errors import FluencyError, PluginFailure, TaskFailure, Terminated
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager
 from fluency.core.plugin.specs import KINDS
@@ -415,6 +415,10 @@ def store_info(path: Path, as_json: bool) -> None:
 @click.option("--val-fraction", type=float, help="Seeded validation split (default 0.1).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), help="Also keep epoch-NNN.pt every N epochs.")
 @click.option("--device", type=click.Choice(DEVICES))
+@click.option("--workers", metavar="N|auto", help="Processes decoding the images while the model trains (0: in the "
+              "training process; default auto, one per core but one, at most 4). Results do not depend on it.")
+@click.option("--amp", type=click.Choice(AMP_MODES), help="Mixed precision of the forward pass: bf16 (CPU or GPU) or "
+              "fp16 (CUDA, with a gradient scaler); default off.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1))
 @click.option("--seeds", metavar="RANGES", help="Train one replicate model per seed into OUT/seed-<k>/ (e.g. 1-10, "
               "1,3,5 or 1-3,8); finished seeds are skipped when the command is repeated.")

@@ -38,6 +38,10 @@ class SAM(torch.optim.Optimizer):
     state between steps).
     """
 
+    #: SAM evaluates the loss itself, twice per step, so it cannot be stepped without a closure (by
+    #: ``fluency train --amp fp16``'s gradient scaler)
+    requires_closure = True
+
     def __init__(self, base: torch.optim.Optimizer, *, rho: float = 0.05, adaptive: bool = False,
                  model: nn.Module | None = None) -> None:
         if isinstance(base, SAM):

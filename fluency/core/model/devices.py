@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any
 from fluency.core.errors import FluencyError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+#: ``fluency train --amp``: full precision, bfloat16 autocast (CPU or GPU, no gradient scaler needed) or float16
+#: autocast with a gradient scaler (CUDA only)
+AMP_MODES = ("off", "bf16", "fp16")
 
 if TYPE_CHECKING:  # torch is imported where a device is used: the command line's options need DEVICES only
     import torch

@@ -19,11 +19,14 @@ from fluency.core.errors import OptionError
 from fluency.core.hashing import options_hash
 
 #: training settings that do not change the model a configuration trains (the seed is what replicates vary;
-#: where files go, the device, the figures and intermediate checkpoints change nothing learned), or that are
-#: recorded resolved elsewhere in the checkpoint (the images by the data fingerprint, ``-o`` and ``--lr`` by the
-#: plugins' resolved options, the loss names by the loss terms)
+#: where files go, the device, the decoding workers, the figures and intermediate checkpoints change nothing
+#: learned), or that are recorded resolved elsewhere in the checkpoint (the images by the data fingerprint, ``-o``
+#: and ``--lr`` by the plugins' resolved options, the loss names by the loss terms)
 IGNORED_SETTINGS = frozenset({"seed", "out", "images", "device", "figures", "checkpoint_every", "options", "lr",
-                              "losses"})
+                              "losses", "workers"})
+#: settings added after checkpoints recorded configurations, with the value that trains as before: at that value
+#: a setting is left out of the hash, so that the configuration of earlier checkpoints keeps its id
+ADDED_SETTINGS = {"amp": "off"}
 #: the checkpoint records that describe the trained model, hashed as they are
 MODEL_RECORDS = ("architecture", "loss", "optimizer", "constraints")
 #: what an explicit ``--replicate-of`` label may look like
@@ -52,7 +55,8 @@ def configuration_fields(info: Mapping[str, Any]) -> dict[str, Any] | None:
     if config is None:
         return None
     data = info.get("data") if isinstance(info.get("data"), Mapping) else {}
-    return {"train": {k: v for k, v in sorted(config.items()) if k not in IGNORED_SETTINGS},
+    return {"train": {k: v for k, v in sorted(config.items())
+                      if k not in IGNORED_SETTINGS and ADDED_SETTINGS.get(k, ...) != v},
             **{k: info.get(k) for k in MODEL_RECORDS},
             "data": {"fingerprint": data.get("fingerprint"), "preprocessing": data.get("preprocessing")}}
 

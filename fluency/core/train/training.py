@@ -38,6 +38,8 @@ ends with a ``warning:`` line when the latent collapsed or a constraint's target
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import math
 import time
@@ -69,6 +71,9 @@ from fluency.core.plugin.architecture import ObjectiveSettings, VAEOutput
 from fluency.core.plugin.options import check_seed
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager
 from fluency.core.progress import progress_bar
+from fluency.core.train.loading import (Order, batches, epoch_order, fresh_pass, image_loader, parse_workers,
+                                        worker_count)
+from fluency.core.train.precision import Precision, check_amp, check_amp_optimizer, to_float32
 from fluency.core.train.schedules import build_scheduler
 
 
@@ -97,6 +102,10 @@ class TrainConfig:
     checkpoint_every: int = 0
     seed: int = 0
     device: str = "auto"
+    #: image-decoding processes (:mod:`fluency.core.train.loading`): a number, or ``auto``
+    workers: int | str = "auto"
+    #: mixed precision of the forward pass (:mod:`fluency.core.train.precision`): off, bf16 or fp16
+    amp: str = "off"
     figures: bool = True
     options: list[str] = field(default_factory=list)
 
@@ -124,6 +133,8 @@ class TrainConfig:
         if self.lr is not None and not (math.isfinite(float(self.lr)) and float(self.lr) > 0):
             raise OptionError(f"--lr {self.lr!r}: the learning rate must be a positive, finite number")
         parse_loss_terms(self.losses)
+        parse_workers(self.workers)
+        check_amp(self.amp)
 
 
 @dataclass
@@ -167,17 +178,6 @@ def toml_dumps(data: Mapping[str, Any]) -> str:
         for k, t in nested:
             lines += ["", f"[{name}.{k}]", *(f"{a} = {value(b)}" for a, b in t.items() if b is not None)]
     return "\n".join(lines).strip() + "\n"
-
-
-class _Subset(torch.utils.data.Dataset):
-    def __init__(self, source: FolderSource, indices: Sequence[int]) -> None:
-        self.source, self.indices = source, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.source.load(self.indices[i])
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -238,6 +238,8 @@ class _Run:
     val_idx: list[int]
     optimizer: Any
     scheduler: Any
+    workers: int
+    precision: Precision
 
     @property
     def steps_per_epoch(self) -> int:
@@ -247,7 +249,7 @@ class _Run:
 #: settings that ``--resume`` takes from the interrupted run (they shape the model, data or optimisation)
 RESUMED_SETTINGS = ("architecture", "optimizer", "losses", "constraints", "image_size", "resize", "batch_size",
                     "seed", "val_fraction", "beta", "beta_warmup", "schedule", "schedule_step_size",
-                    "schedule_gamma", "warmup_epochs", "options", "lr")
+                    "schedule_gamma", "warmup_epochs", "options", "lr", "amp")
 
 
 #: what a training run writes in ``out`` (patterns; the figures are those of the CLI's observer): an existing one
@@ -421,14 +423,17 @@ def _build(cfg: TrainConfig, manager: PluginManager, options: _Options, files: S
     """Model, losses, constraints, data split, optimizer and scheduler, in a fixed order (the seeded RNG's draws)."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    precision = Precision.build(cfg.amp, device)
     model = manager.get("architecture", cfg.architecture).load()(**options.architecture).to(device)
     one_pass = bool(getattr(model, "fitted_in_one_pass", False))
     if not one_pass and "objective" not in getattr(model, "provides", ()):
         raise TrainingError(f"architecture {cfg.architecture!r} ({getattr(model, 'kind', '') or 'no kind'}) has no "
                             "training objective: it is used as it is (fluency run --model ...), not trained")
-    if one_pass and (options.constraints or cfg.lr is not None):
+    inapplicable = [flag for flag, given in (("--constraint", options.constraints), ("--lr", cfg.lr is not None),
+                                             ("--amp", cfg.amp != "off")) if given]
+    if one_pass and inapplicable:
         raise OptionError(f"architecture {cfg.architecture!r} is fitted in one pass, not by gradient steps: "
-                          f"{'--constraint' if options.constraints else '--lr'} does not apply to it")
+                          f"{inapplicable[0]} does not apply to it")
     recon_loss = ReconstructionLoss(options.loss_terms).to(device) if "decoder" in model.provides else None
     constraints = {name: manager.get("constraint", name).load()(**opts) for name, opts in options.constraints.items()}
     capture = list(dict.fromkeys(layer for c in constraints.values() for layer in c.layers(model)))
@@ -440,10 +445,12 @@ def _build(cfg: TrainConfig, manager: PluginManager, options: _Options, files: S
                           Preprocessing(cfg.image_size, model.input_shape[0], cfg.resize))
     train_idx, val_idx = split_indices(len(source), cfg.val_fraction, cfg.seed)
     optimizer = None if one_pass else _build_optimizer(manager, cfg.optimizer, options.optimizer, model)
+    check_amp_optimizer(cfg.amp, cfg.optimizer, optimizer)
     scheduler = None if one_pass else _scheduler(optimizer, cfg, math.ceil(len(train_idx) / cfg.batch_size))
     return _Run(cfg=cfg, out=Path(cfg.out), device=device, model=model, recon_loss=recon_loss,
                 loss_terms=options.loss_terms, constraints=constraints, capture=capture, source=source,
-                train_idx=train_idx, val_idx=val_idx, optimizer=optimizer, scheduler=scheduler)
+                train_idx=train_idx, val_idx=val_idx, optimizer=optimizer, scheduler=scheduler,
+                workers=worker_count(cfg.workers), precision=precision)
 
 
 def _build_optimizer(manager: PluginManager, name: str, options: dict[str, Any], model: torch.nn.Module) -> Any:
@@ -474,6 +481,8 @@ def _restore(run: _Run, state: Mapping[str, Any]) -> tuple[list[dict[str, float]
         if run.scheduler is not None and state["training"].get("scheduler_state"):
             run.scheduler.load_state_dict(state["training"]["scheduler_state"])
         torch.set_rng_state(state["training"]["rng_state"])
+        if run.precision.scaler is not None and state["training"].get("scaler_state"):
+            run.precision.scaler.load_state_dict(state["training"]["scaler_state"])
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
         raise CheckpointError(f"--resume: checkpoint {run.out / 'last.pt'} does not fit this training run "
                               f"({error_text(exc)})") from None
@@ -499,9 +508,11 @@ def _checkpoint_info(run: _Run, options: _Options) -> dict[str, Any]:
 
 def _save(run: _Run, info: Mapping[str, Any], path: Path, epoch: int, history: Sequence[Mapping[str, float]]) -> None:
     """A checkpoint with the optimizer, scheduler and RNG states ``--resume`` needs to continue exactly."""
+    scaler = run.precision.scaler
     training_state = {"config": asdict(run.cfg), "rng_state": torch.get_rng_state(),
                       "scheduler_state": run.scheduler.state_dict() if run.scheduler is not None else None,
-                      **({"optimizer_state": run.optimizer.state_dict()} if run.optimizer is not None else {})}
+                      **({"optimizer_state": run.optimizer.state_dict()} if run.optimizer is not None else {}),
+                      **({"scaler_state": scaler.state_dict()} if scaler is not None else {})}
     save_checkpoint(path, run.model, run.cfg.architecture, epoch=epoch, history=list(history),
                     training=training_state, **info)
 
@@ -510,13 +521,17 @@ def _fit(run: _Run, info: dict[str, Any], history: Sequence[dict[str, float]], f
          console: Console, observer: TrainingObserver | None) -> list[dict[str, float]]:
     """Epochs ``first_epoch``..``epochs``: train, validate, save; the history including the earlier epochs."""
     cfg, history = run.cfg, list(history)
-    val_loader = torch.utils.data.DataLoader(_Subset(run.source, run.val_idx), batch_size=cfg.batch_size)
+    order = Order(len(run.train_idx))
+    train_loader = image_loader(run.source, run.train_idx, cfg.batch_size, run.workers, run.device, order)
+    val_loader = image_loader(run.source, run.val_idx, cfg.batch_size, run.workers, run.device)
     with progress_bar(console) as progress:
         task = progress.add_task("training", total=(cfg.epochs - first_epoch + 1) * run.steps_per_epoch, status="")
         for epoch in range(first_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             beta = beta_at(epoch, cfg.beta, cfg.beta_warmup)
-            means = _train_epoch(run, epoch, beta, lambda status: progress.update(task, advance=1, status=status))
+            order.order = epoch_order(len(run.train_idx), cfg.seed * 100_003 + epoch)
+            means = _train_epoch(run, epoch, beta, batches(train_loader, run.device),
+                                 lambda status: progress.update(task, advance=1, status=status))
             history.append({"epoch": epoch, "beta": beta, **means, **_validate(run, val_loader, beta),
                             "seconds": time.perf_counter() - t0})
             info.update(_health(run, val_loader, history, beta))  # this epoch's weights: every save below
@@ -528,17 +543,17 @@ def _fit_once(run: _Run, console: Console) -> list[dict[str, float]]:
     """Fit a model that is fitted in one pass (``fitted_in_one_pass``): its ``fit`` reads the training images
     once, in order, with the validation images held out; its numbers are the history's one row (epoch 1)."""
     cfg, t0 = run.cfg, time.perf_counter()
-    train_loader = torch.utils.data.DataLoader(_Subset(run.source, run.train_idx), batch_size=cfg.batch_size)
-    val_loader = torch.utils.data.DataLoader(_Subset(run.source, run.val_idx), batch_size=cfg.batch_size)
+    train_loader = image_loader(run.source, run.train_idx, cfg.batch_size, run.workers, run.device)
+    val_loader = image_loader(run.source, run.val_idx, cfg.batch_size, run.workers, run.device)
     with progress_bar(console) as progress, torch.no_grad():
         task = progress.add_task("fitting", total=len(train_loader), status="reading the training images")
 
-        def batches() -> Iterator[torch.Tensor]:
-            for batch in train_loader:
-                yield batch.to(run.device)
+        def training_batches() -> Iterator[torch.Tensor]:
+            for batch in fresh_pass(train_loader, run.device):
+                yield batch
                 progress.update(task, advance=1)
 
-        summary = run.model.fit(batches(), (batch.to(run.device) for batch in val_loader), cfg.seed,
+        summary = run.model.fit(training_batches(), fresh_pass(val_loader, run.device), cfg.seed,
                                 lambda text: progress.update(task, status=text))
     history = [{"epoch": 1, **{k: float(v) for k, v in summary.items()}, "seconds": time.perf_counter() - t0}]
     _check_finite(history[0], 1, run.out)
@@ -547,15 +562,14 @@ def _fit_once(run: _Run, console: Console) -> list[dict[str, float]]:
     return history
 
 
-def _train_epoch(run: _Run, epoch: int, beta: float, advance: Callable[[str], None]) -> dict[str, float]:
-    """One pass over the training images (shuffled with a per-epoch seed): the final lr and each term's mean."""
+def _train_epoch(run: _Run, epoch: int, beta: float, batches: Iterator[torch.Tensor],
+                 advance: Callable[[str], None]) -> dict[str, float]:
+    """One pass over the training ``batches`` (shuffled with a per-epoch seed): the final lr and each term's
+    mean."""
     cfg = run.cfg
     run.model.train()
-    loader = torch.utils.data.DataLoader(_Subset(run.source, run.train_idx), batch_size=cfg.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
     sums: dict[str, float] = {}
-    for batch in loader:
-        batch = batch.to(run.device)
+    for batch in batches:
         logged = _train_step(run, batch, beta)
         _check_finite(logged, epoch, run.out)
         for k, v in logged.items():
@@ -566,30 +580,49 @@ def _train_epoch(run: _Run, epoch: int, beta: float, advance: Callable[[str], No
 
 
 def _train_step(run: _Run, batch: torch.Tensor, beta: float) -> dict[str, float]:
-    """One optimizer step (through a closure, so SAM can take its two passes), then one scheduler step."""
+    """One optimizer step (through a closure, so SAM can take its two passes; with ``--amp fp16`` through the
+    gradient scaler, which skips a step whose gradients overflowed), then one scheduler step."""
     logged: dict[str, float] = {}
+    scaler = run.precision.scaler
 
     def closure() -> torch.Tensor:
         run.optimizer.zero_grad(set_to_none=True)
         terms = _loss_terms(run, batch, beta)
-        terms["loss"].backward()
+        (terms["loss"] if scaler is None else scaler.scale(terms["loss"])).backward()
         if not logged:  # SAM calls the closure twice: log the first (unperturbed) pass
-            logged.update({k: float(v.detach()) for k, v in terms.items()})
+            logged.update(_as_floats(terms))
         return terms["loss"]
 
-    run.optimizer.step(closure)
+    if scaler is None:
+        run.optimizer.step(closure)
+    else:
+        closure()
+        scaler.step(run.optimizer)
+        scaler.update()
     if run.scheduler is not None:
         run.scheduler.step()
     return logged
 
 
+def _as_floats(terms: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The (one-element) terms as Python floats, copied off the device together: one synchronisation per
+    step rather than one per term. Stacked in their widest type, so each value is exactly ``float(term)``."""
+    values = [v.detach().reshape(()) for v in terms.values()]
+    dtype = functools.reduce(torch.promote_types, (v.dtype for v in values))
+    device = terms["loss"].device
+    return dict(zip(terms, torch.stack([v.to(device, dtype) for v in values]).tolist()))
+
+
 def _loss_terms(run: _Run, batch: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
     """The batch means of the architecture's objective terms (for a VAE recon, kl and per-loss recon_*),
-    then each constraint's penalty, and their total, ``loss``."""
+    then each constraint's penalty, and their total, ``loss``. With ``--amp`` the forward pass runs under
+    autocast and the terms are computed in float32 from its outputs."""
     settings = ObjectiveSettings(run.recon_loss.components if run.recon_loss is not None else None,
                                  {t["name"]: float(t["weight"]) for t in run.loss_terms}, beta)
-    with capture_activations(run.model, run.capture, detach=False) as acts:
+    with _captured(run) as acts, run.precision.autocast():
         output = run.model(batch)
+    if run.precision.reduced:
+        output, acts = to_float32(output), to_float32(acts)
     terms = {k: v.mean() for k, v in run.model.objective(output, batch, settings).items()}
     total = terms.pop("loss")
     for name, constraint in run.constraints.items():
@@ -598,6 +631,13 @@ def _loss_terms(run: _Run, batch: torch.Tensor, beta: float) -> dict[str, torch.
     terms.update(_mean_activations(run, acts))
     terms["loss"] = total
     return terms
+
+
+def _captured(run: _Run) -> contextlib.AbstractContextManager[dict[str, torch.Tensor]]:
+    """The activations of the constrained layers during a forward pass; no hooks at all without constraints."""
+    if not run.capture:
+        return contextlib.nullcontext({})
+    return capture_activations(run.model, run.capture, detach=False)
 
 
 def _mean_activations(run: _Run, acts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -636,7 +676,7 @@ def _health(run: _Run, loader: Any, history: Sequence[Mapping[str, float]], beta
     validation images, ``sparsity`` from the epoch's (validation, else training) mean activations."""
     settings = ObjectiveSettings(run.recon_loss.components if run.recon_loss is not None else None,
                                  {t["name"]: float(t["weight"]) for t in run.loss_terms}, beta)
-    health = fit_records(run.model, (b.to(run.device) for b in loader), settings, loss_name(run.loss_terms))
+    health = fit_records(run.model, fresh_pass(loader, run.device), settings, loss_name(run.loss_terms))
     last, sparsity = history[-1], []
     for name, constraint in run.constraints.items():
         for layer in constraint.layers(run.model):
@@ -663,10 +703,9 @@ def _validate(run: _Run, loader: Any, beta: float) -> dict[str, float]:
         return {}
     run.model.eval()
     sums: dict[str, float] = {}
-    for batch in loader:
-        batch = batch.to(run.device)
-        for k, v in _loss_terms(run, batch, beta).items():
-            sums[k] = sums.get(k, 0.0) + float(v) * len(batch)
+    for batch in fresh_pass(loader, run.device):
+        for k, v in _as_floats(_loss_terms(run, batch, beta)).items():
+            sums[k] = sums.get(k, 0.0) + v * len(batch)
     run.model.train()
     return {f"val_{k}": v / len(loader.dataset) for k, v in sums.items()}
 
