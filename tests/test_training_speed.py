@@ -67,6 +67,24 @@ def test_an_epoch_reads_the_images_in_the_order_of_a_seeded_shuffling_loader() -
         assert loading.epoch_order(n, seed) == [i for batch in loader for i in batch.tolist()]
 
 
+def test_a_pass_takes_from_the_global_generator_what_a_fresh_loader_took(images: Path) -> None:
+    """Earlier versions made a loader per pass, which drew its base seed from torch's global generator; the
+    persistent loaders draw the same, so the sampled latents that follow (and the weights) stay a seed's."""
+    from fluency.core.inputs.images import FolderSource, Preprocessing
+
+    source = FolderSource(images, {p.stem: p for p in sorted(images.glob("*.png"))[:4]}, Preprocessing(32, 3))
+    loader = loading.image_loader(source, range(4), 2, 0, torch.device("cpu"))
+
+    def generator_after(one_pass) -> torch.Tensor:
+        torch.manual_seed(11)
+        one_pass()
+        return torch.get_rng_state()
+
+    fresh = generator_after(lambda: list(torch.utils.data.DataLoader(loading.ImageSubset(source, range(4)), 2)))
+    persistent = generator_after(lambda: list(loading.fresh_pass(loader, torch.device("cpu"))))
+    assert torch.equal(fresh, persistent) and not torch.equal(fresh, generator_after(lambda: None))
+
+
 def test_worker_count_and_its_setting() -> None:
     assert [loading.worker_count("auto", cpus) for cpus in (1, 2, 3, 16)] == [0, 1, 2, loading.MAX_AUTO_WORKERS]
     assert loading.worker_count("3") == 3 and loading.worker_count(0) == 0
