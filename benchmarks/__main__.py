@@ -5,7 +5,8 @@
 Suites: ``run`` (end-to-end ``fluency run`` against the forward pass alone), ``metrics`` (``gini``
 against the per-image ``gini.py`` approach, batched SAM against the per-image loop), ``store``
 (writing and reading the activation store against ``np.save``/``np.load``), ``analysis`` (ridge,
-ΔR², bootstrap CIs), ``memory`` (peak RSS of ``fluency run`` at two sizes). ``full`` uses the sizes
+ΔR², bootstrap CIs), ``memory`` (peak RSS of ``fluency run`` at two sizes), ``training`` (``fluency
+train`` against a bare PyTorch loop over the same PNG folder, images/s). ``full`` uses the sizes
 of ``docs/benchmarks.md`` (about an hour on 2 cores, most of it the 100,000-image memory run),
 ``quick`` smaller ones (minutes), ``smoke`` tiny ones that only check that every suite runs.
 
@@ -38,6 +39,9 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
                  "smoke": {"images": 60, "layers": 3, "permutations": 10}},
     "memory": {"full": {"sizes": (10000, 100000)}, "quick": {"sizes": (1000, 10000)},
                "smoke": {"sizes": (40, 80)}},
+    "training": {"full": {"images": 2000, "epochs": 2, "repeats": 3}, "quick": {"images": 500, "epochs": 1,
+                                                                              "repeats": 2},
+                 "smoke": {"images": 24, "size": 32, "batch": 8, "epochs": 1, "repeats": 1}},
 }
 
 
@@ -104,9 +108,23 @@ def memory_suite(size: dict[str, Any]) -> list[dict[str, Any]]:
                    "s", target="< 30 s at 10,000 images")]
 
 
+def training_suite(size: dict[str, Any]) -> list[dict[str, Any]]:
+    import bench_training
+
+    m = bench_training.against_bare(**size)
+    per_s, base = m["images_per_s"], "bare PyTorch loop"
+    label = (f"{m['architecture']} {m['image_size']}², {m['train_images']} training images × {m['epochs']} epochs, "
+             f"batch {m['batch_size']}, {m['optimizer']}, {m['workers']} workers")
+    return [figure("training", f"bare PyTorch loop ({label})", per_s["bare"], "images/s"),
+            figure("training", "fluency train, training phase", per_s["train phase"], "images/s", base, per_s["bare"],
+                   per_s["train phase"] / per_s["bare"], "≥ 0.9×"),
+            figure("training", "fluency train, whole epochs (validation, health records, last.pt)",
+                   per_s["whole epochs"], "images/s", base, per_s["bare"], per_s["whole epochs"] / per_s["bare"])]
+
+
 SUITES: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {
     "run": run_suite, "metrics": metrics_suite, "store": store_suite, "analysis": analysis_suite,
-    "memory": memory_suite}
+    "memory": memory_suite, "training": training_suite}
 
 
 def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:

@@ -154,7 +154,7 @@ def against_bare(images: int = 2000, size: int = 64, arch: str = "vae-small", op
     """Best-of-``repeats`` images/s of the bare loop and of ``fluency train`` (training phase, whole epochs),
     alternating, on ``images`` generated PNG files of ``size``² (written under ``folder`` or a temporary one)."""
     pm = PluginManager(autoload=False)
-    n_workers = worker_count(workers)
+    n_workers = worker_count(workers, "cpu")
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
         root = Path(folder or tmp)
         stimuli = root / "images"

@@ -416,7 +416,8 @@ def store_info(path: Path, as_json: bool) -> None:
 @click.option("--checkpoint-every", type=click.IntRange(min=0), help="Also keep epoch-NNN.pt every N epochs.")
 @click.option("--device", type=click.Choice(DEVICES))
 @click.option("--workers", metavar="N|auto", help="Processes decoding the images while the model trains (0: in the "
-              "training process; default auto, one per core but one, at most 4). Results do not depend on it.")
+              "training process; default auto: one per core but one, at most 4, none on 2 cores when training on "
+              "the CPU). The trained model does not depend on it.")
 @click.option("--amp", type=click.Choice(AMP_MODES), help="Mixed precision of the forward pass: bf16 (CPU or GPU) or "
               "fp16 (CUDA, with a gradient scaler); default off.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1))

@@ -22,7 +22,7 @@ def test_benchmark_command_writes_every_suite_with_its_baselines(tmp_path: Path)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads((out / "results.json").read_text())["figures"]
     suites = {f["suite"] for f in figures}
-    assert suites == {"run", "metrics", "store", "analysis", "memory"}
+    assert suites == {"run", "metrics", "store", "analysis", "memory", "training"}
     for f in figures:
         assert math.isfinite(f["value"]) and f["value"] > 0, f
         if f["baseline"]:

@@ -86,7 +86,8 @@ def test_a_pass_takes_from_the_global_generator_what_a_fresh_loader_took(images:
 
 
 def test_worker_count_and_its_setting() -> None:
-    assert [loading.worker_count("auto", cpus) for cpus in (1, 2, 3, 16)] == [0, 1, 2, loading.MAX_AUTO_WORKERS]
+    assert [loading.worker_count("auto", "cuda", cpus) for cpus in (1, 2, 3, 16)] == [0, 1, 2, 4]
+    assert [loading.worker_count("auto", "cpu", cpus) for cpus in (1, 2, 3, 16)] == [0, 0, 2, 4]
     assert loading.worker_count("3") == 3 and loading.worker_count(0) == 0
     for bad in (-1, "two", 1.5, True, ""):
         with pytest.raises(OptionError, match="give a number of image-decoding processes"):

@@ -248,7 +248,7 @@ def _planes(img: Image.Image, size: int | None, channels: int, resize: str) -> l
 def _resize_crop(channel: np.ndarray, size: int | None, resize: str = RESIZE) -> np.ndarray:
     """Scale the shorter side of one H×W float channel to ``size`` and crop the centre square
     (or, with ``resize="stretch"``, scale both sides to ``size``); ``size`` None leaves it as it is."""
-    if size is None:
+    if size is None or channel.shape == (size, size):  # Pillow would return a copy: the same pixels, slower
         return channel
     if resize == "stretch":
         img = Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32))

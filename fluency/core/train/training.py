@@ -450,7 +450,7 @@ def _build(cfg: TrainConfig, manager: PluginManager, options: _Options, files: S
     return _Run(cfg=cfg, out=Path(cfg.out), device=device, model=model, recon_loss=recon_loss,
                 loss_terms=options.loss_terms, constraints=constraints, capture=capture, source=source,
                 train_idx=train_idx, val_idx=val_idx, optimizer=optimizer, scheduler=scheduler,
-                workers=worker_count(cfg.workers), precision=precision)
+                workers=worker_count(cfg.workers, device.type), precision=precision)
 
 
 def _build_optimizer(manager: PluginManager, name: str, options: dict[str, Any], model: torch.nn.Module) -> Any:
