@@ -28,6 +28,10 @@ Everything lands in ``out/``:
 A NaN or infinite loss stops training with a message; ``last.pt`` keeps the last
 good epoch.
 
+Images are decoded by ``workers`` processes (:mod:`fluency.core.train.loading`; the trained weights do not
+depend on their number) and the forward pass may run in mixed precision, ``amp``
+(:mod:`fluency.core.train.precision`).
+
 Every checkpoint also records what ``fluency run`` checks a model against
 (:mod:`fluency.core.model.diagnostics`), measured after each epoch on the validation images with z = μ:
 ``fit`` (the per-image reconstruction error: loss, n, mean, sd, p50, p95), ``latent`` (KL per dimension and
