@@ -52,10 +52,7 @@ def images_per_second(pm: PluginManager, arch: str, size: int, optimizer: str, b
     torch.manual_seed(0)
     model = pm.get("architecture", arch).load()(image_size=size)
     model.train()
-    factory = pm.get("optimizer", optimizer).load()
-    spec_opts = pm.get("optimizer", optimizer).resolve(pm.option_defaults("optimizer", optimizer))
-    kwargs = {"model": model} if optimizer == "sam" else {}
-    opt = factory(model.parameters(), **spec_opts, **kwargs)
+    opt = _optimizer(pm, optimizer, model)
     x = torch.rand(batch, 3, size, size)
     vae_loss = loss_from_config(model, {})  # fluency train's default: l2 summed over pixels + 1·KL, per image
 
