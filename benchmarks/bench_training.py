@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
+from fluency.core.errors import FluencyError
 from fluency.core.inputs import demo
 from fluency.core.model.losses import loss_from_config
 from fluency.core.plugin.manager import PluginManager
@@ -156,7 +157,11 @@ def against_bare(images: int = 2000, size: int = 64, arch: str = "vae-small", op
         root = Path(folder or tmp)
         stimuli = root / "images"
         if not stimuli.is_dir() or len(list(stimuli.glob("*.png"))) != images:
-            demo.export(root, n=images, size=size, seed=1, overwrite=True)
+            try:  # never replaces a file: a --folder holding anything else is refused
+                demo.export(root, n=images, size=size, seed=1)
+            except FluencyError:
+                raise SystemExit(f"--folder {root} holds files other than the {images} images this benchmark "
+                                 "generates there; choose an empty or new folder (nothing in it is replaced)") from None
         paths = sorted(stimuli.glob("*.png"))
         train_idx, _ = training.split_indices(len(paths), 0.1, 0)
         best = {"bare": float("inf"), "train phase": float("inf"), "whole epochs": float("inf")}
@@ -189,7 +194,7 @@ def main() -> None:
     ap.add_argument("--optimizer", default="adam", help="with --against-bare")
     ap.add_argument("--epochs", type=int, default=2, help="with --against-bare")
     ap.add_argument("--workers", default="auto", help="with --against-bare: decoding processes of both loops")
-    ap.add_argument("--folder", type=Path, help="with --against-bare: keep (and reuse) the PNG files here")
+    ap.add_argument("--folder", type=Path, help="with --against-bare: a new or empty folder to keep (and reuse) the PNG files in")
     args = ap.parse_args()
     if args.against_bare:
         result = against_bare(args.images, args.image_size, args.arch, args.optimizer, args.batch_size or 32,

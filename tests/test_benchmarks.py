@@ -31,3 +31,15 @@ def test_benchmark_command_writes_every_suite_with_its_baselines(tmp_path: Path)
     table = (out / "results.md").read_text()
     # the header, its rule, one row per figure
     assert table.count("\n| ") == len(figures) + 2 and "python -m benchmarks --size smoke" in table
+
+
+def test_training_benchmark_refuses_a_folder_holding_other_files_and_replaces_nothing(tmp_path: Path) -> None:
+    mine = tmp_path / "ratings.csv"
+    mine.write_text("a user's table\n")
+    done = subprocess.run([sys.executable, "benchmarks/bench_training.py", "--against-bare", "--images", "8",
+                           "--folder", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"--folder {tmp_path} holds files other than the 8 images this "
+                                                "benchmark generates there; choose an empty or new folder (nothing "
+                                                "in it is replaced)"]
+    assert mine.read_text() == "a user's table\n" and not (tmp_path / "images").exists()
