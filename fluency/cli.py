@@ -262,9 +262,10 @@ def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = 
     for g in result.manifest.get("subgroups", {}).get("groups", []):
         if not g["analysed"]:
             err.print(f"[yellow]subgroup {g['group']}:[/yellow] {g['n']} images, {g['note']}; not analysed")
+    n_rows, n_images = result.metric_counts()
     if as_json:
         _emit_json({"run": str(result.path), "status": result.manifest["status"],
-                    "n_images": int(result.metrics["image_id"].nunique()), "metric_rows": len(result.metrics),
+                    "n_images": n_images, "metric_rows": n_rows,
                     "strongest": _jsonable(strongest) if len(strongest) else [],
                     "other_effects": {kind: _jsonable(rows) for kind, rows in sections.items()},
                     "matching": result.manifest.get("matching"), "unreadable_images": result.unreadable,
@@ -275,10 +276,9 @@ def _print_result(result: Any, top: int, as_json: bool, seconds: float | None = 
                     "replicates": _jsonable(replicates) if len(replicates) else []})
         return
     out_console = Console()
-    n_images = result.metrics["image_id"].nunique()
     seconds = result.manifest["timings"].get("total") if seconds is None else seconds
     took = f" in {seconds:.1f} s" if seconds is not None else ""
-    out_console.print(f"[bold]{len(result.metrics)}[/bold] metric values for [bold]{n_images}[/bold] images{took}.")
+    out_console.print(f"[bold]{n_rows}[/bold] metric values for [bold]{n_images}[/bold] images{took}.")
     print_reliability(out_console, result.manifest.get("reliability"))
     print_summary(out_console, strongest, sections, result.manifest["metric_columns"], result.effects())
     print_replicates(out_console, strongest_replicates(replicates), result.effects())

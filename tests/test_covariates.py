@@ -15,6 +15,7 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from fluency.core.plugin.analysis import AnalysisData
+from fluency.core.plugin.metric_columns import MetricColumns
 from fluency.core.run.analyse import _write_with_fdr
 from fluency.core.run.covariates import Covariates
 from fluency.plugins.default_correlation import Pearson, Spearman
@@ -145,11 +146,12 @@ def test_adjusted_tests_join_the_run_wide_bh_family(tmp_path) -> None:
 def test_covariates_split_keeps_them_out_of_the_tested_table() -> None:
     table = pd.DataFrame({"image_id": ["a", "b", "a", "b"], "checkpoint": "c", "metric": ["gini", "gini", "luminance",
                           "luminance"], "layer": ["enc1", "enc1", None, None], "value": [1.0, 2.0, 0.3, 0.4]})
-    tested, wide = Covariates(("luminance",), requested=False).split(table)
-    assert set(tested["metric"]) == {"gini"} and list(wide.columns) == ["checkpoint", "image_id", "luminance"]
+    tested, wide = Covariates(("luminance",), requested=False).split(MetricColumns.from_long(table))
+    assert tested.outputs() == [("c", "gini", "enc1")]
+    assert list(wide.columns) == ["checkpoint", "image_id", "luminance"]
     assert wide.set_index("image_id")["luminance"].to_dict() == {"a": 0.3, "b": 0.4}
-    tested, _ = Covariates(("luminance",), requested=True).split(table)
-    assert set(tested["metric"]) == {"gini", "luminance"}
+    tested, _ = Covariates(("luminance",), requested=True).split(MetricColumns.from_long(table))
+    assert {m for _, m, _ in tested.outputs()} == {"gini", "luminance"}
 
 
 @pytest.fixture(scope="module")

@@ -143,11 +143,10 @@ class Correlation(Analysis):
 
     def run(self, data: AnalysisData) -> pd.DataFrame:
         out: list[dict[str, Any]] = []
-        joined = data.joined()
         rng = np.random.default_rng(int(self.options.get("seed", 0)))
         level = float(self.options.get("ci", 0.95))
-        for (checkpoint, metric, layer), group in joined.groupby(["checkpoint", "metric", "layer"], dropna=False,
-                                                                  sort=True):
+        for checkpoint, metric, layer in data.groups("checkpoint", "metric", "layer"):
+            group = data.rows(checkpoint=checkpoint, metric=metric, layer=layer)
             group = group[np.isfinite(group["value"]) & np.isfinite(group["rating"])]
             z = self.covariates(data, group)
             if z is not None:
@@ -173,8 +172,8 @@ class Correlation(Analysis):
             if self.adjusts and data.covariate_names:
                 out[-1].update(self.adjusted(data, group, metric))
         method = str(self.options.get("diff_test", "steiger"))
-        if self.compares_checkpoints and method != "none" and joined["checkpoint"].nunique() > 1:
-            out += self.compare_checkpoints(joined, method)
+        if self.compares_checkpoints and method != "none" and len(data.groups("checkpoint")) > 1:
+            out += self.compare_checkpoints(data, method)
         extra = COMPARE_COLUMNS if any("r_ab" in row for row in out) else ()
         adjusted = ADJUSTED_COLUMNS if self.adjusts and data.covariate_names else ()
         return pd.DataFrame(out, columns=[*RESULT_COLUMNS, "ci_low", "ci_high", "note", *extra, *adjusted])
@@ -195,7 +194,7 @@ class Correlation(Analysis):
             row["estimate_adj"], row["p_adj"] = correlation_test(x, y, z, self.rank)
         return row
 
-    def compare_checkpoints(self, joined: pd.DataFrame, method: str) -> list[dict[str, Any]]:
+    def compare_checkpoints(self, data: AnalysisData, method: str) -> list[dict[str, Any]]:
         """One row per (metric, layer, pair of checkpoints A < B): r_A − r_B and its dependent-correlation test.
 
         The two correlations share the rating and are measured on the same images, so they are
@@ -204,7 +203,8 @@ class Correlation(Analysis):
         ranks, re-ranked on those images).
         """
         out: list[dict[str, Any]] = []
-        for (metric, layer), group in joined.groupby(["metric", "layer"], dropna=False, sort=True):
+        for metric, layer in data.groups("metric", "layer"):
+            group = data.rows(metric=metric, layer=layer)
             wide = group.pivot_table(index="image_id", columns="checkpoint", values="value", aggfunc="first")
             rating = group.groupby("image_id")["rating"].first().reindex(wide.index)
             for a, b in combinations(sorted(wide.columns), 2):
@@ -262,9 +262,7 @@ class Partial(Correlation):
                 values = table.set_index("image_id")[name]
             else:
                 metric, _, layer = name.partition("@")
-                m = data.metrics[(data.metrics["metric"] == metric) &
-                                 (data.metrics["checkpoint"] == rows["checkpoint"].iloc[0])]
-                m = m[m["layer"].isna()] if not layer else m[m["layer"] == layer]
+                m = data.rows(checkpoint=rows["checkpoint"].iloc[0], metric=metric, layer=layer or None)
                 if m.empty:
                     raise FluencyError(f"partial: covariate {name!r} is neither a ratings column "
                                        f"({list(data.ratings.columns)}) nor a metric of this run")

@@ -34,10 +34,9 @@ class OLS(Analysis):
         if missing:
             raise FluencyError(f"ols: {missing} are not columns of the ratings table {list(data.ratings.columns)}")
         extra = data.ratings.set_index("image_id")[covariates + groups]
-        joined = data.joined()
         rows = []
-        for (checkpoint, metric, layer), group in joined.groupby(["checkpoint", "metric", "layer"], dropna=False,
-                                                                  sort=True):
+        for checkpoint, metric, layer in data.groups("checkpoint", "metric", "layer"):
+            group = data.rows(checkpoint=checkpoint, metric=metric, layer=layer)
             frame = group.set_index("image_id")[["value", "rating"]].join(extra)
             frame = frame.rename(columns={c: _safe(c) for c in covariates + groups})
             for c in covariates:

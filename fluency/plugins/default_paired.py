@@ -109,7 +109,8 @@ class Paired(Analysis):
         level = float(self.options.get("ci", 0.95))
         family = TESTS[str(self.options.get("test", "t"))]
         rows: list[dict[str, Any]] = []
-        for (metric, layer), group in data.metrics.groupby(["metric", "layer"], dropna=False, sort=True):
+        for metric, layer in data.groups("metric", "layer"):
+            group = data.rows(metric=metric, layer=layer)
             wide = group.pivot_table(index="image_id", columns="checkpoint", values="value", aggfunc="first",
                                      dropna=False)
             for a, b in combinations(sorted(group["checkpoint"].unique()), 2):

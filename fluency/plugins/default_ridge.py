@@ -159,11 +159,11 @@ class Ridge(Analysis):
         folds, repeats, seed = int(o.get("folds", 5)), int(o.get("repeats", 10)), int(o.get("seed", 0))
         n_perm = int(o.get("permutations", 200))
         alphas = np.logspace(float(o.get("alpha_min_log10", -3)), float(o.get("alpha_max_log10", 4)), 30)
-        joined = data.joined()
-        joined["layer"] = joined["layer"].fillna("(whole)")
         covariates = data.covariate_names
         rows = []
-        for (checkpoint, metric), group in joined.groupby(["checkpoint", "metric"], sort=True):
+        for checkpoint, metric in data.groups("checkpoint", "metric"):
+            group = data.rows(checkpoint=checkpoint, metric=metric)
+            group["layer"] = group["layer"].fillna("(whole)")
             wide = group.pivot_table(index="image_id", columns="layer", values="value", aggfunc="first")
             ratings = group.drop_duplicates("image_id").set_index("image_id")["rating"].reindex(wide.index)
             ok = np.isfinite(wide.to_numpy()).all(axis=1) & np.isfinite(ratings.to_numpy())

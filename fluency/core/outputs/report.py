@@ -31,7 +31,8 @@ from fluency.core.run.analyse import read_effects
 from fluency.core.run.ceiling import with_ceiling
 from fluency.core.run.folder import MANIFEST, outputs, read_manifest, run_status, write_manifest, writing
 from fluency.core.run.replicates import COLUMNS as REPLICATE_COLUMNS, aggregate, configurations
-from fluency.core.run.tables import read_metric_table
+from fluency.core.plugin.metric_columns import MetricColumns, as_columns, output_order
+from fluency.core.run.tables import read_metric_columns
 
 
 def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -248,30 +249,31 @@ def _replicate_views(analyses: dict[str, pd.DataFrame], effects: dict[tuple[str,
             grid(images), _table(table, list(REPLICATE_COLUMNS), "table-replicates")]
 
 
-def metric_correlations(metrics: pd.DataFrame, checkpoint: str) -> dict[str, pd.DataFrame]:
+def metric_correlations(metrics: pd.DataFrame | MetricColumns, checkpoint: str) -> dict[str, pd.DataFrame]:
     """Spearman correlation over images between the metric columns of one checkpoint, per layer (whole-image
     metrics as the layer ``(whole)``); layers with fewer than two metrics are left out."""
-    table = metrics[metrics["checkpoint"] == checkpoint].assign(layer=lambda t: t["layer"].fillna("(whole)"))
+    columns = as_columns(metrics)
+    mine = [k for k in columns.outputs() if k[0] == checkpoint]
     out: dict[str, pd.DataFrame] = {}
-    for layer in dict.fromkeys(table["layer"]):
-        wide = table[table["layer"] == layer].pivot_table(index="image_id", columns="metric", values="value",
-                                                          aggfunc="first")
-        if wide.shape[1] >= 2:
-            out[str(layer)] = wide.corr(method="spearman")
+    for layer in dict.fromkeys(k[2] for k in mine):
+        outputs = sorted((k for k in mine if k[2] == layer), key=lambda k: k[1])
+        if len({k[1] for k in outputs}) >= 2:
+            wide = columns.wide(outputs).set_axis(pd.Index([k[1] for k in outputs], name="metric"), axis=1)
+            out["(whole)" if layer is None else layer] = wide.corr(method="spearman")
     return out
 
 
-def _metric_correlation_views(metrics: pd.DataFrame, fig_dir: Path) -> list[str]:
+def _metric_correlation_views(metrics: MetricColumns, fig_dir: Path) -> list[str]:
     """Per checkpoint, the metric × metric Spearman correlations of every layer, with why they matter."""
     images = []
-    for checkpoint in sorted(metrics["checkpoint"].unique()):
+    for checkpoint in sorted({k[0] for k in metrics.outputs()}):
         matrices = metric_correlations(metrics, checkpoint)
         if not matrices:
             continue
         stem = f"metric-correlations-{checkpoint}"
         figures.metric_correlation_matrix(matrices, fig_dir / f"{stem}.png",
                                           f"Correlations between metrics over images — {checkpoint}")
-        n = int(metrics.loc[metrics["checkpoint"] == checkpoint, "image_id"].nunique())
+        n = len(metrics.select(k for k in metrics.outputs() if k[0] == checkpoint).image_ids())
         images.append(_img(fig_dir / f"{stem}.png", f"Spearman ρ between the metrics over the {n} images, one "
                                                    f"panel per layer ({checkpoint})."))
     if not images:
@@ -286,7 +288,7 @@ def _metric_correlation_views(metrics: pd.DataFrame, fig_dir: Path) -> list[str]
 
 
 def _scatter_views(analyses: dict[str, pd.DataFrame], effects: dict[tuple[str, str], EffectSize],
-                   metrics: pd.DataFrame, ratings: pd.DataFrame, rating_col: str, fig_dir: Path,
+                   metrics: MetricColumns, ratings: pd.DataFrame, rating_col: str, fig_dir: Path,
                    top: int, manifest: dict[str, Any]) -> list[str]:
     """Scatter plots of the ``top`` strongest correlations with the rating (every image; one per distinct
     test: a row that is the same test as another, ``same_as``, is left out), side by side."""
@@ -297,9 +299,9 @@ def _scatter_views(analyses: dict[str, pd.DataFrame], effects: dict[tuple[str, s
         ["checkpoint", "metric", "layer"]).head(top)
     images = []
     for k, row in enumerate(table.to_dict("records")):
-        sel = (metrics["metric"] == row["metric"]) & (metrics["checkpoint"] == row["checkpoint"])
-        sel &= metrics["layer"].isna() if pd.isna(row["layer"]) else metrics["layer"] == row["layer"]
-        joined = metrics[sel].merge(ratings[["image_id", rating_col]], on="image_id")
+        layer = None if pd.isna(row["layer"]) else str(row["layer"])
+        joined = metrics.rows(checkpoint=row["checkpoint"], metric=row["metric"], layer=layer).merge(
+            ratings[["image_id", rating_col]], on="image_id")
         label = f"{row['metric']}" + ("" if pd.isna(row["layer"]) else f" @ {row['layer']}")
         figures.scatter(joined["value"].to_numpy(float), joined[rating_col].to_numpy(float),
                         fig_dir / f"scatter-{k}.png", label, rating_col,
@@ -436,6 +438,20 @@ def _covariates_note(manifest: dict[str, Any]) -> str:
                "metrics.parquet.") + "</p>")
 
 
+def metric_summary(metrics: MetricColumns) -> pd.DataFrame:
+    """Per output (sorted; whole-model outputs after a metric's layers): ``count`` of finite values, ``mean``,
+    ``std`` (n − 1), ``min``, ``max``, as pandas' ``describe`` gives them."""
+    rows = []
+    for key in sorted(metrics.outputs(), key=output_order):
+        values = metrics.values(key).to_numpy(float)
+        values = values[~np.isnan(values)]
+        n = len(values)
+        rows.append({"checkpoint": key[0], "metric": key[1], "layer": key[2], "count": float(n),
+                     "mean": values.mean() if n else np.nan, "std": values.std(ddof=1) if n > 1 else np.nan,
+                     "min": values.min() if n else np.nan, "max": values.max() if n else np.nan})
+    return pd.DataFrame(rows, columns=["checkpoint", "metric", "layer", "count", "mean", "std", "min", "max"])
+
+
 def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scatter: int) -> Path:
     """Write the page and the figures it embeds (the caller holds the run folder's lock)."""
     fig_dir = run / "figures"
@@ -444,7 +460,7 @@ def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scat
              f"{html.escape(', '.join(manifest.get('metrics') or []))}. Analyses: "
              f"{html.escape(', '.join(manifest.get('analyses') or []) or 'none')}. Click a figure for a "
              "full-window view.</p>", warnings_box(manifest)]
-    metrics = read_metric_table(run / "metrics.parquet") if (run / "metrics.parquet").exists() else None
+    metrics = read_metric_columns(run / "metrics.parquet") if (run / "metrics.parquet").exists() else None
     analyses = {p.stem: _read_parquet(p, _ANALYSIS_COLUMNS) for p in sorted((run / "analyses").glob("*.parquet"))}
     ratings = _read_parquet(run / "ratings.parquet", ["image_id"]) if (run / "ratings.parquet").exists() else None
     rating_col = ((manifest.get("inputs") or {}).get("stimuli") or {}).get("rating_column") or "rating"
@@ -485,7 +501,7 @@ def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scat
                    if c in table.columns]
         parts += [f"<h2>Analysis: {html.escape(name)}</h2>", _table(table, columns, f"table-{name}")]
     if metrics is not None:
-        summary = metrics.groupby(["checkpoint", "metric", "layer"], dropna=False)["value"].describe().reset_index()
+        summary = metric_summary(metrics)
         parts += ["<h2>Metric summary</h2>",
                   _table(summary, ["checkpoint", "metric", "layer", "count", "mean", "std", "min", "max"],
                          "table-metrics")]

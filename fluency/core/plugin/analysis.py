@@ -11,6 +11,8 @@ if TYPE_CHECKING:  # only annotations: listing plugins must not import pandas
     import numpy as np
     import pandas as pd
 
+    from fluency.core.plugin.metric_columns import MetricColumns
+
 #: columns every analysis result has: ``statistic`` names the ``estimate`` (e.g. ``"r"``);
 #: ``p`` is the test's two-sided p-value (NaN for descriptive analyses); ``layer`` is
 #: None for whole-model metrics
@@ -78,22 +80,69 @@ class EffectSize:
                    bool(data.get("heatmap", False)))
 
 
-@dataclass
 class AnalysisData:
-    """Input of an analysis.
+    """Input of an analysis: the metric values of the analysed images, their ratings and covariates.
 
-    ``metrics`` is the long metric table (``image_id, checkpoint, metric, layer,
-    value``), restricted to rated images; ``ratings`` has one row per rated image with
-    ``image_id``, the rating column ``rating_column`` and any other columns of the table.
-    ``covariates`` (None when the run has none, e.g. ``--no-covariates``) holds the low-level image
-    covariates the run controls for: one row per (``checkpoint``, ``image_id``), one column each
-    (luminance, rms-contrast, ...); they are not in ``metrics`` unless the user asked for them as metrics.
+    ``ratings`` has one row per rated image with ``image_id``, the rating column ``rating_column`` and any
+    other columns of the table. ``covariates`` (None when the run has none, e.g. ``--no-covariates``) holds
+    the low-level image covariates the run controls for: one row per (``checkpoint``, ``image_id``), one
+    column each (luminance, rms-contrast, ...); they are not among the metrics unless the user asked for
+    them as metrics.
+
+    The metric values are held per output (checkpoint, metric, layer), not as a long table, so that a run of
+    100,000 images stays small: read them with :meth:`groups` and :meth:`rows`, one slice at a time.
+    :attr:`metrics` builds the whole long table (``image_id, checkpoint, metric, layer, value``) on first
+    use, for analyses that want it. ``metrics`` may be given as that long DataFrame.
     """
 
-    metrics: pd.DataFrame
-    ratings: pd.DataFrame
-    rating_column: str
-    covariates: pd.DataFrame | None = None
+    def __init__(self, metrics: pd.DataFrame | MetricColumns, ratings: pd.DataFrame, rating_column: str,
+                 covariates: pd.DataFrame | None = None) -> None:
+        self.metrics = metrics  # type: ignore[assignment]
+        self.ratings = ratings
+        self.rating_column = rating_column
+        self.covariates = covariates
+        self._rating_of: pd.Series | None = None
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        """The long metric table (``image_id, checkpoint, metric, layer, value``; ``layer`` None for
+        whole-model metrics), restricted to the analysed images; built on first use."""
+        if self._metrics is None:
+            self._metrics = self.columns.to_long()
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, table: pd.DataFrame | MetricColumns) -> None:
+        from fluency.core.plugin.metric_columns import as_columns
+
+        self.columns = as_columns(table)
+        self._metrics = None if self.columns is table else table
+
+    def groups(self, *fields: str) -> list[tuple[str | None, ...]]:
+        """The distinct values of ``fields`` (of ``checkpoint``, ``metric``, ``layer``) over the outputs,
+        sorted (a missing layer, None, last): e.g. ``groups("checkpoint", "metric", "layer")`` lists every
+        output, ``groups("metric", "layer")`` what to compare across checkpoints."""
+        from fluency.core.plugin.metric_columns import output_order
+
+        where = {"checkpoint": 0, "metric": 1, "layer": 2}
+        unknown = [f for f in fields if f not in where]
+        if unknown or not fields:
+            raise TypeError(f"groups(): name one or more of {list(where)}, not {unknown or 'none'}")
+        found = {tuple(key[where[f]] for f in fields) for key in self.columns.outputs()}
+        return sorted(found, key=output_order)
+
+    def rows(self, **where: str | None) -> pd.DataFrame:
+        """The long rows (``image_id, checkpoint, metric, layer, value``) of the outputs whose fields equal
+        ``where`` (e.g. ``checkpoint="default", metric="gini"``; ``layer=None`` selects whole-model outputs),
+        with each image's ``rating`` (NaN for an image the ratings table lacks), in the table's order."""
+        rows = self.columns.rows(**where)
+        return rows.assign(rating=self._ratings().reindex(rows["image_id"]).to_numpy())
+
+    def _ratings(self) -> pd.Series:
+        if self._rating_of is None:
+            first = self.ratings.drop_duplicates("image_id")
+            self._rating_of = first.set_index("image_id")[self.rating_column]
+        return self._rating_of
 
     @property
     def covariate_names(self) -> tuple[str, ...]:
@@ -112,7 +161,7 @@ class AnalysisData:
         return table.set_index("image_id")[list(names)].reindex(list(image_ids)).to_numpy(float)
 
     def joined(self) -> pd.DataFrame:
-        """The metric table with the rating of each image as a ``rating`` column."""
+        """The whole metric table with the rating of each image as a ``rating`` column (rated images only)."""
         r = self.ratings[["image_id", self.rating_column]].rename(columns={self.rating_column: "rating"})
         return self.metrics.merge(r, on="image_id", how="inner")
 

@@ -15,6 +15,7 @@ from rich.console import Console
 from fluency.core.atomic import atomic_path
 from fluency.core.errors import FluencyError
 from fluency.core.plugin.analysis import FDR_COLUMNS, AnalysisData, EffectSize
+from fluency.core.plugin.metric_columns import MetricColumns, as_columns
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager, guarded, read_registry
 from fluency.core.plugin.specs import AnalysisSpec
 from fluency.core.progress import progress_bar, step
@@ -60,7 +61,7 @@ def default_analyses(n_checkpoints: int) -> list[str]:
     return list(dict.fromkeys([*run["default_analyses"], *extra]))
 
 
-def analyse(metric_table: pd.DataFrame, ratings: pd.DataFrame | None, rating_column: str,
+def analyse(metric_table: pd.DataFrame | MetricColumns, ratings: pd.DataFrame | None, rating_column: str,
             specs: Mapping[str, AnalysisSpec], resolved: Mapping[tuple[str, str], Mapping[str, Any]], out_dir: Path,
             manager: PluginManager, by: Sequence[str] = (), min_group_size: int = 10,
             console: Console | None = None, covariates: Covariates | None = None) -> AnalysisOutcome:
@@ -70,7 +71,8 @@ def analyse(metric_table: pd.DataFrame, ratings: pd.DataFrame | None, rating_col
     metrics, not as metrics to test)."""
     if ratings is None or not specs:
         return AnalysisOutcome()
-    metric_table, wide = covariates.split(metric_table) if covariates is not None else (metric_table, None)
+    columns = as_columns(metric_table)
+    columns, wide = covariates.split(columns) if covariates is not None else (columns, None)
     with atomic_path(out_dir / "ratings.parquet") as tmp:
         ratings.to_parquet(tmp, index=False)
     groups, report = subgroups(ratings, by, min_group_size) if by else ([("all", ratings)], [])
@@ -84,14 +86,13 @@ def analyse(metric_table: pd.DataFrame, ratings: pd.DataFrame | None, rating_col
             parts = []
             for label, rows in groups:
                 bars.update(task, status=step(name, None if label == "all" else label))
-                data = AnalysisData(metric_table[metric_table["image_id"].isin(set(rows["image_id"]))], rows,
-                                    rating_column, wide)
+                data = AnalysisData(columns.restrict(rows["image_id"]), rows, rating_column, wide)
                 parts.append(guarded(manager, "analysis", name, lambda d=data: analysis.run(d)).assign(group=label))
                 bars.advance(task)
             outcome.results[name] = pd.concat(parts, ignore_index=True)
             outcome.timings[f"analysis[{name}]"] = round(time.perf_counter() - t0, 3)
         bars.update(task, status="")
-    _write_with_fdr(outcome.results, out_dir / "analyses", same_tests(metric_table, ratings["image_id"]))
+    _write_with_fdr(outcome.results, out_dir / "analyses", same_tests(columns, ratings["image_id"]))
     return outcome
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import pandas as pd
 
+from fluency.core.plugin.metric_columns import MetricColumns
+
 #: the metric plugin whose outputs are the covariates
 COVARIATE_PLUGIN = "image-stats"
 
@@ -43,14 +45,20 @@ class Covariates:
         """The manifest's ``covariates`` entry."""
         return {"plugin": self.plugin, "columns": list(self.columns), "requested": self.requested}
 
-    def split(self, metric_table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """(the metric table the analyses test, the covariates wide: ``checkpoint, image_id`` + one column each)."""
-        rows = metric_table["metric"].isin(self.columns) & metric_table["layer"].isna()
-        wide = metric_table[rows].pivot_table(index=["checkpoint", "image_id"], columns="metric", values="value",
-                                              aggfunc="first")
-        wide = wide.reindex(columns=list(self.columns)).reset_index()
-        wide.columns.name = None
-        tested = metric_table if self.requested else metric_table[~rows].reset_index(drop=True)
+    def split(self, metrics: MetricColumns) -> tuple[MetricColumns, pd.DataFrame]:
+        """(the metric values the analyses test, the covariates wide: ``checkpoint, image_id`` + one column
+        each, NaN where an image lacks one)."""
+        covariate = [k for k in metrics.outputs() if k[1] in self.columns and k[2] is None]
+        frames = []
+        for checkpoint in dict.fromkeys(k[0] for k in covariate):
+            mine = {k[1]: k for k in covariate if k[0] == checkpoint}
+            names = [c for c in self.columns if c in mine]
+            wide = metrics.wide([mine[c] for c in names]).set_axis(names, axis=1).reindex(columns=list(self.columns))
+            frames.append(wide.reset_index().assign(checkpoint=checkpoint))
+        wide = (pd.concat(frames, ignore_index=True) if frames else
+                pd.DataFrame(columns=["image_id", "checkpoint", *self.columns]))
+        wide = wide[["checkpoint", "image_id", *self.columns]]
+        tested = metrics if self.requested else metrics.select(k for k in metrics.outputs() if k not in set(covariate))
         return tested, wide
 
 

@@ -37,20 +37,47 @@ from fluency.core.run.lock import FolderLock, refuse_if_busy
 from fluency.core.run.manifest import FORMAT as FORMAT, MANIFEST as MANIFEST, V1_KEYS as V1_KEYS
 from fluency.core.run.manifest import read_manifest as read_manifest, run_status as run_status
 from fluency.core.run.replicates import aggregate
+from fluency.core.run.tables import MERGED, count_metric_rows, read_metric_table
 from fluency.core.version import FOLDER_FORMAT_VERSION, MANIFEST_FORMAT_VERSION, __version__
 
 
 
+class _ReadOnFirstUse:
+    """A dataclass field holding a DataFrame that, when None, is read from the run folder on first access:
+    a run of 100,000 images does not keep its long metric table in memory for a caller who never asks."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attribute = f"_{name}"
+
+    def __get__(self, obj: RunResult | None, owner: type | None = None) -> pd.DataFrame | None:
+        if obj is None:
+            return None  # the dataclass default
+        if getattr(obj, self.attribute) is None:
+            setattr(obj, self.attribute, read_metric_table(obj.path / MERGED))
+        return getattr(obj, self.attribute)
+
+    def __set__(self, obj: RunResult, value: pd.DataFrame | None) -> None:
+        setattr(obj, self.attribute, value)
+
+
 @dataclass
 class RunResult:
-    """What a run produced: its folder, the metric table and one table per analysis."""
+    """What a run produced: its folder, the metric table (``metrics``: read from ``metrics.parquet`` on first
+    use when not given) and one table per analysis."""
 
     path: Path
-    metrics: pd.DataFrame
+    metrics: pd.DataFrame = _ReadOnFirstUse()  # type: ignore[assignment]
     analyses: dict[str, pd.DataFrame] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     report: MatchReport | None = None
     unreadable: dict[str, str] = field(default_factory=dict)  # image path (relative) -> why it was skipped
+
+    def metric_counts(self) -> tuple[int, int]:
+        """(values, distinct images) of the metric table, read from its ``image_id`` column alone unless the
+        table is already in memory."""
+        if getattr(self, "_metrics", None) is not None:
+            return len(self.metrics), int(self.metrics["image_id"].nunique())
+        return count_metric_rows(self.path / MERGED)
 
     def effects(self) -> dict[tuple[str, str], EffectSize]:
         """``{(analysis, statistic): EffectSize}``: how each analysis declared its statistics are shown."""

@@ -48,7 +48,7 @@ from fluency.core.run.lock import refuse_if_busy
 from fluency.core.run.measuring import CheckpointMetrics, MetricParts, column_clash
 from fluency.core.run.replicates import write_replicates
 from fluency.core.run.store import MARKER, ActivationStore
-from fluency.core.run.tables import MERGED, merge_tables, part_name, read_metric_table
+from fluency.core.run.tables import MERGED, merge_tables, part_name, read_metric_columns
 
 
 @dataclass(frozen=True)
@@ -339,7 +339,7 @@ def _measure(plan: MeasurePlan, manager: PluginManager, batch_size: int, images:
         old = [plan.out_dir / MERGED] if plan.in_place and (plan.out_dir / MERGED).exists() else []
         dropped_columns = [c for name in plan.dropped for c in plan.existing[name]["columns"]]
         merge_tables(old + parts.files(), staged, replaced={p: dropped_columns for p in old})
-        metric_table = read_metric_table(staged)
+        metric_table = read_metric_columns(staged)
         covariates = None if plan.covariates_requested is None else Covariates.of(
             {**(manifest.get("metric_columns") or {}), **parts.metric_columns()}, plan.covariates_requested)
         outcome = analyse(metric_table, plan.ratings, plan.rating_column, plan.analysis_specs, plan.resolved,
@@ -356,7 +356,7 @@ def _measure(plan: MeasurePlan, manager: PluginManager, batch_size: int, images:
         manifest.update({"covariates": covariates.record()} if covariates is not None else {})
         write_replicates(plan.out_dir, outcome.results, manifest)  # their aggregate over replicate models
     write_manifest(plan.out_dir, {**manifest, "outputs": outputs(plan.out_dir)})
-    return RunResult(plan.out_dir, metric_table, outcome.results, read_manifest(plan.out_dir))
+    return RunResult(plan.out_dir, None, outcome.results, read_manifest(plan.out_dir))
 
 
 def _measure_stores(plan: MeasurePlan, parts: MetricParts, manager: PluginManager, batch_size: int,

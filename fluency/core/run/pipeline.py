@@ -61,7 +61,7 @@ from fluency.core.run.folder import MANIFEST, RunRecord, RunResult, now, outputs
 from fluency.core.run.forward import ALL, Latents, Measuring, checked_model, stored_layers
 from fluency.core.run.ledger import marker_version, results
 from fluency.core.run.measuring import MetricParts, check_requirements
-from fluency.core.run.tables import MERGED, merge_tables, read_metric_table
+from fluency.core.run.tables import MERGED, merge_tables, read_metric_columns
 
 __all__ = ["ALL", "Latents", "MeasuredCheckpoint", "CheckpointObserver", "ReportWriter", "RunPlan", "plan", "run",
            "stored_layers"]
@@ -376,7 +376,7 @@ def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: 
         stimuli = replace(stimuli, report=_report_late(stimuli.report, {i: v[0] for i, v in late.items()},
                                                        unreadable))
         record.set(matching=stimuli.report.as_dict())
-    metric_table = read_metric_table(out_dir / MERGED)
+    metric_table = read_metric_columns(out_dir / MERGED)
     covariates = None if the_plan.covariates_requested is None else \
         Covariates.of(columns, the_plan.covariates_requested)
     if covariates is not None:
@@ -399,7 +399,7 @@ def _run(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: 
     record.timing("total", time.perf_counter() - started)
     record.set(status="complete", finished=now(), outputs=outputs(out_dir))
     record.write()
-    return RunResult(out_dir, metric_table, outcome_a.results, record.data, stimuli.report, dict(unreadable))
+    return RunResult(out_dir, None, outcome_a.results, record.data, stimuli.report, dict(unreadable))
 
 
 def _measure_units(the_plan: RunPlan, record: RunRecord, manager: PluginManager, console: Console,

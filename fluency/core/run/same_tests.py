@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from fluency.core.plugin.metric_columns import MetricColumns, as_columns
+
 #: rms difference of z-scores under which two outputs are one test (|Δr| ≤ this for any third variable)
 TOLERANCE = 1e-5
 #: fewer common images than this (any two series of 2 points are affine maps of each other) merge nothing
@@ -109,22 +111,18 @@ class SameTests:
         return None
 
 
-def same_tests(metric_table: pd.DataFrame, image_ids: Iterable[str]) -> SameTests:
+def same_tests(metric_table: pd.DataFrame | MetricColumns, image_ids: Iterable[str]) -> SameTests:
     """Which outputs of each checkpoint repeat an earlier output's test on the images ``image_ids``."""
-    table = metric_table[metric_table["image_id"].isin(set(image_ids))]
+    table = as_columns(metric_table).restrict(image_ids)
     found = SameTests()
-    for checkpoint, rows in table.groupby("checkpoint", sort=False):
-        ids = pd.Index(pd.unique(rows["image_id"]))
-        keys: list[Key] = []
-        columns = []
-        for (metric, layer), group in rows.groupby(["metric", "layer"], dropna=False, sort=False):
-            keys.append((str(metric), _layer(layer)))
-            columns.append(group.drop_duplicates("image_id").set_index("image_id")["value"].reindex(ids)
-                           .to_numpy(float))
-        found.outputs[str(checkpoint)] = {}
+    outputs = table.outputs()
+    for checkpoint in dict.fromkeys(k[0] for k in outputs):
+        mine = [k for k in outputs if k[0] == checkpoint]
+        keys: list[Key] = [(metric, layer) for _, metric, layer in mine]
+        found.outputs[checkpoint] = {}
         for key in keys:
-            found.outputs[str(checkpoint)].setdefault(key[0], []).append(key)
-        found.kept[str(checkpoint)] = _duplicates(keys, np.column_stack(columns) if columns else np.empty((0, 0)))
+            found.outputs[checkpoint].setdefault(key[0], []).append(key)
+        found.kept[checkpoint] = _duplicates(keys, table.wide(mine).to_numpy(float))
     return found
 
 

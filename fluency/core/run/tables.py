@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from fluency.core.atomic import atomic_path, claim, publish, storage_guard
 from fluency.core.errors import StorageFullError, StoreError
+from fluency.core.plugin.metric_columns import LONG_COLUMNS, ColumnsBuilder, MetricColumns
 from fluency.core.version import METRIC_TABLE_FORMAT_VERSION as FORMAT_VERSION
 
 FORMAT = "fluency-metric-table"
@@ -159,17 +160,23 @@ def _check_format(schema: pa.Schema, path: Path) -> None:
 
 def read_metric_arrow(path: str | Path) -> pa.Table:
     """The metric table as an Arrow table in the current schema (a version-1 table gets null part columns)."""
-    path = Path(path)
-    if not path.exists():
-        partial = path.with_name(path.name + ".partial")
-        hint = f" (an interrupted run left {partial.name})" if partial.exists() else ""
-        raise StoreError(f"metric table {path}: no such file{hint}")
+    path = _existing(path)
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
         raise StoreError(f"metric table {path}: unreadable ({exc})") from None
     _check_format(table.schema, path)
     return conform(table, path)
+
+
+def _existing(path: str | Path) -> Path:
+    """``path``, or one line saying it is missing (and whether an interrupted run left a ``.partial``)."""
+    path = Path(path)
+    if not path.exists():
+        partial = path.with_name(path.name + ".partial")
+        hint = f" (an interrupted run left {partial.name})" if partial.exists() else ""
+        raise StoreError(f"metric table {path}: no such file{hint}")
+    return path
 
 
 def conform(table: pa.Table, path: Path | str = "") -> pa.Table:
@@ -180,6 +187,42 @@ def conform(table: pa.Table, path: Path | str = "") -> pa.Table:
     columns = [table[name].cast(kind) if name in table.column_names else pa.nulls(len(table), kind)
                for name, kind in _ROW_FIELDS + _PART_FIELDS]
     return pa.Table.from_arrays(columns, schema=METRIC_SCHEMA)
+
+
+def read_metric_columns(path: str | Path, batch_rows: int = 1 << 18) -> MetricColumns:
+    """The metric table's values per output (:class:`MetricColumns`), read ``batch_rows`` rows at a time, so
+    that memory holds the compact columns and one batch, never the long table."""
+    path = _existing(path)
+    builder = ColumnsBuilder()
+    try:
+        _check_format(pq.read_schema(path), path)
+        with pq.ParquetFile(path, pre_buffer=False) as pf:
+            for batch in pf.iter_batches(batch_rows, columns=list(LONG_COLUMNS)):
+                builder.add(*(_objects(batch.column(name)) for name in LONG_COLUMNS[:4]),
+                            batch.column("value").to_numpy(zero_copy_only=False).astype(np.float64, copy=False))
+    except (OSError, pa.ArrowException) as exc:
+        raise StoreError(f"metric table {path}: unreadable ({exc})") from None
+    return builder.build()
+
+
+def _objects(column: pa.Array) -> np.ndarray:
+    """A string column as an object array (None where null), decoded once per distinct value."""
+    encoded = pc.dictionary_encode(column.cast(pa.string()))
+    words = np.array(encoded.dictionary.to_pylist() + [None], dtype=object)
+    return words[encoded.indices.fill_null(len(words) - 1).to_numpy(zero_copy_only=False)]
+
+
+def count_metric_rows(path: str | Path) -> tuple[int, int]:
+    """(rows, distinct image ids) of a metric table, reading only its ``image_id`` column."""
+    path = _existing(path)
+    try:
+        ids = pq.read_table(path, columns=["image_id"], read_dictionary=["image_id"])["image_id"]
+    except (OSError, pa.ArrowException) as exc:
+        raise StoreError(f"metric table {path}: unreadable ({exc})") from None
+    if not len(ids):
+        return 0, 0
+    codes = [chunk.indices.to_numpy(zero_copy_only=False) for chunk in ids.unify_dictionaries().chunks]
+    return len(ids), len(np.unique(np.concatenate(codes)))
 
 
 def read_metric_table(path: str | Path) -> pd.DataFrame:
