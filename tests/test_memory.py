@@ -63,12 +63,15 @@ def _one_call(x: np.ndarray, y: np.ndarray, rank: bool, n_boot: int, level: floa
 
 @pytest.mark.parametrize("n", [5, 97, 400])
 @pytest.mark.parametrize("rank", [False, True])
-def test_bootstrap_in_blocks_draws_as_one_call(monkeypatch, n: int, rank: bool) -> None:
+@pytest.mark.parametrize("ties", [False, True])
+def test_bootstrap_in_blocks_draws_as_one_call(monkeypatch, n: int, rank: bool, ties: bool) -> None:
     """Blocks of resamples give bit-identical intervals, and leave the generator where one call would (the next
-    test of the run draws on)."""
+    test of the run draws on); Spearman's ranks, counted per resample, are scipy's average ranks, ties too."""
     monkeypatch.setattr(correlation, "BOOT_BLOCK", 7 * n)  # blocks of 6 resamples; odd n: odd counts per row
     g = np.random.default_rng(n)
     x, y = g.normal(size=n), g.normal(size=n)
+    if ties:
+        x, y = np.round(x, 1), np.round(y)
     blocks, whole = np.random.default_rng(1), np.random.default_rng(1)
     for _ in range(2):
         assert correlation.bootstrap_ci(x, y, rank, 301, 0.95, blocks) == _one_call(x, y, rank, 301, 0.95, whole)

@@ -93,10 +93,25 @@ def bootstrap_ci(x: np.ndarray, y: np.ndarray, rank: bool, n_boot: int, level: f
 def _bootstrap_r(x: np.ndarray, y: np.ndarray, rank: bool, count: int, rng: np.random.Generator) -> np.ndarray:
     """The correlations of ``count`` resamples of the pairs (x, y)."""
     idx = rng.integers(0, len(x), size=(count, len(x)))
-    bx, by = x[idx], y[idx]
     if rank:
-        bx, by = stats.rankdata(bx, axis=1), stats.rankdata(by, axis=1)
-    return _rowwise_pearson(bx, by)
+        return _rowwise_pearson(_resample_ranks(x, idx), _resample_ranks(y, idx))
+    return _rowwise_pearson(x[idx], y[idx])
+
+
+def _resample_ranks(v: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``scipy.stats.rankdata(v[idx], axis=1)`` (average ranks) by counting instead of sorting each resample.
+
+    A drawn value's rank depends only on its place among ``v``'s distinct values: with ``counts[g]`` draws of
+    the g-th smallest value in a row, they share the average rank ``(draws of smaller values) + (counts[g] +
+    1) / 2``, the mean of the places they fill. Ranking ``v`` once and counting per row is O(n) a resample,
+    not O(n log n); the half-integer ranks are exact, so the result is bit-identical to sorting."""
+    groups = stats.rankdata(v, method="dense").astype(np.intp) - 1
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    drawn = groups[idx]
+    rows = np.arange(len(idx), dtype=np.intp)[:, None] * n_groups
+    counts = np.bincount((drawn + rows).ravel(), minlength=len(idx) * n_groups).reshape(len(idx), n_groups)
+    average = np.cumsum(counts, axis=1) - (counts - 1) / 2
+    return np.take_along_axis(average, drawn, axis=1)
 
 
 def residualize(v: np.ndarray, z: np.ndarray) -> np.ndarray:

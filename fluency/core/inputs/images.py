@@ -34,7 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 import torch
@@ -51,6 +51,9 @@ NATIVE = "native"
 #: the EXIF tag of orientation; values 5–8 turn the image a quarter (width and height swap)
 _EXIF_ORIENTATION = 0x0112
 #: the only resizing recipe so far; named in provenance so that a later one can be told apart
+T = TypeVar("T")
+R = TypeVar("R")
+
 RESIZE = "shorter-side+center-crop"
 #: resize recipes: keep the aspect ratio and crop the centre, or stretch to a square
 RESIZES = (RESIZE, "stretch")
@@ -376,10 +379,20 @@ def image_problem(path: str | Path) -> str | None:
     return None
 
 
+def map_in_windows(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Sequence[T], window: int = 256) -> list[R]:
+    """``[fn(x) for x in items]`` on ``pool``, ``window`` items in flight at a time: ``pool.map`` over all of
+    them creates every future up front, and the process kept ~0.9 KB per image of that freed memory
+    (measured on 10,000 and 30,000 images; issue 16, memory of a 100,000-image run)."""
+    out: list[R] = []
+    for start in range(0, len(items), window):
+        out += pool.map(fn, items[start:start + window])
+    return out
+
+
 def find_unreadable(paths: Sequence[Path], workers: int = _PREFETCH_WORKERS) -> dict[Path, str]:
     """The files among ``paths`` that cannot be decoded, with the decoder's reason, in the given order."""
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="fluency-check") as pool:
-        problems = list(pool.map(image_problem, paths))
+        problems = map_in_windows(pool, image_problem, paths)
     return {Path(p): why for p, why in zip(paths, problems) if why is not None}
 
 
@@ -473,7 +486,7 @@ class FolderSource(ImageSource):
         """sha256 over the sorted ``(id, relative path, sha256 of the file)``; computed once."""
         if self._fingerprint is None:
             with ThreadPoolExecutor(_PREFETCH_WORKERS) as pool:
-                digests = list(pool.map(_sha256_file, self.paths))
+                digests = map_in_windows(pool, _sha256_file, self.paths)
             h = hashlib.sha256()
             for row in sorted(zip(self.ids, (self.relpath(i) for i in range(len(self))), digests)):
                 h.update(json.dumps(row).encode() + b"\n")

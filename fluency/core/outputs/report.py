@@ -64,6 +64,10 @@ def _umap_2d(x: np.ndarray) -> np.ndarray | None:
     return np.asarray(reducer.fit_transform(np.asarray(x, dtype=np.float32)))
 
 
+#: most images a latent projection draws; larger runs draw a seeded random sample (the caption says so)
+MAX_PROJECTED = 5000
+
+
 def _model_views(run: Path, label: str, manifest: dict[str, Any], ratings: pd.DataFrame | None,
                  rating_col: str) -> list[str]:
     """The HTML of one checkpoint's model figures: reconstructions, training curves, latent projections,
@@ -80,6 +84,11 @@ def _model_views(run: Path, label: str, manifest: dict[str, Any], ratings: pd.Da
     latents = run / "latents" / f"{label}.parquet"
     if latents.exists():
         table = _read_parquet(latents, ["image_id"])
+        n_images = len(table)
+        if n_images > MAX_PROJECTED:  # a seeded sample: the picture of 100,000 points is no clearer
+            rows = np.sort(np.random.default_rng(0).choice(n_images, MAX_PROJECTED, replace=False))
+            table = table.iloc[rows].reset_index(drop=True)
+        of = f"a random sample of {len(table)} of the {n_images}" if n_images > len(table) else f"all {n_images}"
         x = table[[c for c in table.columns if c.startswith("mu_")]].to_numpy(np.float64)
         if len(x) >= 3 and x.shape[1] >= 1:
             ids = table["image_id"].astype(str)
@@ -108,7 +117,7 @@ def _model_views(run: Path, label: str, manifest: dict[str, Any], ratings: pd.Da
                                           f"{label}: {method} of the latent means (n = {len(x)}), {colour}", axes,
                                           values, rating_col, groups)
                 parts.append(_img(stem.with_suffix(".png"),
-                                  f"2-D {method} projection of the latent means μ of all {len(x)} images "
+                                  f"2-D {method} projection of the latent means μ of {of} images "
                                   f"({x.shape[1]} dimensions), {colour}."))
             if embedding is None:
                 notes.append("<p>UMAP: install the optional extra <code>fluency[umap]</code> (umap-learn) to add "
