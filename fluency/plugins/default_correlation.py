@@ -81,6 +81,8 @@ def bootstrap_ci(x: np.ndarray, y: np.ndarray, rank: bool, n_boot: int, level: f
     # an even number of rows per block: every block but the last draws an even count of indices, so the draws
     # (and ``rng`` after them) are those of one call for all ``n_boot`` resamples
     step = max(2, BOOT_BLOCK // max(len(x), 1) // 2 * 2)
+    if rank:  # ranked once here; each resample's ranks are counted from these codes (_resample_ranks)
+        x, y = _dense_codes(x), _dense_codes(y)
     r = np.concatenate([_bootstrap_r(x, y, rank, min(step, n_boot - start), rng)
                         for start in range(0, n_boot, step)])
     r = r[np.isfinite(r)]
@@ -91,21 +93,27 @@ def bootstrap_ci(x: np.ndarray, y: np.ndarray, rank: bool, n_boot: int, level: f
 
 
 def _bootstrap_r(x: np.ndarray, y: np.ndarray, rank: bool, count: int, rng: np.random.Generator) -> np.ndarray:
-    """The correlations of ``count`` resamples of the pairs (x, y)."""
+    """The correlations of ``count`` resamples of the pairs (x, y); with ``rank``, x and y are the values'
+    :func:`_dense_codes`."""
     idx = rng.integers(0, len(x), size=(count, len(x)))
     if rank:
         return _rowwise_pearson(_resample_ranks(x, idx), _resample_ranks(y, idx))
     return _rowwise_pearson(x[idx], y[idx])
 
 
-def _resample_ranks(v: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``scipy.stats.rankdata(v[idx], axis=1)`` (average ranks) by counting instead of sorting each resample.
+def _dense_codes(v: np.ndarray) -> np.ndarray:
+    """Each value's place among the distinct values of ``v`` (0 for the smallest; equal values, equal codes)."""
+    return stats.rankdata(v, method="dense").astype(np.intp) - 1
+
+
+def _resample_ranks(groups: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``scipy.stats.rankdata(v[idx], axis=1)`` (average ranks), given ``groups = _dense_codes(v)``, by
+    counting instead of sorting each resample.
 
     A drawn value's rank depends only on its place among ``v``'s distinct values: with ``counts[g]`` draws of
     the g-th smallest value in a row, they share the average rank ``(draws of smaller values) + (counts[g] +
-    1) / 2``, the mean of the places they fill. Ranking ``v`` once and counting per row is O(n) a resample,
-    not O(n log n); the half-integer ranks are exact, so the result is bit-identical to sorting."""
-    groups = stats.rankdata(v, method="dense").astype(np.intp) - 1
+    1) / 2``, the mean of the places they fill. Counting per row is O(n) a resample, not O(n log n); the
+    half-integer ranks are exact, so the result is bit-identical to sorting."""
     n_groups = int(groups.max()) + 1 if len(groups) else 0
     drawn = groups[idx]
     rows = np.arange(len(idx), dtype=np.intp)[:, None] * n_groups
