@@ -48,7 +48,6 @@ from fluency.core.run.lock import refuse_if_busy
 from fluency.core.run.measuring import CheckpointMetrics, MetricParts, column_clash
 from fluency.core.run.replicates import write_replicates
 from fluency.core.run.store import MARKER, ActivationStore
-from fluency.core.run.heap import limit_malloc_arenas
 from fluency.core.run.tables import MERGED, merge_tables, part_name, read_metric_columns
 
 
@@ -305,7 +304,6 @@ def measure(target: str | Path, metrics: Sequence[str], *, analyses: Sequence[st
     run folder changes only when everything has succeeded: the merged table and the manifest are replaced
     last, and on failure the parts this call wrote are removed. Returns a :class:`RunResult`.
     """
-    limit_malloc_arenas()  # before the measuring threads allocate: a flat heap over many images
     started = time.perf_counter()
     manager = manager or get_plugin_manager()
     console = console or Console(stderr=True, quiet=not progress)

@@ -61,7 +61,6 @@ from fluency.core.run.folder import MANIFEST, RunRecord, RunResult, now, outputs
 from fluency.core.run.forward import ALL, Latents, Measuring, checked_model, stored_layers
 from fluency.core.run.ledger import marker_version, results
 from fluency.core.run.measuring import MetricParts, check_requirements
-from fluency.core.run.heap import limit_malloc_arenas
 from fluency.core.run.tables import MERGED, merge_tables, read_metric_columns
 
 __all__ = ["ALL", "Latents", "MeasuredCheckpoint", "CheckpointObserver", "ReportWriter", "RunPlan", "plan", "run",
@@ -246,7 +245,6 @@ def run(run_config: RunConfig | None = None, *, observer: CheckpointObserver | N
         raise FluencyError(f"pass a RunConfig or settings, not both ({sorted(settings)})")
     config = run_config or RunConfig.create(**settings)
     started = time.perf_counter()
-    limit_malloc_arenas()  # before the run's threads allocate: a flat heap over 100,000 images
     manager = manager or get_plugin_manager()
     console = console or Console(stderr=True, quiet=not progress)
     with ExitStack() as units_executor:  # a local Dask cluster starts while the run is planned; closed after units
