@@ -17,7 +17,7 @@ import pytest
 import fluency
 
 PACKAGE = Path(fluency.__file__).parent
-LEAVES = {"errors", "progress", "atomic", "stats", "version", "hashing", "noise_ceiling"}
+LEAVES = {"errors", "progress", "atomic", "stats", "version", "hashing", "noise_ceiling", "memory"}
 #: sub-package of fluency.core -> rank; equal ranks are siblings that must not import each other
 RANKS = {"leaf": 0, "plugin": 1, "inputs": 2, "model": 2, "run": 3, "train": 3, "outputs": 4, "top": 5}
 

@@ -142,6 +142,23 @@ def test_store_layers_option(stimuli: Path, tmp_path: Path) -> None:
                     out=tmp_path / "c", store_layers=["nope"], figures=False, progress=False)
 
 
+def test_forward_passes_and_store_reads_trim_the_heap_every_few_batches(stimuli: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long pass frees and reallocates batch-sized arrays; glibc's heap is trimmed every TRIM_EVERY batches
+    of a live run and of a store measured later (issue 16: the measuring creep of a 30,000-image run)."""
+    from fluency.core import memory
+
+    trims: list[int] = []
+    monkeypatch.setattr(memory, "trim_heap", lambda: trims.append(1) or True)
+    monkeypatch.setattr(memory, "TRIM_EVERY", 2)
+    result = fluency.run(metrics=["gini"], images=stimuli / "images", checkpoints=[stimuli / "att.pt"],
+                         out=tmp_path / "run", batch_size=3, figures=False, progress=False, covariates=False)
+    assert len(trims) == 12 // 3 // 2
+    trims.clear()
+    fluency.measure(result.path / "activations" / "att", ["gini"], out=tmp_path / "m", batch_size=2, progress=False)
+    assert len(trims) == 12 // 2 // 2
+
+
 def test_adding_a_metric_to_a_run_keeps_existing_rows_and_updates_manifest(float32_run, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(float32_run.path, run_dir)

@@ -1,8 +1,12 @@
 """Memory stays flat in the number of images (issue 16): the metric table is buffered in arrays allocated
-once, and the bootstrap draws its resamples in blocks with the same draws as all at once."""
+once, the bootstrap draws its resamples in blocks with the same draws as all at once, and a measuring
+pass gives glibc's free heap pages back every few batches."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import tracemalloc
 
 import numpy as np
@@ -12,6 +16,7 @@ import pytest
 from scipy import stats
 
 import fluency.plugins.default_correlation as correlation
+from fluency.core import memory
 from fluency.core.run.tables import MetricTableWriter, read_metric_table
 
 
@@ -93,3 +98,41 @@ def test_bootstrap_memory_does_not_grow_with_the_images() -> None:
             tracemalloc.stop()
     assert peaks[1] < 16 * correlation.BOOT_BLOCK * 8  # a few blocks of float64/int64, not n_boot × n
     assert peaks[1] < 1.5 * peaks[0]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(memory._malloc_trim() is None, reason="glibc's malloc_trim only")
+def test_trim_heap_returns_free_pages_inside_the_heap() -> None:
+    """Blocks freed below a live one cannot shrink the heap's top: only a trim gives their pages back.
+    Allocated with the C library's own malloc, so nothing but glibc's heap is measured."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    block, count = 64 * 1024, 1600  # 100 MiB of heap blocks (under glibc's smallest mmap threshold)
+    blocks = [libc.malloc(block) for _ in range(count)]
+    pin = libc.malloc(block)
+    for address in blocks:
+        ctypes.memset(address, 1, block)  # touched: resident
+    try:
+        for address in blocks:
+            libc.free(address)
+        freed = _rss_bytes()
+        assert memory.trim_heap()
+        assert freed - _rss_bytes() > 0.5 * block * count
+    finally:
+        libc.free(pin)
+
+
+def test_heap_trimmer_trims_every_nth_tick(monkeypatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(memory, "trim_heap", lambda: calls.append(1) or True)
+    trimmer = memory.HeapTrimmer(every=16)
+    for _ in range(40):
+        trimmer.tick()
+    assert len(calls) == 2
+    monkeypatch.setattr(memory, "TRIM_EVERY", 3)
+    assert memory.HeapTrimmer().every == 3

@@ -42,6 +42,7 @@ from PIL import Image, ImageOps
 
 from fluency.core.errors import InputError, error_text
 from fluency.core.hashing import file_sha256
+from fluency.core.inputs.paths import PathList
 
 #: file extensions read as images (compared in lower case)
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -444,12 +445,13 @@ class ImageSource:
 
 
 class FolderSource(ImageSource):
-    """Image files under ``root``; ``files`` maps ids to paths in the order to load them."""
+    """Image files under ``root``; ``files`` maps ids to paths in the order to load them (``paths``: a
+    sequence of :class:`~pathlib.Path`)."""
 
-    def __init__(self, root: str | Path, files: Mapping[str, Path], preprocessing: Preprocessing) -> None:
+    def __init__(self, root: str | Path, files: Mapping[str, str | Path], preprocessing: Preprocessing) -> None:
         self.root = Path(root)
         self.ids = list(files)
-        self.paths = [Path(p) for p in files.values()]
+        self.paths = PathList(files.values())
         self.preprocessing = preprocessing
         self._fingerprint: str | None = None
 

@@ -36,8 +36,9 @@ from __future__ import annotations
 import difflib
 import io
 import math
+import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -46,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from fluency.core.errors import InputError
+from fluency.core.inputs.paths import PathMap
 
 CSV_EXTENSIONS = (".csv", ".tsv", ".txt")
 PARQUET_EXTENSIONS = (".parquet", ".pq")
@@ -257,7 +259,8 @@ def empty_rating_ids(table: pd.DataFrame, rating_column: str = "rating") -> list
 class MatchReport:
     """How a ratings table's ids matched the image files, and what did not (see the module docstring).
 
-    ``matched`` maps ids (as in the table, in table order) to files; ``missing_images``
+    ``matched`` maps ids (as in the table, in table order) to files (a dict-like
+    :class:`~fluency.core.inputs.paths.PathMap`: paths kept as strings); ``missing_images``
     lists rated ids without a file; ``unrated_images`` the relative paths of images
     without a row (those in ``ambiguous`` are listed there only); ``ambiguous`` maps
     an id that names several files to their relative paths; ``empty_ratings`` lists
@@ -267,7 +270,7 @@ class MatchReport:
     """
 
     mode: str
-    matched: dict[str, Path] = field(default_factory=dict)
+    matched: MutableMapping[str, Path] = field(default_factory=PathMap)
     missing_images: list[str] = field(default_factory=list)
     unrated_images: list[str] = field(default_factory=list)
     ambiguous: dict[str, list[str]] = field(default_factory=dict)
@@ -325,7 +328,7 @@ class MatchReport:
     def as_dict(self) -> dict[str, Any]:
         """The report, JSON-ready (paths as strings)."""
         return {"mode": self.mode, "ok": self.ok, "n_matched": len(self.matched),
-                "matched": {k: str(v) for k, v in self.matched.items()},
+                "matched": {k: os.fspath(v) for k, v in self.matched.items()},
                 "missing_images": list(self.missing_images), "unrated_images": list(self.unrated_images),
                 "ambiguous": {k: list(v) for k, v in self.ambiguous.items()},
                 "empty_ratings": list(self.empty_ratings),
@@ -439,7 +442,7 @@ def match_ids(ids: Sequence[str], root: str | Path, files: Sequence[Path], empty
     owners = {i: image_id for image_id, i in matched.items()}  # one id per file: checked above
     in_ambiguous = {rel for paths in ambiguous.values() for rel in paths}
     unrated = [rel for i, rel in enumerate(rels) if i not in owners and rel not in in_ambiguous]
-    return MatchReport(mode=mode, matched={k: Path(files[i]) for k, i in matched.items()},
+    return MatchReport(mode=mode, matched=PathMap((k, files[i]) for k, i in matched.items()),
                        missing_images=missing, unrated_images=unrated, ambiguous=ambiguous,
                        empty_ratings=[str(i) for i in empty_ratings])
 

@@ -96,7 +96,7 @@ def from_folder(images: str | Path, ratings: str | Path | None, id_column: str, 
             taken[image_id] = path
         analysable = table["image_id"].isin(list(report.matched)) & np.isfinite(table[rating_column])
         table = table[analysable].reset_index(drop=True)
-    ordered = {ids[p]: p for p in files}
+    ordered = {ids[p]: str(p) for p in files}  # strings: a Path per image costs ~0.5 KB for the whole run
     description = {"kind": "folder", "images": str(root.resolve()), "n_images": len(files),
                    "n_unreadable": len(unreadable),
                    "ratings": str(Path(ratings).resolve()) if ratings is not None else None,

@@ -18,6 +18,7 @@ import torch
 from fluency.core.atomic import claim
 from fluency.core.errors import FluencyError, InputError
 from fluency.core.inputs.images import ImageSource, iter_batches
+from fluency.core.memory import HeapTrimmer
 from fluency.core.model.capture import capture_activations, check_layers
 from fluency.core.model.checkpoint import LoadedCheckpoint
 from fluency.core.model.losses import loss_from_config
@@ -95,6 +96,7 @@ def measure_checkpoint(loaded: LoadedCheckpoint, source: ImageSource, measuring:
     room_checked = False
     step = (lambda name: progress(0, name)) if progress is not None else None
     encoder_only = encodes_alone(model) and not (checks is not None and checks.fit)
+    trimmer = HeapTrimmer()  # batch-sized tensors fragment glibc's heap over a long pass (core/memory.py)
     try:
         skip = None if on_error is None else (lambda index, exc: on_error(source, index, exc))
         for ids, x in iter_batches(source, config.batch_size, on_error=skip):
@@ -119,6 +121,7 @@ def measure_checkpoint(loaded: LoadedCheckpoint, source: ImageSource, measuring:
                 room_checked = True
             batch = MetricBatch(ids, x, {k: acts[k] for k in read}, model, loss, config.seed, description)
             metrics.compute(batch, loaded.label, parts, step)
+            trimmer.tick()
             if progress is not None:
                 progress(len(ids), "")
         metrics.finish(loaded.label, parts, state_dir)

@@ -33,6 +33,7 @@ from fluency.core.errors import FluencyError
 from fluency.core.hashing import options_hash
 from fluency.core.inputs.images import FolderSource, Preprocessing, iter_batches
 from fluency.core.inputs.ratings import read_ratings
+from fluency.core.memory import HeapTrimmer
 from fluency.core.inputs.stimuli import from_folder
 from fluency.core.plugin.config import read_config, resolve_plugin_options
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager
@@ -146,6 +147,7 @@ def _measure_store(store: ActivationStore, metrics: CheckpointMetrics, parts: Me
     source = _store_images(store, images, ids) if needs_images and images is not None else None
     pictures = iter_batches(source, batch_size) if source is not None else None
     task = bars.add_task(step("measure", label), total=len(ids), status="")
+    trimmer = HeapTrimmer()  # as in a forward pass: batch-sized arrays fragment glibc's heap (core/memory.py)
     for batch in store.metric_batches(read, batch_size) if read else _id_batches(ids, batch_size, description):
         if pictures is not None:
             picture_ids, x = next(pictures)
@@ -155,6 +157,7 @@ def _measure_store(store: ActivationStore, metrics: CheckpointMetrics, parts: Me
             batch = MetricBatch(batch.image_ids, x, batch.activations, description=description)
         metrics.compute(batch, label, parts, lambda name: bars.update(task, status=name))
         bars.update(task, advance=len(batch.image_ids), status="")
+        trimmer.tick()
     metrics.finish(label, parts, out_dir / "state" / label)
 
 

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from fluency.core.atomic import atomic_path, claim, publish, storage_guard
 from fluency.core.errors import StorageFullError, StoreError
+from fluency.core.memory import release_arrow_memory
 from fluency.core.plugin.metric_columns import LONG_COLUMNS, ColumnsBuilder, MetricColumns
 from fluency.core.version import METRIC_TABLE_FORMAT_VERSION as FORMAT_VERSION
 
@@ -261,9 +262,3 @@ def merge_tables(sources: Iterable[Path], out: Path, drop_ids: Sequence[str] = (
                         rows += len(part)
     release_arrow_memory()
     return rows
-
-
-def release_arrow_memory() -> None:
-    """Hand the memory Arrow's allocator keeps after reading and writing Parquet back to the system: merging
-    30,000 images' metric parts grew the process by 118 MB, of which 69 MB came back this way."""
-    pa.default_memory_pool().release_unused()
