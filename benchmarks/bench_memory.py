@@ -62,9 +62,10 @@ def peak_rss(folder: Path, images: int, image_size: int, model: str | None = Non
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"fluency run on {images} images failed:\n{done.stderr[-2000:]}")
-    timings = json.loads((folder / f"run-{images}" / "manifest.json").read_text())["timings"]
+    manifest = json.loads((folder / f"run-{images}" / "manifest.json").read_text())
     return {"images": images, "peak_rss_mib": int(done.stdout.strip().splitlines()[-1]) / 1024, "seconds": seconds,
-            "timings": timings}
+            "timings": manifest["timings"], "stored_layers": {label: store["layers"] for label, store
+                                                              in (manifest.get("stores") or {}).items()}}
 
 
 def measure(sizes: tuple[int, int] = (10000, 100000), image_size: int = 64, model: str | None = None,

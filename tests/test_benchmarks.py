@@ -43,3 +43,16 @@ def test_training_benchmark_refuses_a_folder_holding_other_files_and_replaces_no
                                                 "benchmark generates there; choose an empty or new folder (nothing "
                                                 "in it is replaced)"]
     assert mine.read_text() == "a user's table\n" and not (tmp_path / "images").exists()
+
+
+def test_memory_benchmark_measures_another_model_with_a_limited_store(tmp_path: Path) -> None:
+    """The 224² ``vae-vgg16`` memory test of issue 16 runs with ``--model`` and ``--store-layers``: checked here
+    on a tiny untrained ``vae-small``, storing one layer."""
+    done = subprocess.run([sys.executable, "benchmarks/bench_memory.py", "--sizes", "6", "12", "--image-size", "32",
+                           "--model", "vae-small", "--store-layers", "enc5", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = json.loads(done.stdout)
+    assert [r["images"] for r in m["runs"]] == [6, 12]
+    assert all(r["stored_layers"] == {"vae-small": ["enc5"]} and r["peak_rss_mib"] > 100 for r in m["runs"])
+    assert m["growth"] == m["runs"][1]["peak_rss_mib"] / m["runs"][0]["peak_rss_mib"]
