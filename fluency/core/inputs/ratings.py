@@ -328,7 +328,8 @@ class MatchReport:
     def as_dict(self) -> dict[str, Any]:
         """The report, JSON-ready (paths as strings)."""
         return {"mode": self.mode, "ok": self.ok, "n_matched": len(self.matched),
-                "matched": {k: os.fspath(v) for k, v in self.matched.items()},
+                "matched": (self.matched.names() if isinstance(self.matched, PathMap)  # the same strings, not copies
+                            else {k: os.fspath(v) for k, v in self.matched.items()}),
                 "missing_images": list(self.missing_images), "unrated_images": list(self.unrated_images),
                 "ambiguous": {k: list(v) for k, v in self.ambiguous.items()},
                 "empty_ratings": list(self.empty_ratings),
