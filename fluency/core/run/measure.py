@@ -33,8 +33,8 @@ from fluency.core.errors import FluencyError
 from fluency.core.hashing import options_hash
 from fluency.core.inputs.images import FolderSource, Preprocessing, iter_batches
 from fluency.core.inputs.ratings import read_ratings
-from fluency.core.memory import HeapTrimmer
 from fluency.core.inputs.stimuli import from_folder
+from fluency.core.memory import HeapTrimmer
 from fluency.core.plugin.config import read_config, resolve_plugin_options
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager
 from fluency.core.plugin.metric import MetricBatch
