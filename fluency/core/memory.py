@@ -49,6 +49,14 @@ def trim_heap() -> bool:
     return True
 
 
+def release_memory() -> None:
+    """Both of the above, at the end of a step (a table read, an analysis, a report view): what the step freed
+    goes back to the system before the next step allocates, so that steps' high-water marks do not stack. The
+    analyses of a 100,000-image run kept 88 MiB of freed heap (traced live memory: none) until trimmed."""
+    release_arrow_memory()
+    trim_heap()
+
+
 class HeapTrimmer:
     """Calls :func:`trim_heap` every ``every`` ticks: a loop over batches ticks once a batch."""
 

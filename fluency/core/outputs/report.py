@@ -26,6 +26,7 @@ from fluency.core.outputs.report_html import (CSS, SORT_JS, figure as _img, grid
                                               warnings_box)
 from fluency.core.atomic import atomic_write_text
 from fluency.core.errors import FluencyError, error_text
+from fluency.core.memory import release_memory
 from fluency.core.plugin.analysis import EffectSize
 from fluency.core.run.analyse import read_effects
 from fluency.core.run.ceiling import with_ceiling
@@ -483,8 +484,10 @@ def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scat
     parts += _effect_views(analyses, effects, fig_dir, manifest)
     if analyses and metrics is not None and ratings is not None:
         parts += _scatter_views(analyses, effects, metrics, ratings, rating_col, fig_dir, top_scatter, manifest)
+        release_memory()  # each figure's freed memory back before the next one's (core/memory.py)
     if metrics is not None:
         parts += _metric_correlation_views(metrics, fig_dir)
+        release_memory()
     parts += _subgroup_views(analyses, effects, fig_dir, manifest)
     parts += _replicate_views(analyses, effects, fig_dir, manifest)
     for store in sorted((run / "activations").glob("*/_COMPLETE.json")):
@@ -492,6 +495,7 @@ def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scat
 
         label = store.parent.name
         figures.activation_histograms(ActivationStore(store.parent), fig_dir / f"activations-{label}.png")
+        release_memory()
         parts += [f"<h2>Activations ({html.escape(label)})</h2>",
                   _img(fig_dir / f"activations-{label}.png",
                        "Per layer, the mean activation of each unit over the images (top; y: number of units) and "
@@ -500,6 +504,7 @@ def _build(run: Path, manifest: dict[str, Any], status: str, note: str, top_scat
     labels += [p.stem for p in sorted((run / "latents").glob("*.parquet")) if p.stem not in labels]
     for label in labels:
         parts += _model_views(run, label, manifest, ratings, rating_col)
+        release_memory()
     for name, table in analyses.items():
         table = with_ceiling(table, effects, manifest)  # --rater-ratings: r² or R² over the noise ceiling
         columns = [c for c in ["group", "checkpoint", "metric", "layer", "n", "statistic", "estimate", "of_ceiling",

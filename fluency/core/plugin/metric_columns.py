@@ -164,8 +164,11 @@ class ColumnsBuilder:
 
     def build(self) -> MetricColumns:
         ids = np.array(list(self._ids), dtype=object)
-        outputs = {k: (np.concatenate(p), np.concatenate(v)) for k, (p, v) in self._parts.items()}
-        self._parts = {}
+        outputs = {}
+        while self._parts:  # one output's parts freed as it is joined: never two copies of every column
+            key = next(iter(self._parts))
+            positions, values = self._parts.pop(key)
+            outputs[key] = (np.concatenate(positions), np.concatenate(values))
         return MetricColumns(ids, outputs)
 
 

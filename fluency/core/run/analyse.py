@@ -14,6 +14,7 @@ from rich.console import Console
 
 from fluency.core.atomic import atomic_path
 from fluency.core.errors import FluencyError
+from fluency.core.memory import release_memory
 from fluency.core.plugin.analysis import FDR_COLUMNS, AnalysisData, EffectSize
 from fluency.core.plugin.metric_columns import MetricColumns, as_columns
 from fluency.core.plugin.manager import PluginManager, get_plugin_manager, guarded, read_registry
@@ -90,6 +91,7 @@ def analyse(metric_table: pd.DataFrame | MetricColumns, ratings: pd.DataFrame | 
                 parts.append(guarded(manager, "analysis", name, lambda d=data: analysis.run(d)).assign(group=label))
                 bars.advance(task)
             outcome.results[name] = pd.concat(parts, ignore_index=True)
+            release_memory()  # what this analysis freed, back before the next one allocates (core/memory.py)
             outcome.timings[f"analysis[{name}]"] = round(time.perf_counter() - t0, 3)
         bars.update(task, status="")
     _write_with_fdr(outcome.results, out_dir / "analyses", same_tests(columns, ratings["image_id"]))
