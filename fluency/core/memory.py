@@ -4,7 +4,8 @@ Two allocators keep what was freed. Arrow's pool (mimalloc) keeps it after Parqu
 glibc's malloc, once large blocks have been freed, raises its mmap threshold and serves later
 batch-sized tensors from its heap, which fragments as a measuring pass allocates and frees them:
 a 30,000-image run crept ~3 KB per image (peak 1,009 MiB); trimming the heap every 16 batches kept
-it flat (peak 968 MiB) at a cost of ~7 ms a call (``docs/benchmarks.md``, 2026-12-05).
+it flat (peak 968 MiB) at a cost of ~7 ms a call (``docs/benchmarks.md``, 2026-12-05). At 100,000 images
+the swings between trims still raised the peak: every 4 batches, 1,010 → 993 MiB (2026-12-06).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import functools
 import sys
 from typing import Any
 
-#: batches between two heap trims of a measuring pass
-TRIM_EVERY = 16
+#: batches between two heap trims of a measuring pass (~7 ms a trim; a 64² batch of 32 takes ~100 ms)
+TRIM_EVERY = 4
 
 
 def release_arrow_memory() -> None:
