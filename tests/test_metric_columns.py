@@ -165,3 +165,13 @@ def test_a_missing_or_damaged_table_is_one_line(tmp_path) -> None:
     for read in (read_metric_columns, count_metric_rows):
         with pytest.raises(StoreError, match="unreadable"):
             read(tmp_path / "metrics.parquet")
+
+
+def test_a_table_without_a_needed_column_is_one_line(tmp_path) -> None:
+    """A Parquet file without the ``layer`` column (not written by fluency) names the file, no KeyError."""
+    path = tmp_path / "metrics.parquet"
+    pd.DataFrame({"image_id": ["a", "b"], "checkpoint": ["m", "m"], "metric": ["g", "g"],
+                  "value": [1.0, 2.0]}).to_parquet(path)
+    with pytest.raises(StoreError, match=r"metrics.parquet: missing column\(s\) \['layer'\]"):
+        read_metric_columns(path)
+    assert count_metric_rows(path) == (2, 2)

@@ -202,6 +202,9 @@ def read_metric_columns(path: str | Path, batch_rows: int = 1 << 16) -> MetricCo
     try:
         schema = pq.read_schema(path)
         _check_format(schema, path)
+        missing = [name for name in LONG_COLUMNS if name not in schema.names]
+        if missing:
+            raise StoreError(f"metric table {path}: missing column(s) {missing}")
         strings = [name for name in LONG_COLUMNS[:4] if pa.types.is_string(schema.field(name).type)]
         with pq.ParquetFile(path, pre_buffer=False, read_dictionary=strings) as pf:
             for batch in pf.iter_batches(batch_rows, columns=list(LONG_COLUMNS), use_threads=False):
